@@ -1,0 +1,206 @@
+"""Typed configuration: defaults -> YAML file -> ``a.b=value`` overrides -> frozen.
+
+Every section is a dataclass whose fields carry a type and a one-line comment. Loading
+rejects unknown keys and values of the wrong type with an error that names the key, so a
+typo in a YAML file or on the command line fails at start-up, not an hour into training.
+The resolved config is plain data (``to_dict``) and is saved into each run folder and
+inside each checkpoint, so a model can be rebuilt from the checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from cpfean.model.config import ModelConfig
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, or its value has the wrong type."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    regions: str = "runs/demo/regions"  # region store (LMDB directory) written by pipelines.extract
+    captions: str = "runs/demo/data/captions.json"  # Karpathy JSON, COCO JSON, JSONL or CSV
+    train_split: str = "train"  # split of the caption source used for training
+    val_split: str = "val"  # split used to pick the best checkpoint
+    test_split: str = "test"  # split reported by pipelines.evaluate
+    num_workers: int = 0  # DataLoader worker processes (0 = load in the main process)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 12  # passes over the training captions
+    batch_size: int = 64  # captions per step (each with its image)
+    lr: float = 2e-4  # AdamW learning rate for everything but the text encoder
+    text_lr: float = 2e-5  # AdamW learning rate for the pretrained text encoder
+    weight_decay: float = 1e-4  # AdamW weight decay
+    lr_decay_epochs: list[int] = field(default_factory=lambda: [8])  # epochs at which lr *= 0.1
+    grad_clip: float = 2.0  # max global gradient norm (0 = no clipping)
+    margin: float = 0.2  # triplet ranking margin
+    warmup_epochs: int = 1  # epochs that sum over all negatives before hardest-negative mining
+    prominence_weight: float = 0.1  # weight of the word-recurrence prominence loss (0 = off)
+    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    seed: int = 0  # seeds Python, NumPy and torch
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+    eval_batch_size: int = 128  # images/captions per encoding batch during validation
+    log_every: int = 20  # steps between metrics-log rows
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)  # the matching network
+    data: DataConfig = field(default_factory=DataConfig)  # region store and captions
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimisation
+    run_dir: str = "runs/demo/cpfean"  # where checkpoints, logs and the resolved config go
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (int is accepted where float is)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif tp is Any:
+        return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _unknown(key: str, prefix: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{prefix}{key}'{hint}; known: {', '.join(known)}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a (possibly partial) nested dict, checking keys and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise _unknown(str(key), prefix, list(fields))
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain nested data (JSON/YAML-safe)."""
+    return dataclasses.asdict(cfg)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: '{part}' is not a section")
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train.lr=1e-4", "model.use_gcn=false"]`` -> nested dict; values parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        if isinstance(value, str) and value.lower() in ("none", "null"):
+            value = None
+        _set_path(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    cls: type[T] = Config,  # type: ignore[assignment]
+) -> T:
+    """Defaults, then the YAML file at ``path`` (and its ``_base_``), then overrides."""
+    tree = _read_yaml(Path(path)) if path is not None else {}
+    tree = _merge(tree, parse_overrides(overrides or []))
+    return from_dict(cls, tree)
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config file; ``_base_: other.yaml`` (relative to it) is loaded first."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: _base_ chain loops back to itself")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = tree.pop("_base_", None)
+    if base is not None:
+        tree = _merge(_read_yaml(path.parent / base, seen + (path.resolve(),)), tree)
+    return tree
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+def config_json(cfg: Any) -> str:
+    """A stable JSON string of the config (stored inside checkpoints and indexes)."""
+    return json.dumps(to_dict(cfg), sort_keys=True)

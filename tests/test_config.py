@@ -1,0 +1,107 @@
+from dataclasses import dataclass, field
+
+import pytest
+import yaml
+
+from cpfean.config import (
+    Config,
+    ConfigError,
+    from_dict,
+    load_config,
+    parse_overrides,
+    save_config,
+    to_dict,
+)
+
+
+@dataclass(frozen=True)
+class Inner:
+    rate: float = 0.5  # a float
+    steps: list[int] = field(default_factory=lambda: [1, 2])  # a list
+    name: str | None = None  # optional
+
+
+@dataclass(frozen=True)
+class Outer:
+    inner: Inner = field(default_factory=Inner)  # a section
+    flag: bool = False  # a bool
+    count: int = 3  # an int
+
+
+def test_defaults_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("inner:\n  rate: 0.1\ncount: 7\n")
+    cfg = load_config(path, ["inner.rate=2", "flag=true", "inner.steps=[4, 5]"], cls=Outer)
+    assert cfg.inner.rate == 2.0 and isinstance(cfg.inner.rate, float)
+    assert cfg.count == 7  # from the file
+    assert cfg.flag is True
+    assert cfg.inner.steps == [4, 5]
+    assert cfg.inner.name is None
+
+
+def test_unknown_key_names_key_and_suggests():
+    expected = r"unknown config key 'inner\.rat'.*did you mean 'inner\.rate'"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, ["inner.rat=1"], cls=Outer)
+    with pytest.raises(ConfigError, match="unknown config key 'bogus'"):
+        from_dict(Outer, {"bogus": 1})
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("count=1.5", "count"), ("flag=3", "flag"), ("inner.rate=fast", "inner.rate"),
+     ("inner.steps=[1, x]", r"inner.steps\[1\]"), ("count=true", "count")],
+)
+def test_wrong_type_names_key(override, key):
+    with pytest.raises(ConfigError, match=f"^{key}: expected"):
+        load_config(None, [override], cls=Outer)
+
+
+def test_section_given_a_scalar_is_rejected():
+    with pytest.raises(ConfigError, match="inner: expected a mapping"):
+        from_dict(Outer, {"inner": 3})
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not of the form"):
+        parse_overrides(["count"])
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml", cls=Outer)
+
+
+def test_frozen():
+    cfg = load_config(None, [], cls=Outer)
+    with pytest.raises(AttributeError):
+        cfg.count = 4
+
+
+def test_full_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config(None, ["train.lr=0.001", "model.topk=2", "model.max_words=20"])
+    assert isinstance(cfg, Config)
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(tmp_path / "run" / "config.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()) == to_dict(cfg)
+    assert again.train.lr == 0.001 and again.model.topk == 2 and again.model.max_words == 20
+
+
+def test_shipped_yaml_configs_load():
+    from pathlib import Path
+
+    configs = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
+    assert configs, "no configs/*.yaml shipped"
+    for path in configs:
+        load_config(path)
+
+
+def test_base_chain_and_bad_yaml(tmp_path):
+    (tmp_path / "base.yaml").write_text("count: 5\ninner:\n  rate: 0.25\n")
+    (tmp_path / "child.yaml").write_text("_base_: base.yaml\ninner:\n  name: x\n")
+    cfg = load_config(tmp_path / "child.yaml", ["count=6"], cls=Outer)
+    assert (cfg.count, cfg.inner.rate, cfg.inner.name) == (6, 0.25, "x")
+    (tmp_path / "loop.yaml").write_text("_base_: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "loop.yaml", cls=Outer)
+    (tmp_path / "bad.yaml").write_text("count: [1,\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(tmp_path / "bad.yaml", cls=Outer)
