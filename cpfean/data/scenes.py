@@ -1,0 +1,327 @@
+"""The bundled captioned-scene generator: synthetic images, grounded captions, detection boxes.
+
+No real captioned image set is available offline, so the project makes its own. A scene is a
+textured background with small unlabeled clutter marks and 3-6 objects from `CATEGORIES`, each
+with a colour from `COLOURS` and a size (small/large). The large objects are salient and named in
+almost every caption; some small objects are never named (the non-significant fragments).
+
+Output layout of `generate_dataset(out_dir, ...)`:
+
+- `out_dir/images/000123.jpg`: the images (index zero-padded to 6 digits).
+- `out_dir/instances_{train,val,test}.json`: COCO detection annotations (boxes x, y, w, h).
+- `out_dir/captions.json`: Karpathy split format, 5 captions per image, written last.
+
+Image ids: the images root is `out_dir/images`. In `captions.json` every entry has
+`filepath = ""`, so its image id is `filename`, which equals `file_name` in the instances files
+(e.g. `"000123.jpg"`). Extra keys (ignored by standard readers): per image `objects` (category,
+colour, size, bbox, area, role), `background`, `width`, `height`; per sentence `mentions`
+(object indices it names) and `relations` (`[a, "left of", b]`: object a is left of object b).
+
+Everything about image `i` is drawn from `numpy.random.default_rng([seed, i])`, so the output is
+byte-identical for a seed whatever the number of workers, and a smaller run is a prefix of a
+larger one.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import io
+import json
+import multiprocessing
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from cpfean.data.scene_shapes import CATEGORIES, COLOURS, draw_shape
+from cpfean.data.scene_text import Caption, SceneObject, tokenize, write_captions
+
+__all__ = [
+    "CATEGORIES", "COLOURS", "Scene", "SceneObject", "build_instances", "build_karpathy",
+    "generate_dataset", "make_scene", "render_scene", "split_sizes",
+]
+
+BACKGROUNDS: tuple[str, ...] = ("gradient", "hazy", "striped", "checkered", "grainy", "mottled")
+CAPTIONS_PER_IMAGE = 5
+_MAX_OVERLAP = 0.08  # intersection / smaller box area allowed between two objects
+_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Everything known about one generated image except its pixels."""
+
+    index: int  # position in the data set; also the COCO image id and Karpathy imgid
+    file_name: str  # image path relative to the images root, e.g. "000123.jpg"
+    width: int
+    height: int
+    background: str  # one of BACKGROUNDS
+    objects: tuple[SceneObject, ...]  # in drawing order (later ones on top)
+    captions: tuple[Caption, ...]
+
+
+def _muted(rng: np.random.Generator) -> np.ndarray:
+    """A low-saturation colour, so the saturated object colours stand out."""
+    h, s, v = rng.random(), rng.uniform(0.05, 0.35), rng.uniform(0.35, 0.85)
+    return np.array(colorsys.hsv_to_rgb(h, s, v), dtype=np.float32) * 255
+
+
+def _background(rng: np.random.Generator, width: int, height: int) -> tuple[np.ndarray, str]:
+    """A textured background. Returns (uint8 array (height, width, 3), its name)."""
+    kind = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    c1, c2 = _muted(rng), _muted(rng)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    angle = rng.uniform(0, 2 * np.pi)
+    along = x * np.cos(angle) + y * np.sin(angle)  # (height, width)
+    if kind == "gradient":
+        t = (along - along.min()) / max(1.0, float(np.ptp(along)))
+    elif kind == "hazy":
+        cx, cy = rng.uniform(0, width), rng.uniform(0, height)
+        r = np.hypot(x - cx, y - cy)
+        t = r / max(1.0, float(r.max()))
+    elif kind == "striped":
+        period = rng.uniform(8, 30)
+        t = 0.5 + 0.35 * np.sin(2 * np.pi * along / period)
+    elif kind == "checkered":
+        cell = int(rng.integers(10, 32))
+        t = (((x // cell) + (y // cell)) % 2) * 0.6 + 0.2
+    elif kind == "mottled":
+        coarse = rng.random((height // 16 + 2, width // 16 + 2)).astype(np.float32)
+        t = np.asarray(Image.fromarray(coarse, mode="F").resize((width, height),
+                                                                Image.Resampling.BILINEAR))
+    else:  # grainy: one colour, strong noise below
+        t = np.zeros((height, width), np.float32)
+    img = c1 * (1 - t[..., None]) + c2 * t[..., None]
+    sigma = 14.0 if kind == "grainy" else float(rng.uniform(2, 6))
+    img += rng.normal(0, sigma, size=img.shape).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8), kind
+
+
+def _clutter(rng: np.random.Generator, image: Image.Image) -> None:
+    """Draw small unlabeled marks (dots, dashes, rings, crosses), at most ~10 px across."""
+    d = ImageDraw.Draw(image)
+    w, h = image.size
+    for _ in range(int(rng.integers(6, 22))):
+        x, y = float(rng.uniform(0, w)), float(rng.uniform(0, h))
+        c = tuple(int(v) for v in rng.integers(0, 256, 3))
+        kind, s = int(rng.integers(4)), float(rng.uniform(1.5, 5))
+        if kind == 0:
+            d.ellipse((x - s / 2, y - s / 2, x + s / 2, y + s / 2), fill=c)
+        elif kind == 1:
+            a = rng.uniform(0, np.pi)
+            d.line((x, y, x + 2 * s * np.cos(a), y + 2 * s * np.sin(a)), fill=c, width=1)
+        elif kind == 2:
+            d.ellipse((x - s, y - s, x + s, y + s), outline=c, width=1)
+        else:
+            d.line((x - s, y, x + s, y), fill=c, width=1)
+            d.line((x, y - s, x, y + s), fill=c, width=1)
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    """Intersection area over the smaller box's area (boxes x, y, w, h)."""
+    iw = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    ih = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    return iw * ih / min(a[2] * a[3], b[2] * b[3])
+
+
+def _layout(rng: np.random.Generator, width: int, height: int
+            ) -> list[tuple[str, str, str, Image.Image, int, int]]:
+    """Choose and place the objects: (category, colour, size, layer, x, y), large ones first.
+
+    Categories are distinct within a scene; an object that finds no place after 60 tries is
+    dropped, and the whole layout is redrawn if fewer than 3 objects or no small one remain.
+    """
+    unit = min(width, height)
+    while True:
+        k = int(rng.integers(3, 7))
+        cats = rng.choice(len(CATEGORIES), size=k, replace=False)
+        n_large = 2 if rng.random() < 0.45 else 1
+        placed: list[tuple[str, str, str, Image.Image, int, int]] = []
+        for j, c in enumerate(cats):
+            size = "large" if j < n_large else "small"
+            side = unit * (rng.uniform(0.27, 0.36) if size == "large" else rng.uniform(0.1, 0.16))
+            colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+            layer = draw_shape(CATEGORIES[int(c)], side, colour, rng)
+            lw, lh = layer.size
+            if lw > width or lh > height:
+                continue
+            for _ in range(60):
+                x, y = int(rng.integers(0, width - lw + 1)), int(rng.integers(0, height - lh + 1))
+                if all(_overlap((x, y, lw, lh), (p[4], p[5], *p[3].size)) <= _MAX_OVERLAP
+                       for p in placed):
+                    placed.append((CATEGORIES[int(c)], colour, size, layer, x, y))
+                    break
+        if len(placed) >= 3 and any(p[2] == "small" for p in placed):
+            return placed
+
+
+def make_scene(seed: int, index: int, width: int = 320, height: int = 240,
+               ext: str = "jpg") -> tuple[Scene, Image.Image]:
+    """Generate image `index` of the data set with seed `seed`.
+
+    Returns:
+        The scene description and the RGB image (width x height).
+    """
+    rng = np.random.default_rng([seed, index])
+    array, background = _background(rng, width, height)
+    image = Image.fromarray(array, mode="RGB")
+    _clutter(rng, image)
+    placed = _layout(rng, width, height)
+    small = [i for i, p in enumerate(placed) if p[2] == "small"]
+    n_bg = 1 if len(small) <= 2 else int(rng.integers(1, len(small)))
+    hidden = {small[int(j)] for j in rng.choice(len(small), size=n_bg, replace=False)}
+    objects = []
+    for i, (category, colour, size, layer, x, y) in enumerate(placed):
+        image.paste(layer, (x, y), layer)
+        role = "salient" if size == "large" else "background" if i in hidden else "minor"
+        area = int(np.count_nonzero(np.asarray(layer.getchannel("A"))))
+        objects.append(SceneObject(category, colour, size, (x, y, *layer.size), role, area))
+    captions = write_captions(rng, objects, width, height, background, CAPTIONS_PER_IMAGE)
+    name = f"{index:06d}.{ext}"
+    return Scene(index, name, width, height, background, tuple(objects), tuple(captions)), image
+
+
+def split_sizes(num_images: int) -> dict[str, int]:
+    """Images per split: ~80/10/10, at least one val and one test image (needs >= 3 images)."""
+    if num_images < 3:
+        raise ValueError(f"need at least 3 images for train/val/test splits, got {num_images}")
+    n_held = max(1, round(0.1 * num_images))
+    return {"train": num_images - 2 * n_held, "val": n_held, "test": n_held}
+
+
+def _split_names(num_images: int) -> list[str]:
+    sizes = split_sizes(num_images)
+    return [name for name, n in sizes.items() for _ in range(n)]  # train, then val, then test
+
+
+def _encode(image: Image.Image, ext: str) -> bytes:
+    buf = io.BytesIO()
+    if ext == "png":
+        image.save(buf, format="PNG")
+    else:
+        image.save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+def render_scene(task: tuple[int, int, int, int, str, str]) -> Scene:
+    """Worker entry point: make scene `(seed, index, width, height, ext, images_dir)`, write its
+    image (to a temporary name, then renamed) and return its description."""
+    seed, index, width, height, ext, images_dir = task
+    scene, image = make_scene(seed, index, width, height, ext)
+    path = os.path.join(images_dir, scene.file_name)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(_encode(image, ext))
+    os.replace(tmp, path)
+    return scene
+
+
+def build_karpathy(scenes: Sequence[Scene], meta: dict[str, Any] | None = None) -> dict:
+    """The captions file (Karpathy split format plus grounding keys) for `scenes` in order."""
+    splits = _split_names(len(scenes))
+    images = []
+    for scene, split in zip(scenes, splits, strict=True):
+        i, n = scene.index, len(scene.captions)
+        sentences = [
+            {"raw": c.raw, "tokens": tokenize(c.raw), "imgid": i, "sentid": i * n + k,
+             "mentions": list(c.mentions), "relations": [list(r) for r in c.relations]}
+            for k, c in enumerate(scene.captions)
+        ]
+        images.append({
+            "filepath": "", "filename": scene.file_name, "split": split, "imgid": i,
+            "sentids": [s["sentid"] for s in sentences], "sentences": sentences,
+            "width": scene.width, "height": scene.height, "background": scene.background,
+            "objects": [asdict(o) | {"bbox": list(o.bbox)} for o in scene.objects],
+        })
+    return {"dataset": "cpfean_scenes", "generator": meta or {}, "images": images}
+
+
+def build_instances(scenes: Sequence[Scene], split: str) -> dict:
+    """COCO detection annotations for the scenes of one split (category id = index + 1).
+
+    Annotation ids are unique across splits (they count objects over the whole data set).
+    """
+    splits = _split_names(len(scenes))
+    images, annotations = [], []
+    ann_id = 0
+    for scene, s in zip(scenes, splits, strict=True):
+        for obj in scene.objects:
+            ann_id += 1
+            if s != split:
+                continue
+            annotations.append({
+                "id": ann_id, "image_id": scene.index, "bbox": list(obj.bbox),
+                "category_id": CATEGORIES.index(obj.category) + 1, "area": obj.area, "iscrowd": 0,
+            })
+        if s == split:
+            images.append({"id": scene.index, "file_name": scene.file_name,
+                           "height": scene.height, "width": scene.width})
+    categories = [{"id": k + 1, "name": c, "supercategory": "shape"}
+                  for k, c in enumerate(CATEGORIES)]
+    return {"info": {"description": f"cpfean scenes, {split} split"}, "images": images,
+            "annotations": annotations, "categories": categories}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, separators=(",", ":")), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def generate_dataset(out_dir: str | os.PathLike, num_images: int, seed: int, *,
+                     width: int = 320, height: int = 240, workers: int = 1, ext: str = "jpg",
+                     on_image: Callable[[], None] | None = None) -> list[Scene]:
+    """Write a captioned-scene data set to `out_dir` (layout in the module docstring).
+
+    Stale `captions.json` / `instances_*.json` are removed first and rewritten only once every
+    image is on disk (temporary name + rename, captions last), so a run that stops half way
+    leaves no captions file.
+
+    Args:
+        out_dir: output directory (created if missing).
+        num_images: number of images (>= 3).
+        seed: data set seed.
+        width, height: image size in pixels.
+        workers: processes drawing images; 1 draws in this process.
+        ext: "jpg" or "png".
+        on_image: called once per finished image (progress bars).
+
+    Returns:
+        The scenes, in index order.
+    """
+    if ext not in ("jpg", "png"):
+        raise ValueError(f"ext must be 'jpg' or 'png', got {ext!r}")
+    if width < 64 or height < 64:
+        raise ValueError(f"image size must be at least 64x64, got {width}x{height}")
+    split_sizes(num_images)  # fail before drawing anything
+    out = Path(out_dir)
+    images_dir = out / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [out / "captions.json", *out.glob("instances_*.json")]:
+        stale.unlink(missing_ok=True)
+    tasks = [(seed, i, width, height, ext, str(images_dir)) for i in range(num_images)]
+    scenes: list[Scene] = []
+    if workers <= 1:
+        for task in tasks:
+            scenes.append(render_scene(task))
+            if on_image:
+                on_image()
+    else:
+        chunk = max(1, min(32, num_images // (workers * 8)))
+        with multiprocessing.Pool(workers) as pool:
+            for scene in pool.imap(render_scene, tasks, chunksize=chunk):
+                scenes.append(scene)
+                if on_image:
+                    on_image()
+    meta = {"seed": seed, "num_images": num_images, "width": width, "height": height,
+            "version": _VERSION, "categories": list(CATEGORIES), "colours": list(COLOURS)}
+    for split in ("train", "val", "test"):
+        _write_json(out / f"instances_{split}.json", build_instances(scenes, split))
+    _write_json(out / "captions.json", build_karpathy(scenes, meta))
+    return scenes
