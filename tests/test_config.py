@@ -33,6 +33,7 @@ def test_defaults_file_then_overrides(tmp_path):
     path.write_text("inner:\n  rate: 0.1\ncount: 7\n")
     cfg = load_config(path, ["inner.rate=2", "flag=true", "inner.steps=[4, 5]"], cls=Outer)
     assert cfg.inner.rate == 2.0 and isinstance(cfg.inner.rate, float)
+    assert load_config(None, ["inner.rate=2e-3"], cls=Outer).inner.rate == 0.002
     assert cfg.count == 7  # from the file
     assert cfg.flag is True
     assert cfg.inner.steps == [4, 5]

@@ -103,8 +103,8 @@ def test_padding_and_mask() -> None:
     np.testing.assert_array_equal(rec.labels[3:], -1)
     assert rec.features[:3].all() and (rec.scores[:3] >= 0.2).all()
     # the first rows are the detections themselves, in order, not duplicated into the padding
-    rng = np.random.default_rng(1)
-    np.testing.assert_array_equal(rec.features[:3], (rng.normal(size=(3, D)) * 3).astype(np.float32))
+    want = (np.random.default_rng(1).normal(size=(3, D)) * 3).astype(np.float32)
+    np.testing.assert_array_equal(rec.features[:3], want)
     nonzero_pad = rec.features.copy()
     nonzero_pad[5] = 1.0
     with pytest.raises(ValueError, match="padding"):
@@ -283,13 +283,14 @@ class _StoreDataset(Dataset):
                 "scores": r.scores, "mask": r.mask, "hw": np.array(r.image_hw)}
 
 
-def test_dataloader_workers_match_single_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("context", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
+def test_dataloader_workers_match_single_process(tmp_path: Path, context: str) -> None:
     write_store(tmp_path / "s", {f"{i:02d}.jpg": i for i in range(24)})
     store = RegionStore(tmp_path / "s")
     ids = store.ids()
-    single = [store[i] for i in ids]  # the parent's env is open before the workers fork
+    single = [store[i] for i in ids]  # the parent's env is open before the workers start
     loader = DataLoader(_StoreDataset(store, ids), batch_size=5, num_workers=2,
-                        multiprocessing_context="fork")
+                        multiprocessing_context=context)
     batches = list(loader)
     for key in ("features", "boxes", "labels", "scores", "mask"):
         got = torch.cat([b[key] for b in batches]).numpy()
@@ -302,8 +303,24 @@ def test_store_pickles_without_env(tmp_path: Path) -> None:
     store = RegionStore(tmp_path / "s")
     store["a.jpg"]
     clone = pickle.loads(pickle.dumps(store))
-    assert clone._env is None
+    assert set(vars(clone)) == {"path", "_meta"}  # no env travels to a worker
     assert_same(clone["a.jpg"], records["a.jpg"])
+
+
+def test_readers_and_writer_share_one_env_per_process(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    records = write_store(path, {"a.jpg": 1})
+    first, second = RegionStore(path), RegionStore(path)  # LMDB forbids two envs per process
+    assert_same(first["a.jpg"], records["a.jpg"])
+    assert_same(second["a.jpg"], records["a.jpg"])
+    with RegionWriter(path, make_meta(), commit_every=1) as writer:  # appends while readers live
+        writer.put("b.jpg", make_record(2))
+        assert_same(first["b.jpg"], make_record(2))  # read through the writer's env
+        with pytest.raises(RegionStoreError, match="already open"):
+            RegionWriter(path, make_meta())
+        first.close()  # leaves the writer's env alone
+        writer.put("c.jpg", make_record(3))
+    assert second.ids() == ["a.jpg", "b.jpg", "c.jpg"] and len(first) == 3
 
 
 def test_merge_stores(tmp_path: Path) -> None:
@@ -316,6 +333,9 @@ def test_merge_stores(tmp_path: Path) -> None:
         assert_same(merged[image_id], rec)
     assert merged.meta["merged_from"] == [str(tmp_path / "r0"), str(tmp_path / "r1")]
     assert not (tmp_path / "all.partial").exists()
+    write_store(tmp_path / "again.partial", {"stale.jpg": 5})  # left by an interrupted merge
+    assert merge_stores([tmp_path / "r1"], tmp_path / "again") == 2
+    assert RegionStore(tmp_path / "again").ids() == ["c.jpg", "shared.jpg"]
     with pytest.raises(FileExistsError):
         merge_stores([tmp_path / "r0"], tmp_path / "all")
     write_store(tmp_path / "r2", {"shared.jpg": 10})

@@ -1,0 +1,497 @@
+"""The region store (an LMDB directory): the contract between detector and matching stages.
+
+Written only through `RegionWriter`, read only through `RegionStore`; no other file knows the
+layout. Keys: ``__meta__`` -> UTF-8 JSON (see `RegionWriter`); an image id (path relative to the
+images root, POSIX separators, UTF-8) -> a record: a 32-byte little-endian header (`_HEADER`:
+magic b"CPRS", schema_version u16, num_regions R u16, feature_dim D u32, dtype codes u8 x 4
+(`_DTYPES`), num_valid u16, reserved u16, image h u32, w u32, crc32 u32 of header[:28] then
+payload), then raw little-endian buffers: features [R, D] float16, boxes [R, 4] float32,
+labels [R] int32, scores [R] float32. Never pickle: stores are shared, unpickling runs code.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import operator
+import os
+import shutil
+import struct
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import numpy as np
+
+SCHEMA_VERSION = 1
+NUM_REGIONS = 36
+META_KEY = "__meta__"
+MAGIC = b"CPRS"
+
+_HEADER = struct.Struct("<4sHHIBBBBHHIII")
+_DTYPES = {1: np.dtype("<f2"), 2: np.dtype("<f4"), 3: np.dtype("<i4"), 4: np.dtype("<i8")}
+_DISK_CODES = (1, 2, 3, 2)  # what this version writes for features, boxes, labels, scores
+_MAX_KEY_BYTES = 511  # LMDB's default maximum key size
+_MAX_MAP_SIZE = 1 << 44
+# Meta keys that must agree between a store and a writer reopening it (or stores being merged).
+_IDENTITY_KEYS = ("schema_version", "num_regions", "feature_dim", "feature_dtype", "label_names",
+                  "detector", "thresholds", "has_boxes", "has_labels")
+# LMDB allows one env per store and process, so readers and a writer in one process share it:
+# realpath -> (pid that opened it, env, read-only). Another pid's entry came through fork.
+_ENVS: dict[str, tuple[int, lmdb.Environment, bool]] = {}
+
+
+class RegionStoreError(ValueError):
+    """A region store, its meta or one of its records is invalid, corrupt or mismatched."""
+
+
+def _to_numpy(x: Any, dtype: type) -> np.ndarray:
+    """numpy array from a numpy array, list or (possibly CUDA) torch tensor."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+def _check_shapes(r: int, **arrays: np.ndarray) -> None:
+    for name, arr in arrays.items():
+        want = (r, 4) if name == "boxes" else (r,)
+        if arr.shape != want:
+            raise ValueError(f"{name} must have shape {want} for {r} regions, got {arr.shape}")
+
+
+@dataclass(frozen=True, eq=False)
+class RegionRecord:
+    """One image's regions.
+
+    features [R, D] float32 (float16 on disk); boxes [R, 4] float32 xyxy in original-image
+    pixels; labels [R] int64 (-1 = padding or unknown); scores [R] float32; image_hw (h, w),
+    (0, 0) when unknown; num_valid: slots >= num_valid are padding (zero features, boxes and
+    scores, label -1). R is `NUM_REGIONS` (36) in every store.
+    """
+
+    features: np.ndarray
+    boxes: np.ndarray
+    labels: np.ndarray
+    scores: np.ndarray
+    image_hw: tuple[int, int]
+    num_valid: int
+
+    def __post_init__(self) -> None:
+        for name, dtype in (("features", np.float32), ("boxes", np.float32),
+                            ("labels", np.int64), ("scores", np.float32)):
+            object.__setattr__(self, name, _to_numpy(getattr(self, name), dtype))
+        f, hw, nv = self.features, tuple(map(operator.index, self.image_hw)), self.num_valid
+        if f.ndim != 2 or f.shape[0] < 1 or f.shape[1] < 1:
+            raise ValueError(f"features must be [R, D] with R, D >= 1, got shape {f.shape}")
+        r = f.shape[0]
+        _check_shapes(r, boxes=self.boxes, labels=self.labels, scores=self.scores)
+        if len(hw) != 2 or min(hw) < 0 or not 0 <= operator.index(nv) <= r:
+            raise ValueError(f"need image_hw (h, w) >= 0 and 0 <= num_valid <= {r}, got "
+                             f"{self.image_hw!r}, {nv}")
+        object.__setattr__(self, "image_hw", hw)
+        object.__setattr__(self, "num_valid", operator.index(nv))
+        if nv < r and (f[nv:].any() or self.boxes[nv:].any() or self.scores[nv:].any()
+                       or (self.labels[nv:] != -1).any()):
+            raise ValueError(f"padding slots {nv}.. must be zero (labels -1), num_valid={nv}")
+
+    @property
+    def num_regions(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def feature_dim(self) -> int:
+        return self.features.shape[1]
+
+    @property
+    def mask(self) -> np.ndarray:
+        """[R] bool, True for valid slots."""
+        return np.arange(self.num_regions) < self.num_valid
+
+    @classmethod
+    def from_detections(cls, features: Any, boxes: Any, labels: Any, scores: Any,
+                        image_hw: tuple[int, int], num_regions: int = NUM_REGIONS) -> RegionRecord:
+        """A record from N <= num_regions detections, padded (never duplicated) to num_regions.
+
+        Args (numpy arrays, lists or torch tensors): features [N, D]; boxes [N, 4] xyxy pixels;
+            labels [N] (None: all -1, unknown); scores [N] (None: all 1); image_hw (h, w).
+        Raises ValueError on more than num_regions detections or inconsistent shapes."""
+        f = _to_numpy(features, np.float32)
+        if f.ndim != 2 or f.shape[1] < 1:
+            raise ValueError(f"features must be [N, D] with D >= 1, got shape {f.shape}")
+        n, d = f.shape
+        if n > num_regions:
+            raise ValueError(f"{n} detections for {num_regions} slots; keep the top ones first")
+        b = _to_numpy(boxes, np.float32)
+        lab = np.full(n, -1, np.int64) if labels is None else _to_numpy(labels, np.int64)
+        s = np.ones(n, np.float32) if scores is None else _to_numpy(scores, np.float32)
+        _check_shapes(n, boxes=b, labels=lab, scores=s)
+        out = [np.zeros((num_regions, d), np.float32), np.zeros((num_regions, 4), np.float32),
+               np.full(num_regions, -1, np.int64), np.zeros(num_regions, np.float32)]
+        for dst, src in zip(out, (f, b, lab, s), strict=True):
+            dst[:n] = src
+        return cls(*out, image_hw, n)
+
+
+def _key(image_id: str) -> bytes:
+    """The LMDB key of an image id; raises ValueError on ids the contract does not allow."""
+    key = image_id.encode("utf-8") if isinstance(image_id, str) else b""
+    if (not key or image_id == META_KEY or "\\" in image_id or image_id.startswith("/")
+            or len(key) > _MAX_KEY_BYTES):
+        raise ValueError(f"image id {image_id!r:.80} is not a relative POSIX path (/ separators)"
+                         f" of 1..{_MAX_KEY_BYTES} UTF-8 bytes other than {META_KEY!r}")
+    return key
+
+
+def _encode(image_id: str, record: RegionRecord) -> bytes:
+    """The on-disk bytes of one record; raises RegionStoreError naming the id on bad values."""
+    feats = record.features
+    with np.errstate(over="ignore", invalid="ignore"):
+        f16 = feats.astype(_DTYPES[_DISK_CODES[0]])
+    if not np.isfinite(f16).all():
+        if np.isfinite(feats).all():
+            raise RegionStoreError(f"image {image_id!r}: feature value {np.abs(feats).max():.6g} "
+                                   "is beyond the store's float16 range (+-65504); rescale")
+        raise RegionStoreError(f"image {image_id!r}: features contain NaN or inf")
+    if not (np.isfinite(record.boxes).all() and np.isfinite(record.scores).all()):
+        raise RegionStoreError(f"image {image_id!r}: boxes or scores contain NaN or inf")
+    arrays = (f16, record.boxes, record.labels, record.scores)
+    payload = b"".join(a.astype(_DTYPES[c], copy=False).tobytes()
+                       for a, c in zip(arrays, _DISK_CODES, strict=True))
+    head = _HEADER.pack(MAGIC, SCHEMA_VERSION, record.num_regions, record.feature_dim,
+                        *_DISK_CODES, record.num_valid, 0, *record.image_hw, 0)[:-4]
+    return head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + payload
+
+
+def _decode(image_id: str, buf: Any) -> RegionRecord:
+    """A record from its on-disk bytes (copied out of `buf`); raises RegionStoreError naming
+    the id on a wrong magic, schema version, length or checksum."""
+    n = len(buf := memoryview(buf))
+    fail = lambda msg: RegionStoreError(f"region record {image_id!r} {msg}")  # noqa: E731
+    if n < _HEADER.size:
+        raise fail(f"is truncated: {n} bytes, the header alone is {_HEADER.size}")
+    magic, version, r, d, *codes, num_valid, _, h, w, crc = _HEADER.unpack_from(buf)
+    if magic != MAGIC:
+        raise fail(f"has bad magic {magic!r} (expected {MAGIC!r}): corrupt or not a record")
+    if version != SCHEMA_VERSION:
+        raise fail(f"has schema version {version}; this code reads {SCHEMA_VERSION}")
+    if any(c not in _DTYPES for c in codes):
+        raise fail(f"has unknown dtype codes {codes}")
+    shapes = ((r, d), (r, 4), (r,), (r,))
+    expected = _HEADER.size + sum(_DTYPES[c].itemsize * math.prod(s)
+                                  for c, s in zip(codes, shapes, strict=True))
+    if n != expected:
+        raise fail(f"is {'truncated' if n < expected else 'too long'}: {n} bytes, its header "
+                   f"implies {expected}")
+    if zlib.crc32(buf[_HEADER.size:], zlib.crc32(buf[:_HEADER.size - 4])) != crc:
+        raise fail("is corrupt: checksum mismatch")
+    arrays, offset = [], _HEADER.size
+    for c, shape, out in zip(codes, shapes, (np.float32, np.float32, np.int64, np.float32),
+                             strict=True):
+        count = math.prod(shape)
+        arrays.append(np.frombuffer(buf, _DTYPES[c], count, offset).reshape(shape).astype(out))
+        offset += count * _DTYPES[c].itemsize
+    try:
+        return RegionRecord(*arrays, (h, w), num_valid)
+    except ValueError as e:
+        raise fail(f"is invalid: {e}") from e
+
+
+def _check_compatible(stored: dict, given: dict, where: str) -> None:
+    """Raise RegionStoreError naming the first identity meta key on which the two differ."""
+    for key in _IDENTITY_KEYS:
+        a, b = stored.get(key), given.get(key)
+        if a == b:
+            continue
+        name = key
+        if isinstance(a, dict) and isinstance(b, dict):
+            sub = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+            name, a, b = f"{key}.{sub}", a.get(sub), b.get(sub)
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            i = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
+            name, a, b = f"{key}[{i}]", a[i], b[i]
+        raise RegionStoreError(f"{where}: meta key {name!r} differs: stored {repr(a)[:80]}, "
+                               f"given {repr(b)[:80]}")
+
+
+def _check_fits(image_id: str, record: RegionRecord, meta: dict) -> None:
+    """Raise RegionStoreError unless the record's dims and labels fit the store's meta."""
+    got = [record.num_regions, record.feature_dim]
+    want = [meta["num_regions"], meta["feature_dim"]]
+    top, lo, hi = len(meta["label_names"]) or 2**31, record.labels.min(), record.labels.max()
+    if got != want or lo < -1 or hi >= top:
+        raise RegionStoreError(f"region record {image_id!r} does not fit the store: [regions, "
+                               f"dim] {got} vs {want}, labels {lo}..{hi} vs [-1, {top})")
+
+
+def _normalise_meta(meta: dict) -> dict:
+    """The caller's meta, validated, with the writer-owned keys filled in (JSON-normalised)."""
+    dim, names = meta.get("feature_dim"), meta.get("label_names")
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+        raise RegionStoreError(f"meta 'feature_dim' must be a positive int, got {dim!r}")
+    if not isinstance(names, (list, tuple)) or not all(isinstance(x, str) for x in names):
+        raise RegionStoreError(f"meta 'label_names' must be a list of str, got {names!r:.80}")
+    fixed = {"schema_version": SCHEMA_VERSION, "num_regions": NUM_REGIONS,
+             "feature_dtype": "float16"}
+    for key, want in fixed.items():
+        if key in meta and meta[key] != want:
+            raise RegionStoreError(f"meta {key!r} is {meta[key]!r}, this writer writes {want!r}")
+    out = {"detector": {}, "thresholds": {}, "has_boxes": True, "has_labels": bool(names)}
+    out.update(meta)
+    out.update(fixed, feature_dim=int(dim), label_names=list(names),
+               created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    try:
+        return json.loads(json.dumps(out, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise RegionStoreError(f"region store meta must be plain JSON: {e}") from e
+
+
+def _parse_meta(raw: Any, path: Path) -> dict:
+    try:
+        meta = json.loads(bytes(raw).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise RegionStoreError(f"region store {path}: {META_KEY} is not valid JSON: {e}") from e
+    version = meta.get("schema_version") if isinstance(meta, dict) else None
+    if version != SCHEMA_VERSION or not {"feature_dim", "num_regions", "label_names"} <= set(meta):
+        raise RegionStoreError(f"region store {path}: {META_KEY} has schema version {version!r} "
+                               f"(this code reads {SCHEMA_VERSION}) or lacks required keys")
+    return meta
+
+
+def _drop_env(key: str) -> None:
+    """Close and forget this process's env for a store (inherited ones too: py-lmdb counts them
+    as open in a forked child until closed, and closing touches only the child's copy)."""
+    _, env, _ = _ENVS.pop(key, (0, None, True))
+    if env is not None:
+        env.close()
+
+
+def _read_env(path: Path) -> lmdb.Environment:
+    """This process's env for the store at `path`: the one already open (a writer's, or a
+    reader's) or a new read-only one without locks (do not read while another process writes)."""
+    key = os.path.realpath(path)
+    pid, env, _ = _ENVS.get(key, (0, None, True))
+    if env is None or pid != os.getpid():
+        _drop_env(key)
+        env = lmdb.open(key, subdir=True, readonly=True, lock=False, readahead=False,
+                        meminit=False, max_dbs=0)
+        _ENVS[key] = (os.getpid(), env, True)
+    return env
+
+
+class RegionWriter:
+    """Writes `RegionRecord`s into a region store (a directory), batched, resumably.
+
+    Reopening an existing store resumes it: `meta` must agree with the stored one on
+    `_IDENTITY_KEYS`, else RegionStoreError names the differing key. `meta` holds feature_dim and
+    label_names; the writer fills schema_version, num_regions, feature_dtype, created and
+    defaults detector, thresholds ({}), has_boxes (True), has_labels (bool(label_names)).
+    Commits every `commit_every` puts, on `flush` and `close` (also on leaving a ``with`` block
+    by an error): a killed run keeps only whole records. One writer per store at a time."""
+
+    def __init__(self, path: str | os.PathLike, meta: dict, *, commit_every: int = 64,
+                 map_size: int = 1 << 36):
+        if commit_every < 1:
+            raise ValueError(f"commit_every must be >= 1, got {commit_every}")
+        self.path, self.commit_every, given = Path(path), int(commit_every), _normalise_meta(meta)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._key = os.path.realpath(self.path)
+        pid, _, readonly = _ENVS.get(self._key, (0, None, True))
+        if pid == os.getpid() and not readonly:
+            raise RegionStoreError(f"a RegionWriter for {self.path} is already open")
+        _drop_env(self._key)  # a reader's env in this process; readers then share ours
+        self._env: lmdb.Environment | None = lmdb.open(
+            self._key, subdir=True, map_size=map_size, meminit=False, max_dbs=0)
+        _ENVS[self._key] = (os.getpid(), self._env, False)
+        self._pending: dict[str, bytes] = {}
+        try:
+            with self._env.begin() as txn:
+                raw = txn.get(META_KEY.encode())
+                keys = txn.cursor().iternext(keys=True, values=False)
+                self._done = {k.decode("utf-8") for k in keys} - {META_KEY}
+            if raw is None:
+                if self._done:
+                    raise RegionStoreError(f"{self.path} has entries but no {META_KEY}: not ours")
+                self._meta = given
+                self._commit({META_KEY: json.dumps(given).encode("utf-8")})
+            else:
+                self._meta = _parse_meta(raw, self.path)
+                _check_compatible(self._meta, given, f"reopening region store {self.path}")
+        except BaseException:
+            self._env = None
+            _drop_env(self._key)
+            raise
+
+    @property
+    def meta(self) -> dict:
+        """The store's meta (the stored one when resuming)."""
+        return copy.deepcopy(self._meta)
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._done or image_id in self._pending  # committed or pending
+
+    def done_ids(self) -> set[str]:
+        """Ids already written (committed or pending)."""
+        return self._done | set(self._pending)
+
+    def put(self, image_id: str, record: RegionRecord) -> None:
+        """Queue a record (committed every `commit_every` puts); raises on bad values."""
+        _key(image_id)
+        if image_id in self:
+            raise RegionStoreError(f"image {image_id!r} is already in {self.path}; skip written "
+                                   "ids with `image_id in writer`")
+        _check_fits(image_id, record, self._meta)
+        self._put_encoded(image_id, _encode(image_id, record))
+
+    def flush(self) -> None:
+        if self._pending:
+            self._commit(self._pending)
+            self._done.update(self._pending)
+            self._pending = {}
+
+    def close(self) -> None:
+        """Flush and close (idempotent)."""
+        if self._env is not None:
+            try:
+                self.flush()
+            finally:
+                self._env = None
+                _drop_env(self._key)
+
+    def __enter__(self) -> RegionWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()  # whole records already put are committed even when exiting on an error
+
+    def _put_encoded(self, image_id: str, value: bytes) -> None:
+        if self._env is None:
+            raise RuntimeError(f"RegionWriter for {self.path} is closed")
+        self._pending[image_id] = value
+        if len(self._pending) >= self.commit_every:
+            self.flush()
+
+    def _commit(self, items: dict[str, bytes]) -> None:
+        """Write `items` in one transaction, growing the (sparse, virtual) map when full."""
+        assert self._env is not None
+        while True:
+            try:
+                with self._env.begin(write=True) as txn:
+                    for image_id, value in items.items():
+                        txn.put(image_id.encode("utf-8"), value)
+                return
+            except lmdb.MapFullError:
+                size = self._env.info()["map_size"]
+                if size >= _MAX_MAP_SIZE:
+                    raise
+                self._env.set_mapsize(size * 2)
+
+
+class RegionStore:
+    """Read-only access to a region store; records are validated on read, errors name the id.
+
+    The LMDB env is opened lazily (read-only, lock=False), once per process and store, and
+    reopened on first use in a new process, so a store can go to DataLoader workers (fork or
+    spawn): a pickle carries only the path. Do not read a store another process is writing."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not (self.path / "data.mdb").is_file():
+            raise FileNotFoundError(f"no region store at {self.path} (a directory with data.mdb)")
+        self._meta: dict | None = None
+
+    def _stored_meta(self) -> dict:
+        if self._meta is None:
+            with _read_env(self.path).begin() as txn:
+                raw = txn.get(META_KEY.encode())
+            if raw is None:
+                raise RegionStoreError(f"{self.path} has no {META_KEY}; not a region store")
+            self._meta = _parse_meta(raw, self.path)
+        return self._meta
+
+    @property
+    def meta(self) -> dict:
+        """The parsed ``__meta__`` (a copy)."""
+        return copy.deepcopy(self._stored_meta())
+
+    def __len__(self) -> int:
+        self._stored_meta()
+        return _read_env(self.path).stat()["entries"] - 1
+
+    def ids(self) -> list[str]:
+        """All image ids, sorted (``__meta__`` excluded)."""
+        with _read_env(self.path).begin(buffers=True) as txn:
+            keys = [bytes(k).decode() for k in txn.cursor().iternext(keys=True, values=False)]
+        return sorted(k for k in keys if k != META_KEY)
+
+    def _raw(self, image_id: object) -> bytes | None:
+        """The stored bytes of one record; None when absent (or not a valid id)."""
+        try:
+            key = _key(image_id)  # type: ignore[arg-type]
+        except ValueError:
+            return None
+        with _read_env(self.path).begin() as txn:
+            return txn.get(key)
+
+    def __contains__(self, image_id: object) -> bool:
+        return self._raw(image_id) is not None
+
+    def __getitem__(self, image_id: str) -> RegionRecord:
+        """The record of one image; KeyError naming the id when it is not in the store."""
+        buf = self._raw(image_id)
+        if buf is None:
+            raise KeyError(f"image id {image_id!r} is not in region store {self.path}")
+        record = _decode(image_id, buf)
+        _check_fits(image_id, record, self._stored_meta())
+        return record
+
+    def close(self) -> None:
+        """Close this process's read-only env of the store (reopened lazily if used again)."""
+        key = os.path.realpath(self.path)
+        if _ENVS.get(key, (0, None, False))[2]:  # a writer's env stays open for the writer
+            _drop_env(key)
+
+
+def merge_stores(sources: Sequence[str | os.PathLike], dest: str | os.PathLike, *,
+                 commit_every: int = 64) -> int:
+    """Merge per-rank stores (identity meta must agree) into a new store at `dest`; returns
+    its number of records. Records are validated and copied byte for byte; an id in several
+    sources must have identical bytes in each. Written to ``{dest}.partial`` (replaced if left
+    by an interrupted merge), renamed to `dest` (which must not exist) when whole."""
+    dest = Path(dest)
+    if not sources:
+        raise ValueError("merge_stores needs at least one source store")
+    if dest.exists():
+        raise FileExistsError(f"{dest} exists; merge_stores writes a new store")
+    stores = [RegionStore(s) for s in sources]
+    try:
+        first = stores[0].meta
+        for store in stores[1:]:
+            _check_compatible(first, store.meta, f"merging {store.path} with {stores[0].path}")
+        meta = {**{k: v for k, v in first.items() if k != "created"},
+                "merged_from": [str(s.path) for s in stores]}
+        partial = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        origin: dict[str, int] = {}
+        with RegionWriter(partial, meta, commit_every=commit_every) as writer:
+            for i, store in enumerate(stores):
+                for image_id in store.ids():
+                    value = store._raw(image_id)
+                    if image_id in origin:
+                        other = stores[origin[image_id]]
+                        if other._raw(image_id) != value:
+                            raise RegionStoreError(f"image {image_id!r} is in both {other.path} "
+                                                   f"and {store.path} with different contents")
+                    else:
+                        _check_fits(image_id, _decode(image_id, value), writer._meta)
+                        writer._put_encoded(image_id, value)
+                        origin[image_id] = i
+        os.replace(partial, dest)
+    finally:
+        for store in stores:
+            store.close()
+    return len(origin)
