@@ -1,0 +1,214 @@
+"""The training loop: one plain loop that reads top to bottom.
+
+forward -> finite-loss check -> backward (AMP scaler on CUDA) -> clip -> step -> schedule;
+after every epoch: validation rSum, ``last.pt`` (everything needed to resume exactly) and
+``best.pt`` (best validation rSum so far). Runs under ``torchrun`` with
+DistributedDataParallel (nccl on CUDA, gloo on CPU); in-batch negatives are per rank.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from tqdm import tqdm
+
+from cpfean.checkpoint import (
+    load_checkpoint,
+    model_payload,
+    resolve_device,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from cpfean.config import Config, save_config
+from cpfean.data.captions import check_ids, load_captions
+from cpfean.data.dataset import CaptionPairDataset, PairCollator
+from cpfean.data.region_store import RegionStore
+from cpfean.evaluation import evaluate_split
+from cpfean.model import ContrastiveLoss, build_model
+from cpfean.model.loss import prominence_loss
+from cpfean.recurrence import sibling_targets
+
+log = logging.getLogger("cpfean.train")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _dist_info() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the torchrun environment, else (0, 1, 0)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def load_split(cfg: Config, store: RegionStore, split: str):
+    """The image ids and captions of ``split``, checked against the store."""
+    captions = load_captions(cfg.data.captions, split=split)
+    check_ids(captions, store.ids())
+    return captions
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW with a lower learning rate for the pretrained text encoder."""
+    text, rest = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (text if name.startswith("text_encoder.") else rest).append(param)
+    groups = [{"params": rest, "lr": cfg.train.lr}]
+    if text:
+        groups.append({"params": text, "lr": cfg.train.text_lr})
+    return torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
+
+
+class MetricsLog:
+    """Appends rows to ``metrics.csv`` in the run folder (header written once)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, **row) -> None:
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
+    """Train ``cfg`` and return the best validation metrics. ``resume`` continues ``last.pt``."""
+    rank, world, local_rank = _dist_info()
+    device = resolve_device(cfg.train.device)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    is_main = rank == 0
+    run_dir = Path(cfg.run_dir)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    seed_everything(cfg.train.seed + rank)
+
+    store = RegionStore(cfg.data.regions)
+    label_names = list(store.meta.get("label_names", []))
+    train_caps = load_split(cfg, store, cfg.data.train_split)
+    val_caps = load_split(cfg, store, cfg.data.val_split)
+
+    model = build_model(cfg.model, label_names=label_names).to(device)
+    loss_fn = ContrastiveLoss(margin=cfg.train.margin, max_violation=cfg.train.warmup_epochs == 0)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.train.lr_decay_epochs, 0.1)
+    use_amp = cfg.train.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+
+    start_epoch, step, best = 0, 0, {"rsum": -1.0}
+    if resume:
+        ckpt = load_checkpoint(run_dir / "last.pt")
+        model.load_state_dict(ckpt["model"], strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, step, best = ckpt["epoch"] + 1, ckpt["step"], ckpt["best"]
+        set_rng_state(ckpt["rng"])
+        if is_main:
+            log.info("resumed from %s at epoch %d", run_dir / "last.pt", start_epoch)
+
+    use_prominence_loss = cfg.train.prominence_weight > 0 and cfg.model.use_prominence
+    dataset = CaptionPairDataset(store, train_caps.image_ids, train_caps.captions)
+    sampler = (DistributedSampler(dataset, world, rank, seed=cfg.train.seed) if world > 1
+               else RandomSampler(dataset))
+    loader = DataLoader(
+        dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=len(dataset) >
+        cfg.train.batch_size * world, num_workers=cfg.data.num_workers,
+        collate_fn=PairCollator(model.tokenize, with_siblings=use_prominence_loss),
+        pin_memory=device.type == "cuda", persistent_workers=False,
+    )
+    net = DistributedDataParallel(model, find_unused_parameters=False) if world > 1 else model
+    metrics_log = MetricsLog(run_dir / "metrics.csv")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.float16)) if use_amp \
+        else nullcontext
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        loss_fn.max_violation = epoch >= cfg.train.warmup_epochs
+        model.train()
+        started = time.time()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                   disable=not (progress and is_main), leave=False)
+        for batch in bar:
+            regions = batch["regions"].to(device, non_blocking=True)
+            input_ids = batch["input_ids"].to(device)
+            attention_mask = batch["attention_mask"].to(device)
+            image_index = batch["image_index"].to(device)
+            with autocast():
+                sims, txt = net(*regions.as_tuple(), input_ids, attention_mask, return_text=True)
+                loss = loss_fn(sims.float(), image_ids=image_index)
+                if use_prominence_loss:
+                    targets = sibling_targets(txt.token_ids, txt.mask,
+                                              batch["sibling_ids"].to(device), image_index)
+                    loss = loss + cfg.train.prominence_weight * prominence_loss(
+                        txt.log_prominence.float(), targets)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step}: "
+                    "lower train.lr, check the region features for inf/NaN, or set train.amp=false"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.train.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if is_main and step % cfg.train.log_every == 0:
+                metrics_log.write(epoch=epoch + 1, step=step, loss=round(loss.item(), 5),
+                                  lr=optimizer.param_groups[0]["lr"], rsum="")
+        scheduler.step()
+
+        if not is_main:
+            dist.barrier()
+            continue
+        val, _ = evaluate_split(model, store, val_caps, batch_size=cfg.train.eval_batch_size,
+                                device=device)
+        metrics_log.write(epoch=epoch + 1, step=step, loss=round(loss.item(), 5),
+                          lr=optimizer.param_groups[0]["lr"], rsum=round(val["rsum"], 3))
+        payload = model_payload(model, cfg, label_names)
+        if val["rsum"] > best["rsum"]:
+            best = {"rsum": val["rsum"], "epoch": epoch + 1, "metrics": val}
+            save_checkpoint(run_dir / "best.pt", **payload, epoch=epoch, best=best)
+        save_checkpoint(
+            run_dir / "last.pt", **payload, optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch, step=step,
+            best=best, rng=rng_state(),
+        )
+        if progress:
+            print(f"epoch {epoch + 1}: loss {loss.item():.4f}  val rSum {val['rsum']:.1f}  "
+                  f"best {best['rsum']:.1f}  ({time.time() - started:.0f} s)", flush=True)
+        if world > 1:
+            dist.barrier()
+
+    if is_main:
+        (run_dir / "best.json").write_text(json.dumps(best, indent=2))
+    if world > 1:
+        dist.destroy_process_group()
+    return best

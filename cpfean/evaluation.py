@@ -1,0 +1,80 @@
+"""Encode a split once, score it in chunks, and apply the evaluation protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from cpfean.data.captions import CaptionSet
+from cpfean.data.dataset import ImageDataset, collate_regions
+from cpfean.data.region_store import RegionStore
+from cpfean.metrics import evaluate_protocol
+
+
+@torch.no_grad()
+def encode_images(
+    model, store: RegionStore, image_ids: Sequence[str], *, batch_size: int = 128,
+    device: torch.device | str = "cpu", num_workers: int = 0, progress: bool = False,
+):
+    """Encode the regions of ``image_ids`` (in order) -> the model's ImageEmbeddings."""
+    loader = DataLoader(
+        ImageDataset(store, image_ids), batch_size=batch_size, shuffle=False,
+        num_workers=num_workers, collate_fn=collate_regions,
+    )
+    parts = []
+    for batch in tqdm(loader, desc="encode images", disable=not progress, leave=False):
+        parts.append(model.encode_images(*batch.to(device).as_tuple()))
+    return type(parts[0]).cat(parts)
+
+
+@torch.no_grad()
+def encode_texts(
+    model, captions: Sequence[str], *, batch_size: int = 128,
+    device: torch.device | str = "cpu", progress: bool = False,
+):
+    """Encode ``captions`` (in order) -> the model's TextEmbeddings."""
+    parts = []
+    steps = range(0, len(captions), batch_size)
+    for start in tqdm(steps, desc="encode captions", disable=not progress, leave=False):
+        tokens = model.tokenize(list(captions[start:start + batch_size]))
+        parts.append(model.encode_texts(tokens["input_ids"].to(device),
+                                        tokens["attention_mask"].to(device)))
+    return type(parts[0]).cat(parts)
+
+
+@torch.no_grad()
+def similarity_matrix(
+    model, store: RegionStore, image_ids: Sequence[str], captions: Sequence[str], *,
+    batch_size: int = 128, device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> np.ndarray:
+    """sims [n_images, n_captions] of ``model`` over a split."""
+    was_training = model.training
+    model.eval()
+    try:
+        img = encode_images(model, store, image_ids, batch_size=batch_size, device=device,
+                            progress=progress)
+        txt = encode_texts(model, captions, batch_size=batch_size,
+                           device=device, progress=progress)
+        sims = model.score(img, txt)
+    finally:
+        model.train(was_training)
+    return sims.float().cpu().numpy()
+
+
+def evaluate_split(
+    model, store: RegionStore, captions: CaptionSet, *, protocol: str = "all",
+    batch_size: int = 128, device: torch.device | str = "cpu", progress: bool = False,
+) -> tuple[dict, np.ndarray]:
+    """Metrics of ``model`` on one split under ``protocol``; also returns the sims matrix.
+
+    The protocol needs exactly 5 captions per image (captions 5i..5i+4 belong to image i).
+    """
+    flat, _ = captions.flatten(5)
+    sims = similarity_matrix(model, store, captions.image_ids, flat, batch_size=batch_size,
+                             device=device, progress=progress)
+    return evaluate_protocol(sims, protocol), sims

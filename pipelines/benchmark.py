@@ -1,0 +1,30 @@
+"""``python -m pipelines.benchmark {score,extract,retrieve} [options]``: performance figures.
+
+Each benchmark lives in its own module (``pipelines/bench_*.py``) and prints a markdown table;
+the README quotes the figures with the command that produced them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS = {
+    "score": "pipelines.bench_score",
+    "extract": "pipelines.bench_extract",
+    "retrieve": "pipelines.bench_retrieve",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in BENCHMARKS:
+        print(f"usage: python -m pipelines.benchmark {{{','.join(BENCHMARKS)}}} [options]",
+              file=sys.stderr)
+        return 2
+    module = importlib.import_module(BENCHMARKS[argv[0]])
+    return module.main(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

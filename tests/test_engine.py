@@ -1,0 +1,134 @@
+"""Training loop: learns, checkpoints atomically, resumes exactly, stops on a non-finite loss."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cpfean.checkpoint import load_checkpoint, load_model, save_checkpoint
+from cpfean.config import load_config
+from cpfean.data.captions import load_captions
+from cpfean.data.region_store import RegionStore
+from cpfean.engine import train
+from cpfean.evaluation import evaluate_split
+from tests.tiny_data import make_tiny_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = ["model.text_encoder=tiny-random", "model.feature_dim=32", "model.embed_dim=32",
+              "model.region_ff_dim=64", "model.region_heads=4", "model.max_words=16"]
+
+
+def tiny_cfg(tmp_path, data, run="run", *extra):
+    store, captions = data
+    return load_config(None, [*TINY_MODEL, f"data.regions={store}", f"data.captions={captions}",
+                              f"run_dir={tmp_path / run}", "train.batch_size=16",
+                              "train.lr=2e-3", "train.warmup_epochs=1", "train.log_every=1",
+                              "train.lr_decay_epochs=[3]", "train.eval_batch_size=16", *extra])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_tiny_dataset(tmp_path_factory.mktemp("tiny"))
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_training_learns_and_writes_run_folder(tmp_path, data):
+    cfg = tiny_cfg(tmp_path, data, "run", "train.epochs=4")
+    store = RegionStore(cfg.data.regions)
+    test = load_captions(cfg.data.captions, split="test")
+    model, _, _ = None, None, None
+    best = train(cfg, progress=False)
+    run = Path(cfg.run_dir)
+    for name in ("config.yaml", "last.pt", "best.pt", "metrics.csv", "best.json"):
+        assert (run / name).is_file(), name
+    assert not list(run.glob(".*.tmp*")), "temporary checkpoint files left behind"
+    rows = _rows(run / "metrics.csv")
+    losses = [float(r["loss"]) for r in rows if r["rsum"] == ""]
+    assert losses[-1] < losses[0]
+    model, loaded_cfg, ckpt = load_model(run / "best.pt")
+    assert loaded_cfg == cfg and ckpt["best"]["rsum"] == best["rsum"]
+    metrics, sims = evaluate_split(model, store, test)
+    assert sims.shape == (8, 40)
+    # 8 test images, chance rSum is about 6 * (1/8, 5/8, 10/8 capped) ~ 260; learning beats it
+    assert metrics["rsum"] > 330, metrics
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, data):
+    straight = tiny_cfg(tmp_path, data, "straight", "train.epochs=2")
+    train(straight, progress=False)
+    first = tiny_cfg(tmp_path, data, "resumed", "train.epochs=1")
+    train(first, progress=False)
+    second = tiny_cfg(tmp_path, data, "resumed", "train.epochs=2")
+    train(second, resume=True, progress=False)
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert a["step"] == b["step"]
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)
+    assert _rows(tmp_path / "straight" / "metrics.csv") == _rows(
+        tmp_path / "resumed" / "metrics.csv")
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path, data):
+    cfg = tiny_cfg(tmp_path, data, "nan", "train.epochs=1", "train.lr=1e30", "train.grad_clip=0")
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .* at epoch 1, step \d+"):
+        train(cfg, progress=False)
+
+
+def test_checkpoint_write_is_atomic_and_bad_files_are_named(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, model={"w": torch.ones(2)}, config={})
+    assert load_checkpoint(path)["model"]["w"].sum() == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(ValueError, match="c.pt is not a readable cpfean checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*missing.pt"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_cli_train_then_evaluate(tmp_path, data, capsys):
+    from pipelines import evaluate
+    from pipelines import train as train_cli
+
+    store, captions = data
+    args = [*TINY_MODEL, f"data.regions={store}", f"data.captions={captions}",
+            f"run_dir={tmp_path / 'cli'}", "train.epochs=1", "train.batch_size=16"]
+    assert train_cli.main(["--quiet", *args]) == 0
+    assert train_cli.main(["--quiet", "train.lrr=1"]) == 2
+    assert "unknown config key 'train.lrr'" in capsys.readouterr().err
+    out = tmp_path / "m.json"
+    assert evaluate.main(["--checkpoint", str(tmp_path / "cli" / "best.pt"), "--json", str(out),
+                          "--device", "cpu"]) == 0
+    import json
+
+    metrics = json.loads(out.read_text())
+    assert set(metrics) >= {"i2t", "t2i", "rsum"}
+    assert f"{metrics['rsum']:.1f}" in capsys.readouterr().out
+    assert evaluate.main(["--checkpoint", str(tmp_path / "nope.pt")]) == 2
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes(tmp_path, data):
+    store, captions = data
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29513", "-m",
+           "pipelines.train", "--quiet", *TINY_MODEL, f"data.regions={store}",
+           f"data.captions={captions}", f"run_dir={tmp_path / 'ddp'}", "train.epochs=1",
+           "train.batch_size=8", "train.device=cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = load_checkpoint(tmp_path / "ddp" / "last.pt")
+    # 24 train images x 5 captions over 2 ranks of batch 8: 120 / 16 = 7 full steps
+    assert ckpt["step"] == 7
+    model, _, _ = load_model(tmp_path / "ddp" / "best.pt")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
