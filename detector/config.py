@@ -1,0 +1,162 @@
+"""Region-stage configuration: Detectron2's config plus our `REGIONS` keys.
+
+Config flows one way: Detectron2 defaults -> `add_region_config` -> YAML file -> command-line
+overrides -> resolved (device, weights path) -> frozen. Unknown keys and wrong types fail at
+start-up in `merge_from_file`/`merge_from_list`, naming the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+import detector.butd  # noqa: F401  (registers the Caffe-BUTD backbone and ROI heads)
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+FEATURE_SOURCES = ("box_head", "pooler")
+BOX_SOURCES = ("proposal", "regressed")
+
+
+def add_region_config(cfg: CN) -> None:
+    """Add the region-extraction keys under `cfg.REGIONS` (in place).
+
+    Mirrors detectron2 projects' `add_*_config`: call it on a fresh `get_cfg()` before merging
+    a YAML file that sets any of these keys.
+    """
+    cfg.REGIONS = CN()
+    # Slots per image in the region store; at most this many regions are kept.
+    cfg.REGIONS.NUM_REGIONS = 36
+    # At least this many regions are kept (best first) even when fewer pass SCORE_THRESH.
+    cfg.REGIONS.MIN_REGIONS = 10
+    # A proposal is kept when its best per-class score surviving NMS is >= this.
+    cfg.REGIONS.SCORE_THRESH = 0.2
+    # IoU threshold of the per-class NMS over proposals (bottom-up attention uses 0.3).
+    cfg.REGIONS.NMS_THRESH = 0.3
+    # Region feature: "box_head" = the box predictor's input (fc7 for FPN heads, mean-pooled
+    # res5 for C4 heads); "pooler" = the ROI pooler output mean-pooled over space.
+    cfg.REGIONS.FEATURE_SOURCE = "box_head"
+    # Stored box: "proposal" = the box the feature was pooled from (Caffe BUTD generate_tsv);
+    # "regressed" = that proposal refined by the box regressor for its label class.
+    cfg.REGIONS.BOX_SOURCE = "proposal"
+    # Class names, index = label id. Filled by training from the COCO categories.
+    cfg.REGIONS.LABEL_NAMES = []
+    # Text file with one class name per line (e.g. VG `objects_vocab.txt`); used when
+    # LABEL_NAMES is empty. Relative paths resolve against the config file's folder.
+    cfg.REGIONS.LABEL_NAMES_FILE = ""
+    # Images with more pixels than this are skipped (reported), never decoded.
+    cfg.REGIONS.MAX_IMAGE_PIXELS = 50_000_000
+    # Name recorded in the store's meta; set from the config file name when empty.
+    cfg.REGIONS.CONFIG_NAME = ""
+
+
+def resolve_config_file(config_file: str | Path) -> Path:
+    """Map a bare name (`scenes_r18_fpn`) or a path to an existing YAML file."""
+    path = Path(config_file)
+    if path.is_file():
+        return path.resolve()
+    for candidate in (CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"config {config_file!r} not found (bundled: {known})")
+
+
+def resolve_device(device: str) -> str:
+    """`"auto"` -> `"cuda"` when available else `"cpu"`; anything else is returned as is."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def split_opts(opts: Sequence[str]) -> list[str]:
+    """Accept both `KEY VALUE KEY VALUE` and `KEY=VALUE` forms; return the flat pair list."""
+    flat: list[str] = []
+    for token in opts:
+        if "=" in token and not token.startswith(("[", "(", "'", '"')):
+            key, value = token.split("=", 1)
+            flat += [key, value]
+        else:
+            flat.append(token)
+    if len(flat) % 2:
+        raise ValueError(f"overrides must come in KEY VALUE pairs, got {list(opts)}")
+    return flat
+
+
+def _resolve_relative(value: str, base: Path) -> str:
+    """A relative path that exists next to the config file becomes absolute."""
+    if not value or "://" in value or Path(value).is_absolute():
+        return value
+    candidate = base / value
+    return str(candidate) if candidate.exists() else value
+
+
+def validate_region_cfg(cfg: CN) -> None:
+    """Fail loudly on inconsistent `REGIONS` values."""
+    r = cfg.REGIONS
+    if not 0 < r.MIN_REGIONS <= r.NUM_REGIONS:
+        raise ValueError(f"need 0 < REGIONS.MIN_REGIONS <= NUM_REGIONS, got {r.MIN_REGIONS}, "
+                         f"{r.NUM_REGIONS}")
+    if not 0.0 <= r.SCORE_THRESH <= 1.0 or not 0.0 < r.NMS_THRESH <= 1.0:
+        raise ValueError("REGIONS.SCORE_THRESH must be in [0,1] and NMS_THRESH in (0,1]")
+    if r.FEATURE_SOURCE not in FEATURE_SOURCES:
+        raise ValueError(f"REGIONS.FEATURE_SOURCE must be one of {FEATURE_SOURCES}")
+    if r.BOX_SOURCE not in BOX_SOURCES:
+        raise ValueError(f"REGIONS.BOX_SOURCE must be one of {BOX_SOURCES}")
+    if cfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN":
+        raise ValueError("the region stage needs MODEL.META_ARCHITECTURE GeneralizedRCNN")
+
+
+def get_region_cfg(
+    config_file: str | Path, opts: Sequence[str] = (), freeze: bool = True
+) -> CN:
+    """Build, merge, resolve and (by default) freeze a region-stage config.
+
+    Args:
+        config_file: a YAML path, or the name of a bundled config in `detector/configs/`.
+        opts: overrides, `KEY VALUE ...` or `KEY=VALUE ...` (e.g. `MODEL.DEVICE cpu`).
+        freeze: freeze the returned config.
+
+    Returns:
+        The config, with `MODEL.DEVICE` resolved ("auto" -> cuda/cpu), relative
+        `MODEL.WEIGHTS`/`REGIONS.LABEL_NAMES_FILE` resolved against the config's folder, and
+        `REGIONS.CONFIG_NAME` set to the file's stem when empty.
+    """
+    path = resolve_config_file(config_file)
+    cfg = get_cfg()
+    add_region_config(cfg)
+    cfg.merge_from_file(str(path))
+    cfg.merge_from_list(split_opts(opts))
+    cfg.MODEL.DEVICE = resolve_device(cfg.MODEL.DEVICE)
+    cfg.MODEL.WEIGHTS = _resolve_relative(cfg.MODEL.WEIGHTS, path.parent)
+    cfg.REGIONS.LABEL_NAMES_FILE = _resolve_relative(cfg.REGIONS.LABEL_NAMES_FILE, path.parent)
+    if not cfg.REGIONS.CONFIG_NAME:
+        cfg.REGIONS.CONFIG_NAME = path.stem
+    validate_region_cfg(cfg)
+    if freeze:
+        cfg.freeze()
+    return cfg
+
+
+def get_label_names(cfg: CN) -> list[str]:
+    """The detector's class vocabulary, index = label id.
+
+    From `REGIONS.LABEL_NAMES`, else `REGIONS.LABEL_NAMES_FILE` (one name per line; for the VG
+    vocabulary a line may hold synonyms separated by commas, the first is used), else
+    `class_{i}`. The count must equal `MODEL.ROI_HEADS.NUM_CLASSES`.
+    """
+    num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    names = list(cfg.REGIONS.LABEL_NAMES)
+    if not names and cfg.REGIONS.LABEL_NAMES_FILE:
+        lines = Path(cfg.REGIONS.LABEL_NAMES_FILE).read_text(encoding="utf-8").splitlines()
+        names = [line.split(",")[0].strip() for line in lines if line.strip()]
+    if not names:
+        names = [f"class_{i}" for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} label names for MODEL.ROI_HEADS.NUM_CLASSES="
+                         f"{num_classes}")
+    return names
