@@ -1,0 +1,130 @@
+"""Build the retrieval index: encode a region store's gallery (and a caption split) once.
+
+    python -m pipelines.index [--checkpoint runs/demo/cpfean/best.pt] [--regions STORE]
+                              [--captions FILE --split test | --no-captions] [--out DIR]
+
+The region store, caption file and split default to the ones the checkpoint trained on. The
+build is resumable: re-running after an interrupt skips the gallery shards already written;
+re-running on a whole index built with the same checkpoint and images does nothing (--force
+rebuilds). Exit status: 0 done, 2 bad input (missing files, mismatched data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_CHECKPOINT = "runs/demo/cpfean/best.pt"
+DEFAULT_INDEX = "runs/demo/index"
+
+
+def _images_root(given: str | None, store_meta: dict, captions: str | None) -> str | None:
+    """Images root: --images-root, else the store's meta, else ``images/`` beside the captions
+    file (the layout of the bundled generated scenes)."""
+    from cpfean.index import images_root_of
+
+    root = images_root_of(store_meta, given)
+    if root is None and captions and (Path(captions).parent / "images").is_dir():
+        root = str(Path(captions).parent / "images")
+    return root
+
+
+def _up_to_date(out: Path, sha256: str, ids_sha256: str, n_captions: int) -> bool:
+    try:
+        meta = json.loads((out / "index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    caps = (meta.get("captions") or {}).get("count", 0)
+    return (meta.get("checkpoint", {}).get("sha256") == sha256
+            and meta.get("ids_sha256") == ids_sha256 and caps == n_captions)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cpfean.checkpoint import checkpoint_fingerprint, load_model, resolve_device
+    from cpfean.config import to_dict
+    from cpfean.data.captions import check_ids, load_captions
+    from cpfean.data.region_store import RegionStore
+    from cpfean.index import build_index, ids_digest
+
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    device = resolve_device(args.device)
+    model, cfg, _ = load_model(checkpoint, device)
+    store = RegionStore(args.regions or cfg.data.regions)
+    image_ids = store.ids()
+
+    captions, owners, caption_file = [], [], None
+    if not args.no_captions:
+        caption_file = args.captions or cfg.data.captions
+        if args.captions or Path(caption_file).is_file():
+            split = args.split or cfg.data.test_split
+            caps = load_captions(caption_file, split=None if split == "all" else split)
+            check_ids(caps, image_ids)
+            for image_id, group in zip(caps.image_ids, caps.captions, strict=True):
+                captions += group
+                owners += [image_id] * len(group)
+        else:
+            print(f"note: caption file {caption_file} not found; indexing images only",
+                  file=sys.stderr)
+            caption_file = None
+
+    out = Path(args.out)
+    sha256 = checkpoint_fingerprint(checkpoint)
+    if not args.force and _up_to_date(out, sha256, ids_digest(image_ids), len(captions)):
+        print(f"index {out} is up to date ({len(image_ids)} images, {len(captions)} captions); "
+              "--force rebuilds it")
+        return 0
+    build_index(
+        model, store, out,
+        checkpoint={"path": str(checkpoint), "sha256": sha256},
+        config=to_dict(cfg), image_ids=image_ids,
+        images_root=_images_root(args.images_root, store.meta, caption_file),
+        captions=captions, caption_image_ids=owners,
+        shard_size=args.shard_size, batch_size=args.batch_size, dtype=args.dtype,
+        device=device, progress=not args.quiet, log=lambda s: print(s, file=sys.stderr),
+    )
+    print(f"index {out}: {len(image_ids)} images, {len(captions)} captions, "
+          f"checkpoint {checkpoint} (sha256 {sha256[:12]})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.index", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="model checkpoint")
+    parser.add_argument("--regions", help="region store (default: the checkpoint's)")
+    parser.add_argument("--captions", help="caption source to index for image queries "
+                        "(default: the checkpoint's)")
+    parser.add_argument("--split", help="caption split to index (default: the config's test; "
+                        "'all' = every caption)")
+    parser.add_argument("--no-captions", action="store_true", help="index images only")
+    parser.add_argument("--out", default=DEFAULT_INDEX, help="index directory")
+    parser.add_argument("--images-root", help="folder the image ids are relative to "
+                        "(default: from the store's meta)")
+    parser.add_argument("--shard-size", type=int, default=1024,
+                        help="images per resumable shard")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                        help="on-disk dtype of the embeddings")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--force", action="store_true", help="rebuild an up-to-date index")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if args.shard_size < 1 or args.batch_size < 1:
+        parser.error("--shard-size and --batch-size must be >= 1")
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
