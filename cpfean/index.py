@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from cpfean import ann
 from cpfean.data.dataset import collate_regions, record_arrays
+from cpfean.evaluation import encode_texts
 
 FORMAT = "cpfean-index"
 VERSION = 1
@@ -274,25 +275,12 @@ def build_index(
 
 
 @torch.no_grad()
-def encode_captions(model: Any, captions: Sequence[str], *, batch_size: int = 128,
-                    device: torch.device | str = "cpu", progress: bool = False) -> Any:
-    """TextEmbeddings of ``captions`` (in order), tokenised with the model's own word budget
-    (as in training and evaluation)."""
-    parts = []
-    steps = range(0, len(captions), batch_size)
-    for start in tqdm(steps, desc="encode captions", disable=not progress, leave=False):
-        tokens = model.tokenize(list(captions[start:start + batch_size]))
-        parts.append(model.encode_texts(tokens["input_ids"].to(device),
-                                        tokens["attention_mask"].to(device)))
-    return type(parts[0]).cat(parts) if len(parts) > 1 else parts[0]
-
-
 def _index_captions(model: Any, dest: Path, captions: Sequence[str],
                     image_ids: Sequence[str] | None, batch_size: int,
                     dtype: str, device: torch.device | str, progress: bool) -> dict:
     dest.mkdir(parents=True)
-    txt = encode_captions(model, list(captions), batch_size=batch_size, device=device,
-                          progress=progress)
+    txt = encode_texts(model, list(captions), batch_size=batch_size, device=device,
+                       progress=progress)
     for name, t in _fields(txt).items():
         _save_npy(dest / f"emb.{name}.npy", _to_numpy(t, dtype))
     _save_npy(dest / "pooled.npy", pooled_texts(txt))

@@ -111,7 +111,9 @@ def extract_shard(extractor: RegionExtractor, root: Path, ids: list[str], store:
     """
     counts = {"written": 0, "skipped": 0, "present": 0}
     tmp_report = _sibling(report, ".tmp")
-    with RegionWriter(store, extractor.meta, commit_every=commit_every) as writer, \
+    # the images root lets the retrieval index find and draw the images later
+    meta = {**extractor.meta, "images_root": str(root.resolve())}
+    with RegionWriter(store, meta, commit_every=commit_every) as writer, \
             open(tmp_report, "w", encoding="utf-8") as rep:
         done = writer.done_ids() | already
         todo = [i for i in ids if i not in done]

@@ -28,7 +28,8 @@ import torch
 
 from cpfean.checkpoint import checkpoint_fingerprint, load_model, resolve_device
 from cpfean.data.dataset import collate_regions, record_arrays
-from cpfean.index import IndexError_, RetrievalIndex, encode_captions, search
+from cpfean.evaluation import encode_texts
+from cpfean.index import IndexError_, RetrievalIndex, search
 
 DEFAULT_INDEXES = ("runs/demo/index", "runs/demo-quick/index")
 DETAILED = 3  # results explained (prominent words, regions)
@@ -283,7 +284,7 @@ def run(args: argparse.Namespace) -> dict:
             if full > cut:
                 notes.append(f"note: the query was truncated to its first {max_words} word "
                              f"pieces (the model's limit); {full - cut} tokens were ignored")
-            encoded = encode_captions(model, [query], device=device)
+            encoded = encode_texts(model, [query], device=device)
             if not bool(encoded.mask.any()):
                 raise UsageError("the query has no words the model can read")
         else:
