@@ -1,0 +1,52 @@
+"""Configuration of the CPFEAN matching model.
+
+Defaults are the full model. Every component has a switch so the paper's ablations can be
+re-run; the SCAN-style baseline (t2i AVG cross attention) is ``ModelConfig.scan_baseline()``.
+Fields are plain types only, so the YAML config system can load and override them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+__all__ = ["ModelConfig"]
+
+
+@dataclass
+class ModelConfig:
+    # --- sizes ---------------------------------------------------------------------------
+    feature_dim: int = 2048  # D, size of one detector region feature (2048 for BUTD ResNet-101)
+    embed_dim: int = 1024  # d, size of the joint region/word embedding space
+    # --- text side -----------------------------------------------------------------------
+    text_encoder: str = "minilm"  # "minilm" (packaged offline), "tiny-random" (tests), or a path
+    freeze_text_encoder: bool = False  # keep the BERT weights fixed (and in eval mode)
+    max_words: int = 32  # max word tokens per caption, [CLS]/[SEP] not counted
+    use_gcn: bool = True  # one residual GCN layer over the fully connected word graph
+    # --- image side ----------------------------------------------------------------------
+    use_spatial: bool = True  # add an MLP embedding of the normalised box (x1, y1, x2, y2, area)
+    use_label_prior: bool = True  # add the gated, score-weighted text embedding of the label name
+    use_region_transformer: bool = True  # Transformer encoder over the valid regions
+    region_layers: int = 1  # number of Transformer encoder layers over regions
+    region_heads: int = 8  # attention heads in the region Transformer (must divide embed_dim)
+    region_ff_dim: int = 2048  # feed-forward width of the region Transformer
+    dropout: float = 0.1  # dropout inside the region Transformer
+    # --- pairwise scoring ----------------------------------------------------------------
+    use_fusion: bool = True  # gated cross-modal semantic fusion; off = plain cross attention
+    use_prominence: bool = True  # learned word prominence pooling; off = mean over words
+    topk: int = 3  # regions each word aligns to; 0 = all regions with softmax attention
+    lambda_softmax: float = 9.0  # inverse temperature of the cross attention softmax (SCAN's λ)
+    gate_cos_init: float = 5.0  # initial weight of cos(fragment, context) inside each gate
+
+    @classmethod
+    def scan_baseline(cls, **overrides: object) -> ModelConfig:
+        """SCAN t-i AVG: every CPFEAN component off, softmax cross attention over all regions."""
+        base = cls(
+            use_gcn=False,
+            use_spatial=False,
+            use_label_prior=False,
+            use_region_transformer=False,
+            use_fusion=False,
+            use_prominence=False,
+            topk=0,
+        )
+        return replace(base, **overrides)

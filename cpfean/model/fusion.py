@@ -1,0 +1,306 @@
+r"""Pairwise scoring algebra: cross-modal semantic fusion and prominent-fragment alignment.
+
+For one pair (image with unit-norm regions V (R, d), caption with unit-norm words W (L, d)),
+with per-item Gram matrices G_v = V V^T (R, R) and G_w = W W^T (L, L):
+
+    S      = W V^T                                   (L, R)  region-word cosine similarities
+    A      = softmax_r(lambda * S)   (valid regions) (L, R)  word -> region attention
+    B^T    = softmax_l(lambda * S)   (valid words)   (L, R)  region -> word attention
+    ctx_l  = sum_r A_lr v_r,   ctx_r = sum_l B^T_lr w_l      (never materialised)
+
+Fragment gates (one scalar per fragment; the "prominence" the retrieval view draws):
+
+    g_l = sigmoid(a_w * <w_l, ctx_l> / |ctx_l| + u_w.w_l + b_w + u_wc.ctx_l)
+    g_r = sigmoid(a_r * <v_r, ctx_r> / |ctx_r| + u_r.v_r + b_r + u_rc.ctx_r)
+
+    <w_l, ctx_l> = sum_r A_lr S_lr          |ctx_l|^2 = sum_r A_lr (A G_v)_lr
+    <v_r, ctx_r> = sum_l B^T_lr S_lr        |ctx_r|^2 = sum_l B^T_lr (G_w B^T)_lr
+    u_wc.ctx_l  = sum_r A_lr (V u_wc)_r     u_rc.ctx_r = sum_l B^T_lr (W u_rc)_l
+
+Fused fragments enhance each fragment with its gated cross-modal context,
+
+    w^_l = w_l + g_l ctx_l,        v^_r = v_r + g_r ctx_r,
+
+and their cosine similarity (the fused similarity) follows from S, A, B, G_v, G_w:
+
+    <w^_l, v^_r> = S_lr + g_r (G_w B^T)_lr + g_l (A G_v)_lr + g_l g_r (A S^T B^T)_lr
+    |w^_l|^2 = 1 + 2 g_l <w_l, ctx_l> + g_l^2 |ctx_l|^2       (likewise |v^_r|^2)
+    F_lr = <w^_l, v^_r> / (|w^_l| |v^_r|)
+
+Prominent-fragment alignment: word l aligns to its top-k regions T_l on F, weighted by the
+region gates; words are pooled with the caption's prominence p_l (softmax of an MLP, computed
+once per caption) times the word gate:
+
+    s_l = sum_{r in T_l} g_r F_lr / sum_{r in T_l} g_r          (topk > 0)
+    s_l = sum_r alpha_lr F_lr,  alpha_l = softmax_r(lambda F_lr + log g_r)   (topk = 0)
+    score = sum_l pi_l s_l,     pi_l = p_l g_l / sum_l' p_l' g_l'  (mean over words if off)
+
+With fusion off there are no gates (g = 1) and F = S; with topk = 0 as well the word score is
+SCAN's t-i cross attention, s_l = cos(w_l, ctx_l) = <w_l, ctx_l> / |ctx_l|.
+
+Implementation notes (all exact, tested against an explicit d-dim reference):
+- a block of bi images x bc captions keeps everything on (bi, bc, L, R) or smaller; S is one
+  matmul of the flattened words (bc*L, d) by the flattened regions (bi*R, d)^T;
+- A = diag(1/Z_l) E and B^T = E diag(1/Z_r) with ONE E = exp(lambda (S - 1)) (masked; |S| <= 1
+  so no overflow) for lambda <= 20; the 1/Z factors are folded into per-fragment scalars, so
+  A and B^T are never materialised (two softmaxes are used for a larger lambda);
+- [G_v | V u_wc] and [G_w; (W u_rc)^T] give the context products and the gate terms in one
+  batched matmul each; (G_w + diag(g_w) A S^T) (B^T diag(g_r)) is one baddbmm on top of S;
+- top-k uses the k-th largest value of F |w^_l| (same ranking per word) found by k rounds of
+  max + mask, much cheaper than ``topk`` on CPU; all regions tied with the k-th are kept;
+- half / bfloat16 inputs and autocast are scored in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cpfean.model.embeddings import ImageEmbeddings, TextEmbeddings
+
+__all__ = ["FragmentGates", "score_block", "score_chunked", "masked_softmax"]
+
+_NEG = -1e4  # finite "minus infinity": exp underflows to 0 yet gradients stay finite
+_EPS = 1e-6
+_SHARED_EXP_MAX_LAMBDA = 20.0  # 1/Z^2 <= exp(4 lambda) stays finite in float32
+
+
+def _kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value along the last dim, keepdim (ties with it count once each).
+    k rounds of max + mask: much cheaper than ``topk`` for a small k on CPU."""
+    if k >= x.shape[-1]:
+        return x.amin(-1, keepdim=True)
+    with torch.no_grad():
+        work = x.clone()
+        for _ in range(k - 1):
+            work.masked_fill_(work >= work.amax(-1, keepdim=True), float("-inf"))
+        return work.amax(-1, keepdim=True)
+
+
+def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """Softmax over ``dim`` restricted to ``mask`` (broadcastable); all-masked rows stay finite."""
+    return logits.masked_fill(~mask, _NEG).softmax(dim=dim)
+
+
+class FragmentGates(nn.Module):
+    """Parameters of the fragment gates; the per-item terms are computed at encode time.
+
+    Args:
+        embed_dim: d.
+        cos_init: initial weight a of cos(fragment, context) in each gate.
+    """
+
+    def __init__(self, *, embed_dim: int, cos_init: float) -> None:
+        super().__init__()
+        self.word_self = nn.Linear(embed_dim, 1)  # u_w, b_w
+        self.word_ctx = nn.Linear(embed_dim, 1, bias=False)  # u_wc (applied to regions)
+        self.region_self = nn.Linear(embed_dim, 1)  # u_r, b_r
+        self.region_ctx = nn.Linear(embed_dim, 1, bias=False)  # u_rc (applied to words)
+        self.word_cos = nn.Parameter(torch.tensor(float(cos_init)))  # a_w
+        self.region_cos = nn.Parameter(torch.tensor(float(cos_init)))  # a_r
+        for lin in (self.word_self, self.word_ctx, self.region_self, self.region_ctx):
+            nn.init.normal_(lin.weight, std=0.02)
+        nn.init.zeros_(self.word_self.bias)
+        nn.init.zeros_(self.region_self.bias)
+
+    def image_terms(self, regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """regions (B, R, d) -> gate_self (B, R) = u_r.v + b_r, gate_ctx (B, R) = u_wc.v."""
+        return self.region_self(regions).squeeze(-1), self.word_ctx(regions).squeeze(-1)
+
+    def text_terms(self, words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """words (C, L, d) -> gate_self (C, L) = u_w.w + b_w, gate_ctx (C, L) = u_rc.w."""
+        return self.word_self(words).squeeze(-1), self.region_ctx(words).squeeze(-1)
+
+
+def score_block(
+    img: ImageEmbeddings,
+    txt: TextEmbeddings,
+    *,
+    gates: FragmentGates | None,
+    lambda_softmax: float,
+    topk: int,
+    use_prominence: bool,
+    return_details: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Scores of every image in ``img`` against every caption in ``txt``.
+
+    Args:
+        img: bi images (regions (bi, R, d)).
+        txt: bc captions (words (bc, L, d)).
+        gates: the fusion gates, or None for plain cross attention (fusion off).
+        lambda_softmax: inverse temperature lambda of the cross attention.
+        topk: regions per word (0 = softmax attention over all regions).
+        use_prominence: pool words with prominence x word gate (else mean over valid words).
+        return_details: also return the per-fragment numbers (keep the block small).
+
+    Returns:
+        (bi, bc) scores, and with ``return_details`` a dict of region_gates (bi, bc, R),
+        word_gates / word_weights / word_scores (bi, bc, L), alignment (bi, bc, L, k) region
+        indices, fused_sim (bi, bc, L, R).
+    """
+    device_type = img.regions.device.type
+    low_precision = img.regions.dtype in (torch.float16, torch.bfloat16)
+    if low_precision or torch.is_autocast_enabled(device_type):
+        # 1/Z^2 and exp() need float32 range; the block is small enough to upcast
+        with torch.autocast(device_type=device_type, enabled=False):
+            return score_block(
+                img.to(torch.float32), txt.to(torch.float32), gates=gates,
+                lambda_softmax=lambda_softmax, topk=topk, use_prominence=use_prominence,
+                return_details=return_details,
+            )
+    V, W = img.regions, txt.words
+    bi, R, d = V.shape
+    bc, L, _ = W.shape
+    # one GEMM for the whole block, then a view: (bc*L, d) @ (d, bi*R)
+    S = (W.reshape(bc * L, d) @ V.reshape(bi * R, d).T).view(bc, L, bi, R)
+    S = S.permute(2, 0, 1, 3).contiguous()  # (bi, bc, L, R)
+    # additive masks (0 or -1e4): one fused pass with the scaling instead of a masked_fill
+    rbias = torch.where(img.mask, 0.0, _NEG).to(S.dtype)[:, None, None, :]  # (bi, 1, 1, R)
+    g_w = g_r = F = alpha = w_inv = None
+    if gates is None:
+        A = torch.add(rbias, S, alpha=lambda_softmax).softmax(-1)  # (bi, bc, L, R)
+        if topk == 0:  # SCAN t-i: cosine of each word with its attended region context
+            AGv = torch.bmm(A.view(bi, bc * L, R), img.gram).view(bi, bc, L, R)  # <ctx_l, v_r>
+            w_dot_ctx = (A * S).sum(-1)  # (bi, bc, L) <w_l, ctx_l>
+            ctx_w_sq = (A * AGv).sum(-1).clamp_min(_EPS)  # (bi, bc, L) |ctx_l|^2
+            s_l = w_dot_ctx / ctx_w_sq.sqrt()
+        else:
+            F = S
+            Fr = S if bool(img.mask.all()) else S + rbias  # only used to rank
+    else:
+        # Unnormalised attentions A = diag(1/Z_l) Ea and B^T = Eb diag(1/Z_r): the 1/Z factors
+        # are folded into per-fragment scalars, so A and B^T are never materialised.
+        if lambda_softmax <= _SHARED_EXP_MAX_LAMBDA:
+            # |S| <= 1, so exp(lambda (S - 1)) lies in [exp(-2 lambda), 1]: one exp, both ways
+            Ea = torch.add(rbias - lambda_softmax, S, alpha=lambda_softmax).exp_()
+            if not bool(txt.mask.all()):
+                Ea = Ea * txt.mask.to(S.dtype)[None, :, :, None]
+            Eb = Ea
+            Zl, Zr = Ea.sum(-1), Ea.sum(-2)  # (bi, bc, L), (bi, bc, R)
+            # padded words/regions: no attention. The inner where() keeps the reciprocal away
+            # from 0: where() alone still sends 0 * inf = NaN back through the unused branch.
+            iZl = torch.where(Zl > 0, torch.where(Zl > 0, Zl, 1.0).reciprocal(), 0)
+            iZr = torch.where(Zr > 0, torch.where(Zr > 0, Zr, 1.0).reciprocal(), 0)
+        else:  # large lambda: two proper softmaxes
+            Ea = torch.add(rbias, S, alpha=lambda_softmax).softmax(-1)
+            wbias = torch.where(txt.mask, 0.0, _NEG).to(S.dtype)[None, :, :, None]
+            Eb = torch.add(wbias, S, alpha=lambda_softmax).softmax(-2)
+            iZl, iZr = S.new_ones(bi, bc, L), S.new_ones(bi, bc, R)
+        ES = Ea * S
+        w_dot_ctx = ES.sum(-1) * iZl  # (bi, bc, L) <w_l, ctx_l>
+        v_dot_ctx = (ES if Eb is Ea else Eb * S).sum(-2) * iZr  # (bi, bc, R) <v_r, ctx_r>
+        # [G_v | V u_wc] (R, R+1): <ctx_l, v_r> and u_wc.ctx_l in one product
+        Gv_ext = torch.cat([img.gram, img.gate_ctx[:, :, None]], dim=2)  # (bi, R, R+1)
+        EGv_ext = torch.bmm(Ea.view(bi, bc * L, R), Gv_ext).view(bi, bc, L, R + 1)
+        EGv = EGv_ext[..., :R]  # (bi, bc, L, R) Z_l <ctx_l, v_r>
+        word_ctx_term = EGv_ext[..., R] * iZl  # (bi, bc, L) u_wc.ctx_l
+        ctx_w_sq = ((Ea * EGv).sum(-1) * iZl * iZl).clamp_min(_EPS)  # |ctx_l|^2
+        # [G_w; (W u_rc)^T] (L+1, L) @ Eb (L, R): <w_l, ctx_r> and u_rc.ctx_r in one product
+        Gw_ext = torch.cat([txt.gram, txt.gate_ctx[:, None, :]], dim=1)  # (bc, L+1, L)
+        GwE_ext = torch.matmul(Gw_ext[None], Eb)  # (bi, bc, L+1, R)
+        GwE = GwE_ext[:, :, :L]  # (bi, bc, L, R) Z_r <w_l, ctx_r>
+        region_ctx_term = GwE_ext[:, :, L] * iZr  # (bi, bc, R) u_rc.ctx_r
+        ctx_r_sq = ((Eb * GwE).sum(-2) * iZr * iZr).clamp_min(_EPS)  # |ctx_r|^2
+        g_w = torch.sigmoid(
+            gates.word_cos * w_dot_ctx / ctx_w_sq.sqrt() + txt.gate_self[None] + word_ctx_term
+        )  # (bi, bc, L)
+        g_r = torch.sigmoid(
+            gates.region_cos * v_dot_ctx / ctx_r_sq.sqrt() + img.gate_self[:, None]
+            + region_ctx_term
+        )  # (bi, bc, R)
+        gr4 = g_r[:, :, None, :]  # (bi, bc, 1, R)
+        # <w^_l, v^_r> = S + g_l (A G_v) + (G_w + g_l A S^T) (B^T diag(g_r))
+        gwz = (g_w * iZl)[..., None]  # (bi, bc, L, 1) g_l / Z_l
+        M = torch.matmul(Ea, S.transpose(-1, -2))  # (bi, bc, L, L) Z_l <ctx_l, w_l'>
+        M = torch.addcmul(txt.gram[None], gwz, M)  # G_w + diag(g_w) A S^T
+        num = torch.baddbmm(
+            S.view(-1, L, R), M.view(-1, L, L), (Eb * (g_r * iZr)[:, :, None, :]).view(-1, L, R)
+        ).view(bi, bc, L, R)
+        num = torch.addcmul(num, gwz, EGv)  # (bi, bc, L, R) <w^_l, v^_r>
+        w_inv = (1 + 2 * g_w * w_dot_ctx + g_w * g_w * ctx_w_sq).clamp_min(_EPS).rsqrt()
+        r_inv = (1 + 2 * g_r * v_dot_ctx + g_r * g_r * ctx_r_sq).clamp_min(_EPS).rsqrt()
+        # F * |w^_l| ranks regions like F does (a positive per-word factor); masked ones last
+        Fr = torch.addcmul(rbias, num, r_inv[:, :, None, :])  # (bi, bc, L, R)
+        if topk == 0 or return_details:
+            F = num * (w_inv[..., None] * r_inv[:, :, None, :])  # (bi, bc, L, R) fused cosine
+
+    k = min(topk, R)
+    align = None
+    if k > 0:
+        thr = _kth_largest(Fr.detach(), k)  # (bi, bc, L, 1)
+        if return_details:
+            align = Fr.topk(k, dim=-1).indices  # (bi, bc, L, k)
+        gv = img.mask.to(S.dtype)[:, None, None, :]  # (bi, 1, 1, R) validity x region gate
+        if g_r is not None:
+            gv = gv * gr4  # (bi, bc, 1, R)
+        wts = (Fr >= thr) * gv  # (bi, bc, L, R) gate weight of each word's top-k regions
+        num = (wts * Fr).sum(-1)  # (bi, bc, L)
+        den = wts.sum(-1)  # (bi, bc, L)
+        s_l = num / den.clamp_min(_EPS)  # (bi, bc, L) gate-weighted mean of the top-k F
+        if w_inv is not None:
+            s_l = s_l * w_inv
+    elif gates is not None:
+        alpha = torch.add(rbias + torch.log(gr4), F, alpha=lambda_softmax).softmax(-1)
+        s_l = (alpha * F).sum(-1)  # (bi, bc, L)
+
+    if use_prominence:
+        logits = txt.log_prominence[None].expand(bi, bc, L)
+        if g_w is not None:
+            logits = logits + torch.log(g_w)
+        pi = masked_softmax(logits, txt.mask[None], dim=-1)  # (bi, bc, L)
+    else:
+        pi = txt.mask.to(V.dtype) / txt.mask.sum(-1, keepdim=True).clamp_min(1)  # (bc, L)
+        pi = pi[None].expand(bi, bc, L)
+    scores = (pi * s_l.masked_fill(~txt.mask[None], 0)).sum(-1)  # (bi, bc)
+    if not return_details:
+        return scores
+
+    if align is None:  # softmax attention: report the most attended region
+        att = A if alpha is None else alpha
+        align = att.argmax(-1, keepdim=True)
+    ones_r = img.mask[:, None, :].expand(bi, bc, R).to(V.dtype)
+    details = {
+        "region_gates": ones_r if g_r is None else g_r * ones_r,
+        "word_gates": pi.new_ones(bi, bc, L) * txt.mask[None] if g_w is None
+        else g_w * txt.mask[None],
+        "word_weights": pi,
+        "word_scores": s_l.masked_fill(~txt.mask[None], 0),
+        "alignment": align,
+        "fused_sim": S if gates is None else F,
+    }
+    return scores, details
+
+
+def score_chunked(
+    img: ImageEmbeddings,
+    txt: TextEmbeddings,
+    *,
+    image_chunk: int,
+    text_chunk: int,
+    gates: FragmentGates | None,
+    lambda_softmax: float,
+    topk: int,
+    use_prominence: bool,
+) -> torch.Tensor:
+    """``score_block`` over blocks of image_chunk x text_chunk; returns (B, C) scores.
+
+    Captions are grouped by length so that each text chunk is cut to its own longest caption
+    (padding slots cost as much as words in the (bi, bc, L, R) block); columns come back in
+    the original order.
+    """
+    if len(img) == 0 or len(txt) == 0:
+        return img.regions.new_zeros(len(img), len(txt))
+    span = txt.word_span()  # (C,)
+    order = torch.argsort(span, descending=True, stable=True)
+    spans = span[order].tolist()
+    cols = []
+    for j in range(0, len(txt), text_chunk):  # text outer: one caption chunk copy at a time
+        txt_j = txt[order[j : j + text_chunk]].narrow_words(max(spans[j], 1))
+        cols.append(torch.cat([
+            score_block(
+                img[i : i + image_chunk], txt_j, gates=gates, lambda_softmax=lambda_softmax,
+                topk=topk, use_prominence=use_prominence,
+            )
+            for i in range(0, len(img), image_chunk)
+        ], dim=0))
+    return torch.cat(cols, dim=1)[:, torch.argsort(order)]

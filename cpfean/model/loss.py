@@ -1,0 +1,127 @@
+r"""Training losses: bidirectional triplet ranking (VSE++) and word-prominence supervision.
+
+Triplet ranking over an image x caption similarity matrix s (B, C) with positive set P
+(P_ij: caption j describes image i; by default the diagonal):
+
+    max_violation:  L = sum_{(i,j) in P} [m + max_{j' not in P_i} s_ij' - s_ij]_+
+                                       + [m + max_{i' not in P^j} s_i'j - s_ij]_+
+    otherwise:      the max is replaced by a sum over all negatives (warm-up).
+
+Prominence supervision: a word that recurs across the other captions of its image, more than it
+occurs in the captions of other images of the batch, is prominent:
+
+    t_l = [ rate(token_l in the other captions of the same image)
+            - rate(token_l in the captions of other images) ]_+
+    L_prom = mean over captions with sum t > 0 of  - sum_l (t_l / sum t) log p_l
+
+where p is the caption's prominence distribution (``TextEmbeddings.log_prominence``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["ContrastiveLoss", "recurrence_targets", "prominence_loss"]
+
+
+class ContrastiveLoss(nn.Module):
+    """Bidirectional hinge triplet loss, summed over the positives (as VSE++ / SCAN).
+
+    Args:
+        margin: the hinge margin m.
+        max_violation: hardest in-batch negative only (VSE++); False = sum over all negatives.
+    """
+
+    def __init__(self, margin: float = 0.2, max_violation: bool = True) -> None:
+        super().__init__()
+        self.margin = margin
+        self.max_violation = max_violation
+
+    def forward(
+        self,
+        sims: torch.Tensor,
+        image_ids: torch.Tensor | None = None,
+        caption_image_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Args:
+            sims: (B, C) image x caption scores.
+            image_ids: (B,) id of each row's image. Alone (square sims, one image per pair,
+                possibly repeated): rows/columns with the same id are positives of each other.
+            caption_image_ids: (C,) image id of each caption, for a non-square batch where
+                every image appears once in the rows.
+
+        Returns:
+            scalar loss.
+        """
+        B, C = sims.shape
+        if image_ids is None and caption_image_ids is None:
+            if B != C:
+                raise ValueError("non-square sims need image_ids and caption_image_ids")
+            pos = torch.eye(B, dtype=torch.bool, device=sims.device)
+        else:
+            if image_ids is None:
+                raise ValueError("caption_image_ids needs image_ids for the rows")
+            cap_ids = image_ids if caption_image_ids is None else caption_image_ids
+            pos = image_ids.to(sims.device)[:, None] == cap_ids.to(sims.device)[None, :]
+        pos_i, pos_j = pos.nonzero(as_tuple=True)  # the positive pairs
+        d = sims[pos_i, pos_j]  # (P,)
+        neg_caps = ~pos[pos_i]  # (P, C) negatives of each positive's image
+        neg_imgs = ~pos[:, pos_j].T  # (P, B) negatives of each positive's caption
+        row = sims[pos_i]  # (P, C)
+        col = sims[:, pos_j].T  # (P, B)
+        if self.max_violation:
+            hard_cap = row.masked_fill(~neg_caps, float("-inf")).max(dim=1).values
+            hard_img = col.masked_fill(~neg_imgs, float("-inf")).max(dim=1).values
+            cost_c = (self.margin + hard_cap - d).clamp_min(0)
+            cost_i = (self.margin + hard_img - d).clamp_min(0)
+            return cost_c.sum() + cost_i.sum()
+        cost_c = (self.margin + row - d[:, None]).clamp_min(0) * neg_caps
+        cost_i = (self.margin + col - d[:, None]).clamp_min(0) * neg_imgs
+        return cost_c.sum() + cost_i.sum()
+
+
+def recurrence_targets(
+    token_ids: torch.Tensor, mask: torch.Tensor, image_ids: torch.Tensor
+) -> torch.Tensor:
+    """Per-word recurrence target (see the module docstring).
+
+    Args:
+        token_ids: (C, L) word token ids (``TextEmbeddings.token_ids``).
+        mask: (C, L) bool valid words.
+        image_ids: (C,) image id of each caption.
+
+    Returns:
+        (C, L) float targets in [0, 1], zero at masked words.
+    """
+    C, L = token_ids.shape
+    ids = torch.where(mask, token_ids, -1)
+    # contains[c, l, c'] = caption c' contains the token at (c, l)
+    contains = (ids[:, :, None, None] == ids[None, None, :, :]).any(-1)  # (C, L, C)
+    contains = contains & mask[:, :, None]
+    same = image_ids[:, None] == image_ids[None, :]  # (C, C)
+    other_same = same & ~torch.eye(C, dtype=torch.bool, device=same.device)
+    n_same = other_same.sum(1).clamp_min(1).to(torch.float32)  # (C,)
+    n_diff = (~same).sum(1).clamp_min(1).to(torch.float32)
+    rate_same = (contains & other_same[:, None, :]).sum(-1) / n_same[:, None]
+    rate_diff = (contains & ~same[:, None, :]).sum(-1) / n_diff[:, None]
+    return (rate_same - rate_diff).clamp_min(0) * mask
+
+
+def prominence_loss(log_prominence: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the prominence distribution against normalised recurrence targets.
+
+    Args:
+        log_prominence: (C, L) log p over valid words (-inf at masked words).
+        targets: (C, L) non-negative targets (``recurrence_targets``).
+
+    Returns:
+        scalar, mean over captions with a non-zero target (0 when there is none).
+    """
+    total = targets.sum(-1, keepdim=True)  # (C, 1)
+    keep = total.squeeze(-1) > 0
+    if not keep.any():
+        return log_prominence.clamp_min(-1e4).sum() * 0  # keeps the graph connected
+    q = targets[keep] / total[keep]
+    logp = log_prominence[keep].masked_fill(q == 0, 0)  # avoid 0 * -inf
+    return -(q * logp).sum(-1).mean()

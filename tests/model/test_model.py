@@ -1,0 +1,197 @@
+"""Model invariants: gradients, padding, (cfg, state_dict) round trip, containers, overfit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cpfean.model import (
+    ContrastiveLoss,
+    ImageEmbeddings,
+    ModelConfig,
+    TextEmbeddings,
+    build_model,
+)
+
+from .conftest import CAPTIONS, LABELS, random_regions, tiny_config
+
+SWITCHES = {
+    "full": {},
+    "softmax_align": {"topk": 0},
+    "no_fusion": {"use_fusion": False},
+    "no_prominence": {"use_prominence": False},
+    "no_priors": {"use_spatial": False, "use_label_prior": False},
+    "no_intra": {"use_gcn": False, "use_region_transformer": False},
+    "frozen_text": {"freeze_text_encoder": True, "region_layers": 2},
+    "scan_baseline": "scan",
+}
+
+
+def _config(overrides):
+    if overrides == "scan":
+        return ModelConfig.scan_baseline(
+            **{k: v for k, v in vars(tiny_config()).items() if k in _SIZES}
+        )
+    return tiny_config(**overrides)
+
+
+_SIZES = ("feature_dim", "embed_dim", "text_encoder", "region_heads", "region_ff_dim", "dropout")
+
+
+@pytest.mark.parametrize("name", list(SWITCHES))
+def test_every_trainable_parameter_gets_a_gradient(name):
+    torch.manual_seed(0)
+    model = build_model(_config(SWITCHES[name]), LABELS).train()
+    feats, boxes, labels, scores, mask = random_regions(4, n_valid=[36, 12, 5, 30])
+    tok = model.tokenize(CAPTIONS[:4])
+    sims = model(feats, boxes, labels, scores, mask, tok["input_ids"], tok["attention_mask"])
+    assert sims.shape == (4, 4)
+    loss = ContrastiveLoss(margin=0.2, max_violation=False)(sims)
+    loss.backward()
+    missing = [
+        n for n, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
+    assert not missing, f"no gradient for {missing}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    if SWITCHES[name] == {"freeze_text_encoder": True, "region_layers": 2}:
+        assert all(p.grad is None for p in model.word_encoder.backbone.parameters())
+
+
+@pytest.mark.parametrize("name", ["full", "scan_baseline"])
+def test_padding_does_not_change_scores(name):
+    torch.manual_seed(0)
+    model = build_model(_config(SWITCHES[name]), LABELS).eval()
+    n_valid = [36, 11, 4]
+    feats, boxes, labels, scores, mask = random_regions(3, n_valid=n_valid)
+    g = torch.Generator().manual_seed(5)
+    pad = ~mask
+    junk_feats = torch.where(pad[..., None], 1e3 * torch.randn(feats.shape, generator=g), feats)
+    junk_boxes = torch.where(pad[..., None], torch.rand(boxes.shape, generator=g), boxes)
+    junk_labels = torch.where(pad, torch.randint(0, len(LABELS), labels.shape, generator=g), labels)
+    junk_scores = torch.where(pad, torch.rand(scores.shape, generator=g), scores)
+    short = model.tokenize(CAPTIONS)
+    long = model.tokenizer(
+        CAPTIONS, padding="max_length", max_length=40, truncation=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        txt_short = model.encode_texts(short["input_ids"], short["attention_mask"])
+        txt_long = model.encode_texts(long["input_ids"], long["attention_mask"])
+        clean = model.score(model.encode_images(feats, boxes, labels, scores, mask), txt_short)
+        junk = model.score(
+            model.encode_images(junk_feats, junk_boxes, junk_labels, junk_scores, mask), txt_long
+        )
+        # the same caption alone, and an image alone (other batch members must not matter)
+        alone = model.score(
+            model.encode_images(feats[1:2], boxes[1:2], labels[1:2], scores[1:2], mask[1:2]),
+            model.encode_texts(**model.tokenize(CAPTIONS[3:4])),
+        )
+    torch.testing.assert_close(junk, clean, atol=1e-5, rtol=0)
+    torch.testing.assert_close(alone[0, 0], clean[1, 3], atol=1e-5, rtol=0)
+
+
+def test_rebuild_from_config_and_state_dict(tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = build_model(cfg, LABELS).eval()
+    state = model.state_dict()
+    assert "region_encoder.label_table" in state
+    assert state["region_encoder.label_table"].shape[0] == len(LABELS)
+    torch.save({"model": state}, tmp_path / "ckpt.pt")
+    torch.manual_seed(123)  # a different random init must not matter
+    again = build_model(cfg, LABELS)
+    loaded = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    again.load_state_dict(loaded["model"], strict=True)
+    again.eval()
+    feats, boxes, labels, scores, mask = random_regions(3, n_valid=[36, 8, 20])
+    tok = model.tokenize(CAPTIONS)
+    with torch.no_grad():
+        a = model(feats, boxes, labels, scores, mask, tok["input_ids"], tok["attention_mask"])
+        b = again(feats, boxes, labels, scores, mask, tok["input_ids"], tok["attention_mask"])
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_runs_without_labels_or_boxes():
+    torch.manual_seed(0)
+    model = build_model(tiny_config(use_spatial=False, use_label_prior=False), []).eval()
+    assert not any("label" in k for k in model.state_dict())
+    feats, _, _, _, mask = random_regions(2)
+    tok = model.tokenize(CAPTIONS[:3])
+    with torch.no_grad():
+        sims = model(
+            feats, torch.zeros(2, 36, 4), torch.full((2, 36), -1), torch.ones(2, 36), mask,
+            tok["input_ids"], tok["attention_mask"],
+        )
+    assert sims.shape == (2, 3) and torch.isfinite(sims).all()
+    # label prior switched on but an empty vocabulary: no prior, still runs
+    empty = build_model(tiny_config(), []).eval()
+    assert empty.region_encoder.label_proj is None
+
+
+def test_embedding_containers_slice_cat_and_move():
+    torch.manual_seed(0)
+    model = build_model(tiny_config(), LABELS).eval()
+    feats, boxes, labels, scores, mask = random_regions(4, n_valid=[36, 3, 9, 20])
+    with torch.no_grad():
+        img = model.encode_images(feats, boxes, labels, scores, mask)
+        t1 = model.encode_texts(**model.tokenize(CAPTIONS[:3]))  # different word spans
+        t2 = model.encode_texts(**model.tokenize(CAPTIONS[3:]))
+        txt = TextEmbeddings.cat([t1, t2])
+        both = model.encode_texts(**model.tokenize(CAPTIONS))
+        assert len(img[1:3]) == 2 and len(img[0]) == 1 and len(txt) == len(CAPTIONS)
+        img2 = ImageEmbeddings.cat([img[:1], img[1:]]).to("cpu")
+        ImageEmbeddings.from_state(img2.state())
+        torch.testing.assert_close(
+            model.score(img2, txt), model.score(img, both), atol=1e-5, rtol=0
+        )
+        assert img.to(torch.float64).regions.dtype == torch.float64
+        assert img.to(torch.float64).mask.dtype == torch.bool
+
+
+def test_prominence_loss_runs_and_has_gradient():
+    torch.manual_seed(0)
+    model = build_model(tiny_config(), LABELS).train()
+    caps = [CAPTIONS[0], CAPTIONS[1], CAPTIONS[2], CAPTIONS[3]]
+    txt = model.encode_texts(**model.tokenize(caps))
+    loss = model.prominence_loss(txt, image_ids=torch.tensor([0, 0, 1, 1]))
+    assert torch.isfinite(loss) and loss > 0
+    loss.backward()
+    assert model.prominence[0].weight.grad.abs().sum() > 0
+
+
+OVERFIT_CAPTIONS = [
+    "a dog catches a frisbee on the grass", "a brown dog jumps for a frisbee",
+    "a red traffic light over a wet street", "cars wait at the traffic light",
+    "two cats sleep on a sofa", "a cat curled up on the couch",
+    "a plate of pasta with tomato sauce", "spaghetti and sauce on a white plate",
+    "a surfer rides a large wave", "a man surfing in the ocean",
+    "a train pulls into the station", "people board a long train",
+    "a bowl of fresh fruit on a table", "apples and bananas in a bowl",
+    "a child flies a kite at the beach", "a kite high above the sand",
+]
+
+
+def test_overfits_a_tiny_set():
+    torch.manual_seed(0)
+    model = build_model(tiny_config(), LABELS).train()
+    feats, boxes, labels, scores, mask = random_regions(8, n_valid=[36, 30, 20, 12, 36, 25, 8, 16])
+    tok = model.tokenize(OVERFIT_CAPTIONS)
+    image_ids = torch.arange(8)
+    cap_ids = torch.arange(8).repeat_interleave(2)
+    loss_fn = ContrastiveLoss(margin=0.2, max_violation=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(30):
+        sims = model(feats, boxes, labels, scores, mask, tok["input_ids"], tok["attention_mask"])
+        loss = loss_fn(sims, image_ids=image_ids, caption_image_ids=cap_ids)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    model.eval()
+    with torch.no_grad():
+        sims = model(feats, boxes, labels, scores, mask, tok["input_ids"], tok["attention_mask"])
+    pos = sims[cap_ids, torch.arange(16)]  # (16,) each caption with its own image
+    neg = sims.masked_fill(image_ids[:, None] == cap_ids[None, :], float("-inf"))
+    assert (pos > neg.max(dim=0).values).float().mean() >= 0.9
