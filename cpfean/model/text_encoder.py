@@ -46,11 +46,21 @@ def load_text_backbone(name: str) -> tuple[nn.Module, object]:
 
 
 def _from_pretrained(transformers, path: str) -> nn.Module:
-    # no pooler: it is unused, and an unused parameter would never receive a gradient
+    # no pooler: it is unused, and an unused parameter would never receive a gradient.
+    # Its stored weights are then reported as "unexpected" at every load: quiet that report
+    # and the per-load progress bar, which say nothing a user can act on.
+    log = transformers.utils.logging
+    verbosity = log.get_verbosity()
+    log.set_verbosity_error()
+    log.disable_progress_bar()
     try:
-        return transformers.AutoModel.from_pretrained(path, add_pooling_layer=False)
-    except TypeError:  # architectures without a pooler option
-        return transformers.AutoModel.from_pretrained(path)
+        try:
+            return transformers.AutoModel.from_pretrained(path, add_pooling_layer=False)
+        except TypeError:  # architectures without a pooler option
+            return transformers.AutoModel.from_pretrained(path)
+    finally:
+        log.set_verbosity(verbosity)
+        log.enable_progress_bar()
 
 
 @torch.no_grad()

@@ -1,0 +1,34 @@
+"""The README's main job, in its quick variant: every stage runs and hands over to the next."""
+
+import json
+
+import pytest
+
+from pipelines import demo, retrieve
+
+
+@pytest.mark.slow
+@pytest.mark.detector
+def test_quick_demo_end_to_end_then_retrieve_and_rerun(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert demo.main(["--out", str(out), "--quick", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    for stage in ("generate scenes", "train detector", "extract regions", "train CPFEAN",
+                  "evaluate", "build index"):
+        assert f"[demo] {stage}: done" in text, stage
+    assert "rank" in text and "score" in text  # the example query's table
+    metrics = json.loads((out / "cpfean" / "test_metrics.json").read_text())
+    assert 0 <= metrics["rsum"] <= 600
+
+    # the index answers afterwards as a program would ask it
+    assert retrieve.main(["--query", "a red ball", "--index", str(out / "index"), "--json",
+                          "--top-k", "3"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["mode"] == "text2image" and len(answer["results"]) == 3
+    scores = [r["score"] for r in answer["results"]]
+    assert scores == sorted(scores, reverse=True)
+
+    # a re-run finds every stage whole and redoes nothing
+    assert demo.main(["--out", str(out), "--quick", "--device", "cpu"]) == 0
+    rerun = capsys.readouterr().out
+    assert rerun.count("already done, skipping") == 6
