@@ -28,6 +28,14 @@ def test_quick_demo_end_to_end_then_retrieve_and_rerun(tmp_path, capsys):
     scores = [r["score"] for r in answer["results"]]
     assert scores == sorted(scores, reverse=True)
 
+    # an image query goes through the demo's own detector, then ranks the indexed captions
+    image = out / "data" / "images" / "000000.jpg"
+    assert retrieve.main(["--image", str(image), "--index", str(out / "index"), "--json",
+                          "--top-k", "2"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["mode"] == "image2text" and len(answer["results"]) == 2
+    assert all(r["caption"].strip() for r in answer["results"])
+
     # a re-run finds every stage whole and redoes nothing
     assert demo.main(["--out", str(out), "--quick", "--device", "cpu"]) == 0
     rerun = capsys.readouterr().out
