@@ -81,6 +81,17 @@ class MetricsLog:
     def __init__(self, path: Path):
         self.path = path
 
+    def truncate_after(self, step: int) -> None:
+        """Drop rows logged after ``step`` (a crash mid-epoch logged steps a resume redoes)."""
+        if not self.path.exists():
+            return
+        with open(self.path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        self.path.unlink()
+        for row in rows:
+            if int(row["step"]) <= step:
+                self.write(**row)
+
     def write(self, **row) -> None:
         new = not self.path.exists()
         with open(self.path, "a", newline="") as f:
@@ -142,6 +153,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
     )
     net = DistributedDataParallel(model, find_unused_parameters=False) if world > 1 else model
     metrics_log = MetricsLog(run_dir / "metrics.csv")
+    if resume and is_main:
+        metrics_log.truncate_after(step)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.float16)) if use_amp \
         else nullcontext
 

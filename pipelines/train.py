@@ -12,8 +12,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from cpfean.config import ConfigError, load_config
+from cpfean.data.captions import MissingImagesError
+from cpfean.data.region_store import RegionStoreError
 from cpfean.engine import train
 
 
@@ -31,7 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    best = train(cfg, resume=args.resume, progress=not args.quiet)
+    if args.resume and not (Path(cfg.run_dir) / "last.pt").is_file():
+        print(f"error: --resume: no {Path(cfg.run_dir) / 'last.pt'} to continue",
+              file=sys.stderr)
+        return 2
+    try:
+        best = train(cfg, resume=args.resume, progress=not args.quiet)
+    except (FileNotFoundError, MissingImagesError, RegionStoreError, FloatingPointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"best validation rSum {best['rsum']:.2f} (epoch {best.get('epoch')}); "
           f"checkpoints in {cfg.run_dir}")
     return 0

@@ -116,6 +116,37 @@ def test_cli_train_then_evaluate(tmp_path, data, capsys):
     assert evaluate.main(["--checkpoint", str(tmp_path / "nope.pt")]) == 2
 
 
+def test_cli_bad_inputs_give_one_line_errors(tmp_path, data, capsys):
+    from pipelines import train as train_cli
+
+    store, captions = data
+    base = [*TINY_MODEL, f"data.captions={captions}", f"run_dir={tmp_path / 'r'}"]
+    assert train_cli.main(["--quiet", *base, f"data.regions={tmp_path / 'missing'}"]) == 2
+    assert "no region store at" in capsys.readouterr().err
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"image": "not-there.png", "caption": "a red ball", "split": "train"}\n')
+    assert train_cli.main(["--quiet", *base, f"data.regions={store}",
+                           f"data.captions={other}"]) == 2
+    assert "'not-there.png'" in capsys.readouterr().err
+    assert train_cli.main(["--quiet", "--resume", *base, f"data.regions={store}"]) == 2
+    assert "no " in capsys.readouterr().err
+
+
+def test_resume_drops_metrics_rows_of_the_unfinished_epoch(tmp_path, data):
+    cfg = tiny_cfg(tmp_path, data, "crash", "train.epochs=1")
+    train(cfg, progress=False)
+    log = tmp_path / "crash" / "metrics.csv"
+    steps_done = [r["step"] for r in _rows(log)]
+    # what a crash half-way through epoch 2 leaves behind
+    with open(log, "a") as f:
+        f.write("2,8,1.0,0.002,\n2,9,1.0,0.002,\n")
+    train(tiny_cfg(tmp_path, data, "crash", "train.epochs=2"), resume=True, progress=False)
+    rows = _rows(log)
+    assert [r["step"] for r in rows[: len(steps_done)]] == steps_done
+    assert [int(r["step"]) for r in rows] == sorted(int(r["step"]) for r in rows)
+    assert sum(r["loss"] == "1.0" for r in rows) == 0
+
+
 @pytest.mark.slow
 def test_ddp_two_gloo_processes(tmp_path, data):
     store, captions = data
