@@ -123,7 +123,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
     val_caps = load_split(cfg, store, cfg.data.val_split)
 
     model = build_model(cfg.model, label_names=label_names).to(device)
-    loss_fn = ContrastiveLoss(margin=cfg.train.margin, max_violation=cfg.train.warmup_epochs == 0)
+    loss_fn = ContrastiveLoss(margin=cfg.train.margin)  # max_violation is set per epoch
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.train.lr_decay_epochs, 0.1)
     use_amp = cfg.train.amp and device.type == "cuda"

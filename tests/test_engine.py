@@ -44,7 +44,6 @@ def test_training_learns_and_writes_run_folder(tmp_path, data):
     cfg = tiny_cfg(tmp_path, data, "run", "train.epochs=4")
     store = RegionStore(cfg.data.regions)
     test = load_captions(cfg.data.captions, split="test")
-    model, _, _ = None, None, None
     best = train(cfg, progress=False)
     run = Path(cfg.run_dir)
     for name in ("config.yaml", "last.pt", "best.pt", "metrics.csv", "best.json"):
