@@ -42,6 +42,7 @@ from cpfean.model.loss import prominence_loss
 from cpfean.recurrence import sibling_targets
 
 log = logging.getLogger("cpfean.train")
+TEXT_BACKBONE_PREFIX = "word_encoder.backbone."  # parameters trained at train.text_lr
 
 
 def seed_everything(seed: int) -> None:
@@ -64,11 +65,11 @@ def load_split(cfg: Config, store: RegionStore, split: str):
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW with a lower learning rate for the pretrained text encoder."""
+    """AdamW with a lower learning rate (``train.text_lr``) for the pretrained text backbone."""
     text, rest = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (text if name.startswith("text_encoder.") else rest).append(param)
+            (text if name.startswith(TEXT_BACKBONE_PREFIX) else rest).append(param)
     groups = [{"params": rest, "lr": cfg.train.lr}]
     if text:
         groups.append({"params": text, "lr": cfg.train.text_lr})

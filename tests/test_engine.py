@@ -13,7 +13,8 @@ from cpfean.checkpoint import load_checkpoint, load_model, save_checkpoint
 from cpfean.config import load_config
 from cpfean.data.captions import load_captions
 from cpfean.data.region_store import RegionStore
-from cpfean.engine import train
+from cpfean.engine import build_optimizer, train
+from cpfean.model import build_model
 from cpfean.evaluation import evaluate_split
 from tests.tiny_data import make_tiny_dataset
 
@@ -58,6 +59,17 @@ def test_training_learns_and_writes_run_folder(tmp_path, data):
     assert sims.shape == (8, 40)
     # 8 test images, chance rSum is about 6 * (1/8, 5/8, 10/8 capped) ~ 260; learning beats it
     assert metrics["rsum"] > 330, metrics
+
+
+def test_text_backbone_gets_its_own_learning_rate(tmp_path, data):
+    cfg = tiny_cfg(tmp_path, data, "run", "train.lr=1e-3", "train.text_lr=1e-5")
+    model = build_model(cfg.model, label_names=["ball"])
+    groups = build_optimizer(model, cfg).param_groups
+    assert [g["lr"] for g in groups] == [1e-3, 1e-5]
+    backbone = {id(p) for p in model.word_encoder.backbone.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == backbone
+    assert not backbone & {id(p) for p in groups[0]["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, data):
