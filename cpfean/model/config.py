@@ -32,7 +32,7 @@ class ModelConfig:
     dropout: float = 0.1  # dropout inside the region Transformer
     # --- pairwise scoring ----------------------------------------------------------------
     use_fusion: bool = True  # gated cross-modal semantic fusion; off = plain cross attention
-    use_prominence: bool = True  # learned word prominence pooling; off = mean over words
+    use_prominence: bool = True  # learned word prominence pooling; off = uniform (x word gates)
     topk: int = 3  # regions each word aligns to; 0 = all regions with softmax attention
     lambda_softmax: float = 9.0  # inverse temperature of the cross attention softmax (SCAN's λ)
     gate_cos_init: float = 5.0  # initial weight of cos(fragment, context) inside each gate

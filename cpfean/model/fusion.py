@@ -1,4 +1,4 @@
-r"""Pairwise scoring algebra: cross-modal semantic fusion and prominent-fragment alignment.
+r"""Pairwise scoring algebra: cross-modal semantic fusion gates and prominent-fragment alignment.
 
 For one pair (image with unit-norm regions V (R, d), caption with unit-norm words W (L, d)),
 with per-item Gram matrices G_v = V V^T (R, R) and G_w = W W^T (L, L):
@@ -8,7 +8,9 @@ with per-item Gram matrices G_v = V V^T (R, R) and G_w = W W^T (L, L):
     B^T    = softmax_l(lambda * S)   (valid words)   (L, R)  region -> word attention
     ctx_l  = sum_r A_lr v_r,   ctx_r = sum_l B^T_lr w_l      (never materialised)
 
-Fragment gates (one scalar per fragment; the "prominence" the retrieval view draws):
+Cross-modal semantic fusion: each fragment is fused with its cross-modal context into one gate
+(the "prominence" the retrieval view draws), high for a fragment the other modality supports and
+low for one it does not (a region no word needs, a word no region shows):
 
     g_l = sigmoid(a_w * <w_l, ctx_l> / |ctx_l| + u_w.w_l + b_w + u_wc.ctx_l)
     g_r = sigmoid(a_r * <v_r, ctx_r> / |ctx_r| + u_r.v_r + b_r + u_rc.ctx_r)
@@ -17,26 +19,25 @@ Fragment gates (one scalar per fragment; the "prominence" the retrieval view dra
     <v_r, ctx_r> = sum_l B^T_lr S_lr        |ctx_r|^2 = sum_l B^T_lr (G_w B^T)_lr
     u_wc.ctx_l  = sum_r A_lr (V u_wc)_r     u_rc.ctx_r = sum_l B^T_lr (W u_rc)_l
 
-Fused fragments enhance each fragment with its gated cross-modal context,
+The gates enhance and suppress where the alignment pools (below): a region's gate weights it
+among each word's top-k regions, a word's gate multiplies its prominence. They do not add the
+context to the features. That variant (w^ = w + g ctx, v^ = v + g ctx, scored by
+cos(w^, v^)) compares each fragment with a copy of itself: with g = 0.8 and sharp attention,
+cosines of 0.5 and 0.3 both become 0.99, so the gap that ranks images nearly vanishes; it also
+costs three more (bi, bc, L, R) products per block.
 
-    w^_l = w_l + g_l ctx_l,        v^_r = v_r + g_r ctx_r,
-
-and their cosine similarity (the fused similarity) follows from S, A, B, G_v, G_w:
-
-    <w^_l, v^_r> = S_lr + g_r (G_w B^T)_lr + g_l (A G_v)_lr + g_l g_r (A S^T B^T)_lr
-    |w^_l|^2 = 1 + 2 g_l <w_l, ctx_l> + g_l^2 |ctx_l|^2       (likewise |v^_r|^2)
-    F_lr = <w^_l, v^_r> / (|w^_l| |v^_r|)
-
-Prominent-fragment alignment: word l aligns to its top-k regions T_l on F, weighted by the
+Prominent-fragment alignment: word l aligns to its top-k regions T_l on S, weighted by the
 region gates; words are pooled with the caption's prominence p_l (softmax of an MLP, computed
 once per caption) times the word gate:
 
-    s_l = sum_{r in T_l} g_r F_lr / sum_{r in T_l} g_r          (topk > 0)
-    s_l = sum_r alpha_lr F_lr,  alpha_l = softmax_r(lambda F_lr + log g_r)   (topk = 0)
-    score = sum_l pi_l s_l,     pi_l = p_l g_l / sum_l' p_l' g_l'  (mean over words if off)
+    s_l = sum_{r in T_l} g_r S_lr / sum_{r in T_l} g_r          (topk > 0)
+    s_l = sum_r alpha_lr S_lr,  alpha_l = softmax_r(lambda S_lr + log g_r)   (topk = 0)
+    score = sum_l pi_l s_l,     pi_l = p_l g_l / sum_l' p_l' g_l'
 
-With fusion off there are no gates (g = 1) and F = S; with topk = 0 as well the word score is
-SCAN's t-i cross attention, s_l = cos(w_l, ctx_l) = <w_l, ctx_l> / |ctx_l|.
+(p_l uniform with prominence off; g = 1 with fusion off; both off = the mean over words).
+
+With fusion off there are no gates (g = 1); with topk = 0 as well the word score is SCAN's t-i
+cross attention, s_l = cos(w_l, ctx_l) = <w_l, ctx_l> / |ctx_l|.
 
 Implementation notes (all exact, tested against an explicit d-dim reference):
 - a block of bi images x bc captions keeps everything on (bi, bc, L, R) or smaller; S is one
@@ -44,10 +45,10 @@ Implementation notes (all exact, tested against an explicit d-dim reference):
 - A = diag(1/Z_l) E and B^T = E diag(1/Z_r) with ONE E = exp(lambda (S - 1)) (masked; |S| <= 1
   so no overflow) for lambda <= 20; the 1/Z factors are folded into per-fragment scalars, so
   A and B^T are never materialised (two softmaxes are used for a larger lambda);
-- [G_v | V u_wc] and [G_w; (W u_rc)^T] give the context products and the gate terms in one
-  batched matmul each; (G_w + diag(g_w) A S^T) (B^T diag(g_r)) is one baddbmm on top of S;
-- top-k uses the k-th largest value of F |w^_l| (same ranking per word) found by k rounds of
-  max + mask, much cheaper than ``topk`` on CPU; all regions tied with the k-th are kept;
+- [G_v | V u_wc] and [G_w; (W u_rc)^T] give the context norms and the gate terms in one
+  batched matmul each;
+- top-k uses the k-th largest value of S found by k rounds of max + mask, much cheaper than
+  ``topk`` on CPU; all regions tied with the k-th are kept;
 - half / bfloat16 inputs and autocast are scored in float32.
 """
 
@@ -130,13 +131,13 @@ def score_block(
         gates: the fusion gates, or None for plain cross attention (fusion off).
         lambda_softmax: inverse temperature lambda of the cross attention.
         topk: regions per word (0 = softmax attention over all regions).
-        use_prominence: pool words with prominence x word gate (else mean over valid words).
+        use_prominence: pool words with prominence x word gate (else the word gate alone).
         return_details: also return the per-fragment numbers (keep the block small).
 
     Returns:
         (bi, bc) scores, and with ``return_details`` a dict of region_gates (bi, bc, R),
         word_gates / word_weights / word_scores (bi, bc, L), alignment (bi, bc, L, k) region
-        indices, fused_sim (bi, bc, L, R).
+        indices, similarity (bi, bc, L, R) = S.
     """
     device_type = img.regions.device.type
     low_precision = img.regions.dtype in (torch.float16, torch.bfloat16)
@@ -156,7 +157,7 @@ def score_block(
     S = S.permute(2, 0, 1, 3).contiguous()  # (bi, bc, L, R)
     # additive masks (0 or -1e4): one fused pass with the scaling instead of a masked_fill
     rbias = torch.where(img.mask, 0.0, _NEG).to(S.dtype)[:, None, None, :]  # (bi, 1, 1, R)
-    g_w = g_r = F = alpha = w_inv = None
+    g_w = g_r = alpha = None
     if gates is None:
         A = torch.add(rbias, S, alpha=lambda_softmax).softmax(-1)  # (bi, bc, L, R)
         if topk == 0:  # SCAN t-i: cosine of each word with its attended region context
@@ -164,9 +165,6 @@ def score_block(
             w_dot_ctx = (A * S).sum(-1)  # (bi, bc, L) <w_l, ctx_l>
             ctx_w_sq = (A * AGv).sum(-1).clamp_min(_EPS)  # (bi, bc, L) |ctx_l|^2
             s_l = w_dot_ctx / ctx_w_sq.sqrt()
-        else:
-            F = S
-            Fr = S if bool(img.mask.all()) else S + rbias  # only used to rank
     else:
         # Unnormalised attentions A = diag(1/Z_l) Ea and B^T = Eb diag(1/Z_r): the 1/Z factors
         # are folded into per-fragment scalars, so A and B^T are never materialised.
@@ -192,15 +190,15 @@ def score_block(
         # [G_v | V u_wc] (R, R+1): <ctx_l, v_r> and u_wc.ctx_l in one product
         Gv_ext = torch.cat([img.gram, img.gate_ctx[:, :, None]], dim=2)  # (bi, R, R+1)
         EGv_ext = torch.bmm(Ea.view(bi, bc * L, R), Gv_ext).view(bi, bc, L, R + 1)
-        EGv = EGv_ext[..., :R]  # (bi, bc, L, R) Z_l <ctx_l, v_r>
         word_ctx_term = EGv_ext[..., R] * iZl  # (bi, bc, L) u_wc.ctx_l
-        ctx_w_sq = ((Ea * EGv).sum(-1) * iZl * iZl).clamp_min(_EPS)  # |ctx_l|^2
+        # |ctx_l|^2 = sum_r A_lr <ctx_l, v_r>, with EGv_ext[..., :R] = Z_l <ctx_l, v_r>
+        ctx_w_sq = ((Ea * EGv_ext[..., :R]).sum(-1) * iZl * iZl).clamp_min(_EPS)
         # [G_w; (W u_rc)^T] (L+1, L) @ Eb (L, R): <w_l, ctx_r> and u_rc.ctx_r in one product
         Gw_ext = torch.cat([txt.gram, txt.gate_ctx[:, None, :]], dim=1)  # (bc, L+1, L)
         GwE_ext = torch.matmul(Gw_ext[None], Eb)  # (bi, bc, L+1, R)
-        GwE = GwE_ext[:, :, :L]  # (bi, bc, L, R) Z_r <w_l, ctx_r>
         region_ctx_term = GwE_ext[:, :, L] * iZr  # (bi, bc, R) u_rc.ctx_r
-        ctx_r_sq = ((Eb * GwE).sum(-2) * iZr * iZr).clamp_min(_EPS)  # |ctx_r|^2
+        # |ctx_r|^2 = sum_l B^T_lr <w_l, ctx_r>, with GwE_ext[:, :, :L] = Z_r <w_l, ctx_r>
+        ctx_r_sq = ((Eb * GwE_ext[:, :, :L]).sum(-2) * iZr * iZr).clamp_min(_EPS)
         g_w = torch.sigmoid(
             gates.word_cos * w_dot_ctx / ctx_w_sq.sqrt() + txt.gate_self[None] + word_ctx_term
         )  # (bi, bc, L)
@@ -209,45 +207,28 @@ def score_block(
             + region_ctx_term
         )  # (bi, bc, R)
         gr4 = g_r[:, :, None, :]  # (bi, bc, 1, R)
-        # <w^_l, v^_r> = S + g_l (A G_v) + (G_w + g_l A S^T) (B^T diag(g_r))
-        gwz = (g_w * iZl)[..., None]  # (bi, bc, L, 1) g_l / Z_l
-        M = torch.matmul(Ea, S.transpose(-1, -2))  # (bi, bc, L, L) Z_l <ctx_l, w_l'>
-        M = torch.addcmul(txt.gram[None], gwz, M)  # G_w + diag(g_w) A S^T
-        num = torch.baddbmm(
-            S.view(-1, L, R), M.view(-1, L, L), (Eb * (g_r * iZr)[:, :, None, :]).view(-1, L, R)
-        ).view(bi, bc, L, R)
-        num = torch.addcmul(num, gwz, EGv)  # (bi, bc, L, R) <w^_l, v^_r>
-        w_inv = (1 + 2 * g_w * w_dot_ctx + g_w * g_w * ctx_w_sq).clamp_min(_EPS).rsqrt()
-        r_inv = (1 + 2 * g_r * v_dot_ctx + g_r * g_r * ctx_r_sq).clamp_min(_EPS).rsqrt()
-        # F * |w^_l| ranks regions like F does (a positive per-word factor); masked ones last
-        Fr = torch.addcmul(rbias, num, r_inv[:, :, None, :])  # (bi, bc, L, R)
-        if topk == 0 or return_details:
-            F = num * (w_inv[..., None] * r_inv[:, :, None, :])  # (bi, bc, L, R) fused cosine
 
     k = min(topk, R)
     align = None
     if k > 0:
-        thr = _kth_largest(Fr.detach(), k)  # (bi, bc, L, 1)
+        Sr = S if bool(img.mask.all()) else S + rbias  # to rank: padded regions come last
+        thr = _kth_largest(Sr.detach(), k)  # (bi, bc, L, 1)
         if return_details:
-            align = Fr.topk(k, dim=-1).indices  # (bi, bc, L, k)
+            align = Sr.topk(k, dim=-1).indices  # (bi, bc, L, k)
         gv = img.mask.to(S.dtype)[:, None, None, :]  # (bi, 1, 1, R) validity x region gate
         if g_r is not None:
             gv = gv * gr4  # (bi, bc, 1, R)
-        wts = (Fr >= thr) * gv  # (bi, bc, L, R) gate weight of each word's top-k regions
-        num = (wts * Fr).sum(-1)  # (bi, bc, L)
-        den = wts.sum(-1)  # (bi, bc, L)
-        s_l = num / den.clamp_min(_EPS)  # (bi, bc, L) gate-weighted mean of the top-k F
-        if w_inv is not None:
-            s_l = s_l * w_inv
+        wts = (Sr >= thr) * gv  # (bi, bc, L, R) gate weight of each word's top-k regions
+        s_l = (wts * S).sum(-1) / wts.sum(-1).clamp_min(_EPS)  # (bi, bc, L) weighted top-k
     elif gates is not None:
-        alpha = torch.add(rbias + torch.log(gr4), F, alpha=lambda_softmax).softmax(-1)
-        s_l = (alpha * F).sum(-1)  # (bi, bc, L)
+        alpha = torch.add(rbias + torch.log(gr4), S, alpha=lambda_softmax).softmax(-1)
+        s_l = (alpha * S).sum(-1)  # (bi, bc, L)
 
-    if use_prominence:
-        logits = txt.log_prominence[None].expand(bi, bc, L)
+    if use_prominence or g_w is not None:
+        logits = txt.log_prominence[None] if use_prominence else S.new_zeros(1, bc, L)
         if g_w is not None:
             logits = logits + torch.log(g_w)
-        pi = masked_softmax(logits, txt.mask[None], dim=-1)  # (bi, bc, L)
+        pi = masked_softmax(logits.expand(bi, bc, L), txt.mask[None], dim=-1)  # (bi, bc, L)
     else:
         pi = txt.mask.to(V.dtype) / txt.mask.sum(-1, keepdim=True).clamp_min(1)  # (bc, L)
         pi = pi[None].expand(bi, bc, L)
@@ -266,7 +247,7 @@ def score_block(
         "word_weights": pi,
         "word_scores": s_l.masked_fill(~txt.mask[None], 0),
         "alignment": align,
-        "fused_sim": S if gates is None else F,
+        "similarity": S,
     }
     return scores, details
 

@@ -128,7 +128,7 @@ class CPFEAN(nn.Module):
             image_chunk, text_chunk: block size; the (bi, bc, L, R) tensors dominate memory.
             return_details: also return per-fragment numbers (for a handful of pairs only):
                 region_gates (B, C, R), word_gates / word_weights / word_scores (B, C, L),
-                alignment (B, C, L, k) region indices per word, fused_sim (B, C, L, R).
+                alignment (B, C, L, k) region indices per word, similarity (B, C, L, R).
 
         Returns:
             (B, C) scores (and the details dict).

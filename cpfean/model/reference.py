@@ -50,22 +50,16 @@ def reference_pair_score(
             gates.region_cos * (V * ctx_r).sum(-1) / ctx_r.norm(dim=-1)
             + gates.region_self(V).squeeze(-1) + gates.region_ctx(ctx_r).squeeze(-1)
         )  # (R,)
-        w_hat = W + g_w[:, None] * ctx_w  # (L, d)
-        v_hat = V + g_r[:, None] * ctx_r  # (R, d)
-        Fs = F.normalize(w_hat, dim=-1) @ F.normalize(v_hat, dim=-1).T  # (L, R)
         if topk > 0:
             k = min(topk, V.shape[0])
-            idx = Fs.topk(k, dim=-1).indices  # (L, k)
+            idx = S.topk(k, dim=-1).indices  # (L, k)
             wts = g_r[idx]
-            s_l = (wts * Fs.gather(-1, idx)).sum(-1) / wts.sum(-1)
+            s_l = (wts * S.gather(-1, idx)).sum(-1) / wts.sum(-1)
         else:
-            alpha = (lambda_softmax * Fs + g_r.log()[None]).softmax(-1)
-            s_l = (alpha * Fs).sum(-1)
-    if use_prominence:
-        p = txt.log_prominence[0][txt.mask[0]].exp()
-        pi = p * g_w / (p * g_w).sum()
-    else:
-        pi = torch.full((len(W),), 1.0 / len(W))
+            alpha = (lambda_softmax * S + g_r.log()[None]).softmax(-1)
+            s_l = (alpha * S).sum(-1)
+    p = txt.log_prominence[0][txt.mask[0]].exp() if use_prominence else torch.ones(len(W))
+    pi = p * g_w / (p * g_w).sum()
     return (pi * s_l).sum()
 
 
