@@ -5,7 +5,7 @@
 Random unit-norm encoded embeddings (the encoders are skipped): ``--images`` x 36 regions and
 ``--captions`` of 8-20 words. Rows of the printed markdown table:
 
-- CPFEAN ``score`` (fusion, gates, top-k alignment, prominence pooling);
+- CPFEAN ``score`` (fusion gates, top-k alignment, prominence pooling);
 - the SCAN-style baseline ``score`` (t-i AVG cross attention, algebraic);
 - the floor: the region-word similarity GEMM and a max/mean reduction, nothing else;
 - the naive SCAN evaluation loop (one caption at a time against all images, explicit

@@ -4,7 +4,7 @@ For the valid words h_l (H) of a caption ([CLS], [SEP] and padding excluded):
 
     x_l   = W_t h_l + b_t                                             (L, d)
     E     = softmax_l'((W_1 x)(W_2 x)^T / sqrt(d))   over valid l'    (L, L) word affinity
-    x'_l  = x_l + W_g (E x)_l                                         (use_gcn)
+    x'_l  = x_l + W_g (E x)_l                                         (use_gcn; W_g starts at 0)
     w_l   = x'_l / |x'_l|
 
 Backbones (a small registry, the ablation axis on the text side):
@@ -114,6 +114,8 @@ class WordEncoder(nn.Module):
             self.gcn_q = nn.Linear(embed_dim, embed_dim, bias=False)
             self.gcn_k = nn.Linear(embed_dim, embed_dim, bias=False)
             self.gcn_out = nn.Linear(embed_dim, embed_dim)
+            nn.init.zeros_(self.gcn_out.weight)  # the residual GCN starts as the identity
+            nn.init.zeros_(self.gcn_out.bias)
 
     def train(self, mode: bool = True) -> WordEncoder:
         super().train(mode)

@@ -44,10 +44,18 @@ def test_every_trainable_parameter_gets_a_gradient(name):
     model = build_model(_config(SWITCHES[name]), LABELS).train()
     feats, boxes, labels, scores, mask = random_regions(4, n_valid=[36, 12, 5, 30])
     tok = model.tokenize(CAPTIONS[:4])
-    sims = model(feats, boxes, labels, scores, mask, tok["input_ids"], tok["attention_mask"])
-    assert sims.shape == (4, 4)
-    loss = ContrastiveLoss(margin=0.2, max_violation=False)(sims)
-    loss.backward()
+
+    def backward():
+        model.zero_grad(set_to_none=True)
+        sims = model(feats, boxes, labels, scores, mask, tok["input_ids"], tok["attention_mask"])
+        assert sims.shape == (4, 4)
+        ContrastiveLoss(margin=0.2, max_violation=False)(sims).backward()
+
+    # zero-initialised output layers (the add-on components start as no-ops) pass no gradient
+    # to the layers before them until the first step has moved them
+    backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    backward()
     missing = [
         n for n, p in model.named_parameters()
         if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
@@ -56,6 +64,33 @@ def test_every_trainable_parameter_gets_a_gradient(name):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     if SWITCHES[name] == {"freeze_text_encoder": True, "region_layers": 2}:
         assert all(p.grad is None for p in model.word_encoder.backbone.parameters())
+
+
+def test_add_on_components_start_as_no_ops():
+    """Box and label priors, region Transformer and word GCN add nothing until trained."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(), LABELS).eval()
+    feats, boxes, labels, scores, mask = random_regions(2, n_valid=[36, 9])
+    enc = model.region_encoder
+    with torch.no_grad():
+        regions = enc(feats, boxes, labels, scores, mask)
+        plain = torch.nn.functional.normalize(enc.proj(feats), dim=-1) * mask[..., None]
+        torch.testing.assert_close(regions, plain)
+        tok = model.tokenize(CAPTIONS[:3])
+        words, wmask, _ = model.word_encoder(tok["input_ids"], tok["attention_mask"])
+        model.word_encoder.gcn_out.weight.normal_()  # a trained GCN does change the words
+        moved, _, _ = model.word_encoder(tok["input_ids"], tok["attention_mask"])
+    assert model.word_encoder.gcn_q is not None and enc.spatial is not None
+    assert enc.transformer is not None
+    assert enc.label_proj is not None
+    assert not torch.allclose(moved[wmask], words[wmask], atol=1e-3)
+    h = model.word_encoder.backbone(**tok).last_hidden_state
+    word_slots = tok["attention_mask"].bool() & ~torch.isin(tok["input_ids"],
+                                                            model.word_encoder.special_ids)
+    start = int(word_slots.any(0).nonzero()[0])  # 1: after [CLS]
+    plain_w = torch.nn.functional.normalize(model.word_encoder.proj(h), dim=-1)
+    plain_w = plain_w[:, start : start + wmask.shape[1]]
+    torch.testing.assert_close(words[wmask], plain_w[wmask])
 
 
 @pytest.mark.parametrize("name", ["full", "scan_baseline"])
