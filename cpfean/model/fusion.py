@@ -26,18 +26,22 @@ cos(w^, v^)) compares each fragment with a copy of itself: with g = 0.8 and shar
 cosines of 0.5 and 0.3 both become 0.99, so the gap that ranks images nearly vanishes; it also
 costs three more (bi, bc, L, R) products per block.
 
-Prominent-fragment alignment: word l aligns to its top-k regions T_l on S, weighted by the
-region gates; words are pooled with the caption's prominence p_l (softmax of an MLP, computed
-once per caption) times the word gate:
+Prominent-fragment alignment: word l attends only to its top-k regions T_l on S (all valid
+regions when topk = 0), with the region gates as log-priors, and scores the cosine of the word
+with that context (SCAN's t-i form); words are pooled with the caption's prominence p_l (softmax
+of an MLP over the caption's words, computed once per caption), each word's score scaled by its
+gate:
 
-    s_l = sum_{r in T_l} g_r S_lr / sum_{r in T_l} g_r          (topk > 0)
-    s_l = sum_r alpha_lr S_lr,  alpha_l = softmax_r(lambda S_lr + log g_r)   (topk = 0)
-    score = sum_l pi_l s_l,     pi_l = p_l g_l / sum_l' p_l' g_l'
+    a_l   = softmax_{r in T_l}(lambda S_lr + log g_r)
+    s_l   = cos(w_l, sum_r a_lr v_r) = (a_l . S_l) / sqrt(a_l^T G_v a_l)
+    score = sum_l p_l g_l s_l                                    (sum_l p_l = 1)
 
-(p_l uniform with prominence off; g = 1 with fusion off; both off = the mean over words).
-
-With fusion off there are no gates (g = 1); with topk = 0 as well the word score is SCAN's t-i
-cross attention, s_l = cos(w_l, ctx_l) = <w_l, ctx_l> / |ctx_l|.
+(p uniform with prominence off; g = 1 with fusion off; fusion, prominence and top-k all off =
+SCAN t-i AVG exactly.) Two earlier forms scored worse. The mean of the top-k S_lr: re-scoring
+the trained SCAN-style baseline's embeddings on the validation scenes gives rSum 419.6 for
+that mean, 450.8 for attention over all 36 regions and 455.0 for this form with k = 3 (455.8
+and 456.2 with k = 5, 10). And pooling with p_l g_l renormalised over the words let the few
+words a wrong image does show carry that pair's score.
 
 Implementation notes (all exact, tested against an explicit d-dim reference):
 - a block of bi images x bc captions keeps everything on (bi, bc, L, R) or smaller; S is one
@@ -48,7 +52,8 @@ Implementation notes (all exact, tested against an explicit d-dim reference):
 - [G_v | V u_wc] and [G_w; (W u_rc)^T] give the context norms and the gate terms in one
   batched matmul each;
 - top-k uses the k-th largest value of S found by k rounds of max + mask, much cheaper than
-  ``topk`` on CPU; all regions tied with the k-th are kept;
+  ``topk`` on CPU; all regions tied with the k-th are kept; |ctx_l|^2 comes from one batched
+  product of the attention with G_v;
 - half / bfloat16 inputs and autocast are scored in float32.
 """
 
@@ -131,7 +136,7 @@ def score_block(
         gates: the fusion gates, or None for plain cross attention (fusion off).
         lambda_softmax: inverse temperature lambda of the cross attention.
         topk: regions per word (0 = softmax attention over all regions).
-        use_prominence: pool words with prominence x word gate (else the word gate alone).
+        use_prominence: pool words with the caption's prominence (else uniformly).
         return_details: also return the per-fragment numbers (keep the block small).
 
     Returns:
@@ -157,15 +162,9 @@ def score_block(
     S = S.permute(2, 0, 1, 3).contiguous()  # (bi, bc, L, R)
     # additive masks (0 or -1e4): one fused pass with the scaling instead of a masked_fill
     rbias = torch.where(img.mask, 0.0, _NEG).to(S.dtype)[:, None, None, :]  # (bi, 1, 1, R)
-    g_w = g_r = alpha = None
-    if gates is None:
-        A = torch.add(rbias, S, alpha=lambda_softmax).softmax(-1)  # (bi, bc, L, R)
-        if topk == 0:  # SCAN t-i: cosine of each word with its attended region context
-            AGv = torch.bmm(A.view(bi, bc * L, R), img.gram).view(bi, bc, L, R)  # <ctx_l, v_r>
-            w_dot_ctx = (A * S).sum(-1)  # (bi, bc, L) <w_l, ctx_l>
-            ctx_w_sq = (A * AGv).sum(-1).clamp_min(_EPS)  # (bi, bc, L) |ctx_l|^2
-            s_l = w_dot_ctx / ctx_w_sq.sqrt()
-    else:
+    g_w = g_r = None
+    logits = torch.add(rbias, S, alpha=lambda_softmax)  # (bi, bc, L, R) alignment logits
+    if gates is not None:
         # Unnormalised attentions A = diag(1/Z_l) Ea and B^T = Eb diag(1/Z_r): the 1/Z factors
         # are folded into per-fragment scalars, so A and B^T are never materialised.
         if lambda_softmax <= _SHARED_EXP_MAX_LAMBDA:
@@ -202,43 +201,36 @@ def score_block(
         g_w = torch.sigmoid(
             gates.word_cos * w_dot_ctx / ctx_w_sq.sqrt() + txt.gate_self[None] + word_ctx_term
         )  # (bi, bc, L)
-        g_r = torch.sigmoid(
-            gates.region_cos * v_dot_ctx / ctx_r_sq.sqrt() + img.gate_self[:, None]
-            + region_ctx_term
-        )  # (bi, bc, R)
-        gr4 = g_r[:, :, None, :]  # (bi, bc, 1, R)
+        gr_logit = (gates.region_cos * v_dot_ctx / ctx_r_sq.sqrt() + img.gate_self[:, None]
+                    + region_ctx_term)  # (bi, bc, R)
+        g_r = torch.sigmoid(gr_logit)
+        logits = logits + nn.functional.logsigmoid(gr_logit)[:, :, None, :]  # + log g_r
 
+    # Prominent-fragment alignment: attention over each word's top-k regions, cosine with context
     k = min(topk, R)
     align = None
-    if k > 0:
+    if 0 < k < R:
         Sr = S if bool(img.mask.all()) else S + rbias  # to rank: padded regions come last
         thr = _kth_largest(Sr.detach(), k)  # (bi, bc, L, 1)
+        logits = logits.masked_fill(Sr < thr, _NEG)
         if return_details:
             align = Sr.topk(k, dim=-1).indices  # (bi, bc, L, k)
-        gv = img.mask.to(S.dtype)[:, None, None, :]  # (bi, 1, 1, R) validity x region gate
-        if g_r is not None:
-            gv = gv * gr4  # (bi, bc, 1, R)
-        wts = (Sr >= thr) * gv  # (bi, bc, L, R) gate weight of each word's top-k regions
-        s_l = (wts * S).sum(-1) / wts.sum(-1).clamp_min(_EPS)  # (bi, bc, L) weighted top-k
-    elif gates is not None:
-        alpha = torch.add(rbias + torch.log(gr4), S, alpha=lambda_softmax).softmax(-1)
-        s_l = (alpha * S).sum(-1)  # (bi, bc, L)
+    A = logits.softmax(-1)  # (bi, bc, L, R)
+    AGv = torch.bmm(A.view(bi, bc * L, R), img.gram).view(bi, bc, L, R)  # <ctx_l, v_r>
+    ctx_sq = (A * AGv).sum(-1).clamp_min(_EPS)  # (bi, bc, L) |ctx_l|^2
+    s_l = (A * S).sum(-1) / ctx_sq.sqrt()  # (bi, bc, L) cos(w_l, ctx_l)
 
-    if use_prominence or g_w is not None:
-        logits = txt.log_prominence[None] if use_prominence else S.new_zeros(1, bc, L)
-        if g_w is not None:
-            logits = logits + torch.log(g_w)
-        pi = masked_softmax(logits.expand(bi, bc, L), txt.mask[None], dim=-1)  # (bi, bc, L)
+    if use_prominence:
+        p = txt.log_prominence.exp()  # (bc, L), 0 at masked words
     else:
-        pi = txt.mask.to(V.dtype) / txt.mask.sum(-1, keepdim=True).clamp_min(1)  # (bc, L)
-        pi = pi[None].expand(bi, bc, L)
+        p = txt.mask.to(V.dtype) / txt.mask.sum(-1, keepdim=True).clamp_min(1)  # (bc, L)
+    pi = p[None].expand(bi, bc, L) if g_w is None else p[None] * g_w  # (bi, bc, L)
     scores = (pi * s_l.masked_fill(~txt.mask[None], 0)).sum(-1)  # (bi, bc)
     if not return_details:
         return scores
 
-    if align is None:  # softmax attention: report the most attended region
-        att = A if alpha is None else alpha
-        align = att.argmax(-1, keepdim=True)
+    if align is None:  # attention over all regions: report the most attended one
+        align = A.argmax(-1, keepdim=True)
     ones_r = img.mask[:, None, :].expand(bi, bc, R).to(V.dtype)
     details = {
         "region_gates": ones_r if g_r is None else g_r * ones_r,

@@ -29,17 +29,11 @@ def reference_pair_score(
     V = img.regions[0][img.mask[0]]  # (R, d) valid regions only
     W = txt.words[0][txt.mask[0]]  # (L, d) valid words only
     S = W @ V.T  # (L, R)
-    A = (lambda_softmax * S).softmax(-1)  # (L, R)
-    ctx_w = A @ V  # (L, d)
-    if gates is None:
-        if topk == 0:
-            s_l = F.cosine_similarity(W, ctx_w, dim=-1)
-            g_w = torch.ones(len(W))
-        else:
-            k = min(topk, V.shape[0])
-            s_l = S.topk(k, dim=-1).values.mean(-1)
-            g_w = torch.ones(len(W))
-    else:
+    logits = lambda_softmax * S
+    g_w = torch.ones(len(W))
+    if gates is not None:
+        A = (lambda_softmax * S).softmax(-1)  # (L, R)
+        ctx_w = A @ V  # (L, d)
         Bm = (lambda_softmax * S.T).softmax(-1)  # (R, L)
         ctx_r = Bm @ W  # (R, d)
         g_w = torch.sigmoid(
@@ -50,16 +44,18 @@ def reference_pair_score(
             gates.region_cos * (V * ctx_r).sum(-1) / ctx_r.norm(dim=-1)
             + gates.region_self(V).squeeze(-1) + gates.region_ctx(ctx_r).squeeze(-1)
         )  # (R,)
-        if topk > 0:
-            k = min(topk, V.shape[0])
-            idx = S.topk(k, dim=-1).indices  # (L, k)
-            wts = g_r[idx]
-            s_l = (wts * S.gather(-1, idx)).sum(-1) / wts.sum(-1)
-        else:
-            alpha = (lambda_softmax * S + g_r.log()[None]).softmax(-1)
-            s_l = (alpha * S).sum(-1)
-    p = txt.log_prominence[0][txt.mask[0]].exp() if use_prominence else torch.ones(len(W))
-    pi = p * g_w / (p * g_w).sum()
+        logits = logits + g_r.log()[None]
+    if 0 < topk < V.shape[0]:
+        idx = S.topk(topk, dim=-1).indices  # (L, k)
+        keep = torch.zeros_like(S, dtype=torch.bool).scatter_(-1, idx, True)
+        logits = logits.masked_fill(~keep, float("-inf"))
+    context = logits.softmax(-1) @ V  # (L, d)
+    s_l = F.cosine_similarity(W, context, dim=-1)
+    if use_prominence:
+        p = txt.log_prominence[0][txt.mask[0]].exp()
+    else:
+        p = torch.full((len(W),), 1.0 / len(W))
+    pi = p * g_w
     return (pi * s_l).sum()
 
 

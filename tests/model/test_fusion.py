@@ -90,9 +90,12 @@ def test_details_for_one_pair():
     gates = det["region_gates"][0, 0]
     assert (gates[9:] == 0).all() and ((gates[:9] > 0) & (gates[:9] < 1)).all()
     assert (det["alignment"] < 9).all()  # words align only to valid regions
-    weights = det["word_weights"][0, 0]
-    torch.testing.assert_close(weights.sum(), torch.tensor(1.0))
+    weights = det["word_weights"][0, 0]  # the caption's prominence x this pair's word gate
+    prominence = txt.log_prominence[1].exp()
+    torch.testing.assert_close(prominence.sum(), torch.tensor(1.0))
+    torch.testing.assert_close(weights, prominence * det["word_gates"][0, 0])
     assert (weights[~txt.mask[1]] == 0).all()
+    torch.testing.assert_close((weights * det["word_scores"][0, 0]).sum(), sims[0, 0])
 
 
 def test_low_precision_inputs_are_scored_in_float32():
