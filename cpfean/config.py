@@ -50,7 +50,7 @@ class TrainConfig:
     grad_clip: float = 2.0  # max global gradient norm (0 = no clipping)
     margin: float = 0.2  # triplet ranking margin
     warmup_epochs: int = 1  # epochs that sum over all negatives before hardest-negative mining
-    prominence_weight: float = 0.1  # weight of the word-recurrence prominence loss (0 = off)
+    prominence_weight: float = 1.0  # weight of the word-recurrence prominence loss (0 = off)
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     seed: int = 0  # seeds Python, NumPy and torch
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
