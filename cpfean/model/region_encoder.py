@@ -14,8 +14,8 @@ Transformer layer start at zero, so at initialisation the region embedding is th
 feature alone (as in SCAN). With default random initialisation, on the bundled regions, the box
 and label terms started as large as the projected feature (mean norms 2.9, 2.9 and ~2), and the
 pre-norm Transformer's branches (which see a LayerNorm'd input of norm ~22) added a vector of
-norm 7.8 to the feature's 2.8 (cosine 0.32 between input and output): the content the words
-must match was buried, and the model trailed the SCAN-style baseline.
+norm 7.8 to the feature's 2.8 (cosine 0.32 between input and output): training started with
+the content the words must match buried under noise.
 
 T (K, H) is the label-name table: each name of the detector vocabulary encoded once by the
 pretrained text encoder and mean-pooled, kept as a buffer so checkpoints carry it. Then a
