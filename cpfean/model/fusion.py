@@ -64,7 +64,7 @@ from torch import nn
 
 from cpfean.model.embeddings import ImageEmbeddings, TextEmbeddings
 
-__all__ = ["FragmentGates", "score_block", "score_chunked", "masked_softmax"]
+__all__ = ["FragmentGates", "score_block", "score_chunked"]
 
 _NEG = -1e4  # finite "minus infinity": exp underflows to 0 yet gradients stay finite
 _EPS = 1e-6
@@ -81,11 +81,6 @@ def _kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
         for _ in range(k - 1):
             work.masked_fill_(work >= work.amax(-1, keepdim=True), float("-inf"))
         return work.amax(-1, keepdim=True)
-
-
-def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
-    """Softmax over ``dim`` restricted to ``mask`` (broadcastable); all-masked rows stay finite."""
-    return logits.masked_fill(~mask, _NEG).softmax(dim=dim)
 
 
 class FragmentGates(nn.Module):

@@ -32,8 +32,7 @@ def reference_pair_score(
     logits = lambda_softmax * S
     g_w = torch.ones(len(W))
     if gates is not None:
-        A = (lambda_softmax * S).softmax(-1)  # (L, R)
-        ctx_w = A @ V  # (L, d)
+        ctx_w = logits.softmax(-1) @ V  # (L, d) over all regions, before the gate prior
         Bm = (lambda_softmax * S.T).softmax(-1)  # (R, L)
         ctx_r = Bm @ W  # (R, d)
         g_w = torch.sigmoid(
