@@ -6,6 +6,9 @@
 Every row starts from the same config (same data, epochs, batch size, seed) and changes only
 the switches named below; each is evaluated on the test split and the table is printed and
 written to OUT/results.md and OUT/results.json. Rows already trained are not trained again.
+A row whose switches leave the config unchanged (``no_transformer`` when the config already
+turns the region Transformer off, ``transformer`` when it is on) is the full model again and
+is skipped.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from cpfean.checkpoint import load_model, resolve_device
@@ -37,6 +41,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "no_spatial": ("w/o spatial embedding", ["model.use_spatial=false"]),
     "no_gcn": ("w/o word GCN", ["model.use_gcn=false"]),
     "no_transformer": ("w/o region Transformer", ["model.use_region_transformer=false"]),
+    "transformer": ("with region Transformer", ["model.use_region_transformer=true"]),
     "all_regions": ("all regions per word (topk=0)", ["model.topk=0"]),
 }
 
@@ -56,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown rows {unknown}; known: {', '.join(ROWS)}", file=sys.stderr)
         return 2
     out = Path(args.out)
+    try:
+        full_cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     results: dict[str, dict] = {}
     for row in rows:
         name, switches = ROWS[row]
@@ -65,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        if row != "full" and replace(cfg, run_dir=full_cfg.run_dir) == full_cfg:
+            print(f"[ablate] skipping {row}: the same model as 'full' under this config",
+                  flush=True)
+            continue
         metrics_path = out / row / "test_metrics.json"
         if not metrics_path.is_file():
             if not (out / row / "best.json").is_file():
