@@ -47,6 +47,7 @@ class TrainConfig:
     text_lr: float = 2e-5  # AdamW learning rate for the pretrained text encoder
     weight_decay: float = 1e-4  # AdamW weight decay
     lr_decay_epochs: list[int] = field(default_factory=lambda: [8])  # epochs at which lr *= 0.1
+    lr_warmup_steps: int = 0  # steps of linear learning-rate warm-up from lr/100 (0 = none)
     grad_clip: float = 2.0  # max global gradient norm (0 = no clipping)
     margin: float = 0.2  # triplet ranking margin
     warmup_epochs: int = 1  # epochs that sum over all negatives before hardest-negative mining

@@ -127,6 +127,10 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
     loss_fn = ContrastiveLoss(margin=cfg.train.margin)  # max_violation is set per epoch
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.train.lr_decay_epochs, 0.1)
+    # per-step linear warm-up, chained with the per-epoch decay (both scale the current lr)
+    warmup = (torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01,
+                                                total_iters=cfg.train.lr_warmup_steps)
+              if cfg.train.lr_warmup_steps > 0 else None)
     use_amp = cfg.train.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
 
@@ -136,6 +140,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
         model.load_state_dict(ckpt["model"], strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        if warmup is not None:
+            warmup.load_state_dict(ckpt["warmup"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step, best = ckpt["epoch"] + 1, ckpt["step"], ckpt["best"]
         set_rng_state(ckpt["rng"])
@@ -193,6 +199,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
             scaler.step(optimizer)
             scaler.update()
             step += 1
+            if warmup is not None and step <= cfg.train.lr_warmup_steps:
+                warmup.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if is_main and step % cfg.train.log_every == 0:
                 metrics_log.write(epoch=epoch + 1, step=step, loss=round(loss.item(), 5),
@@ -213,6 +221,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
         save_checkpoint(
             run_dir / "last.pt", **payload, optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch, step=step,
+            warmup=warmup.state_dict() if warmup is not None else None,
             best=best, rng=rng_state(),
         )
         if progress:

@@ -74,12 +74,14 @@ def test_text_backbone_gets_its_own_learning_rate(tmp_path, data):
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path, data):
-    straight = tiny_cfg(tmp_path, data, "straight", "train.epochs=2")
+@pytest.mark.parametrize("warmup", [0, 10])  # 10 steps: the warm-up spans the resume point
+def test_resume_reproduces_uninterrupted_run(tmp_path, data, warmup):
+    ramp = f"train.lr_warmup_steps={warmup}"
+    straight = tiny_cfg(tmp_path, data, "straight", "train.epochs=2", ramp)
     train(straight, progress=False)
-    first = tiny_cfg(tmp_path, data, "resumed", "train.epochs=1")
+    first = tiny_cfg(tmp_path, data, "resumed", "train.epochs=1", ramp)
     train(first, progress=False)
-    second = tiny_cfg(tmp_path, data, "resumed", "train.epochs=2")
+    second = tiny_cfg(tmp_path, data, "resumed", "train.epochs=2", ramp)
     train(second, resume=True, progress=False)
     a = load_checkpoint(tmp_path / "straight" / "last.pt")
     b = load_checkpoint(tmp_path / "resumed" / "last.pt")
@@ -88,6 +90,18 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, data):
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)
     assert _rows(tmp_path / "straight" / "metrics.csv") == _rows(
         tmp_path / "resumed" / "metrics.csv")
+
+
+def test_lr_warmup_ramps_linearly_then_follows_the_epoch_decay(tmp_path, data):
+    # 24 training images x 5 captions at batch 16: 7 steps per epoch; decay after epoch 3
+    cfg = tiny_cfg(tmp_path, data, "warm", "train.epochs=4", "train.lr_warmup_steps=10")
+    train(cfg, progress=False)
+    rows = [r for r in _rows(tmp_path / "warm" / "metrics.csv") if not r["rsum"]]
+    lr = {int(r["step"]): float(r["lr"]) for r in rows}  # the lr after that step
+    for k in range(1, 11):
+        assert lr[k] == pytest.approx(2e-3 * (0.01 + 0.99 * k / 10), rel=1e-6), k
+    assert lr[15] == pytest.approx(2e-3) and lr[21] == pytest.approx(2e-3)
+    assert lr[22] == pytest.approx(2e-4) and lr[28] == pytest.approx(2e-4)
 
 
 def test_non_finite_loss_stops_naming_the_step(tmp_path, data):
