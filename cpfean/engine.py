@@ -141,6 +141,9 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         if warmup is not None:
+            if ckpt.get("warmup") is None:
+                raise ValueError(f"{run_dir / 'last.pt'} was trained without "
+                                 "train.lr_warmup_steps: resume with the run's own config")
             warmup.load_state_dict(ckpt["warmup"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step, best = ckpt["epoch"] + 1, ckpt["step"], ckpt["best"]

@@ -104,6 +104,13 @@ def test_lr_warmup_ramps_linearly_then_follows_the_epoch_decay(tmp_path, data):
     assert lr[22] == pytest.approx(2e-4) and lr[28] == pytest.approx(2e-4)
 
 
+def test_resume_with_a_warmup_the_run_never_had_is_named(tmp_path, data):
+    train(tiny_cfg(tmp_path, data, "plain", "train.epochs=1"), progress=False)
+    changed = tiny_cfg(tmp_path, data, "plain", "train.epochs=2", "train.lr_warmup_steps=5")
+    with pytest.raises(ValueError, match=r"last\.pt was trained without train\.lr_warmup_steps"):
+        train(changed, resume=True, progress=False)
+
+
 def test_non_finite_loss_stops_naming_the_step(tmp_path, data):
     cfg = tiny_cfg(tmp_path, data, "nan", "train.epochs=1", "train.lr=1e30", "train.grad_clip=0")
     with pytest.raises(FloatingPointError, match=r"non-finite loss .* at epoch 1, step \d+"):
