@@ -5,7 +5,8 @@
 
 Every row starts from the same config (same data, epochs, batch size, seed) and changes only
 the switches named below; each is evaluated on the test split and the table is printed and
-written to OUT/results.md and OUT/results.json. Rows already trained are not trained again.
+written to OUT/results.md and OUT/results.json. Rows already trained are not trained again;
+a row folder trained with a different config (other overrides into the same OUT) is an error.
 A row whose switches leave the config unchanged (``no_transformer`` when the config already
 turns the region Transformer off, ``transformer`` when it is on) is the full model again and
 is skipped.
@@ -20,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cpfean.checkpoint import load_model, resolve_device
-from cpfean.config import ConfigError, load_config
+from cpfean.config import ConfigError, load_config, to_dict
 from cpfean.data.captions import load_captions
 from cpfean.data.region_store import RegionStore
 from cpfean.engine import train
@@ -44,6 +45,27 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "transformer": ("with region Transformer", ["model.use_region_transformer=true"]),
     "all_regions": ("all regions per word (topk=0)", ["model.topk=0"]),
 }
+
+
+def _changed_keys(saved: Path, cfg) -> list[str]:
+    """Keys (dotted, at most 5 listed) where the row already in ``saved`` differs from ``cfg``;
+    the run folder itself does not count. Empty when nothing was trained there yet."""
+    if not saved.is_file():
+        return []
+    old = _flatten(to_dict(replace(load_config(saved), run_dir=cfg.run_dir)))
+    new = _flatten(to_dict(cfg))
+    keys = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    return keys[:5] + (["..."] if len(keys) > 5 else [])
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +101,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[ablate] skipping {row}: the same model as 'full' under this config",
                   flush=True)
             continue
+        try:
+            stale = _changed_keys(out / row / "config.yaml", cfg)
+        except ConfigError as exc:
+            print(f"error: {out / row}: {exc}", file=sys.stderr)
+            return 2
+        if stale:
+            print(f"error: {out / row} was trained with a different config ({', '.join(stale)}); "
+                  "use another --out or remove that folder", file=sys.stderr)
+            return 2
         metrics_path = out / row / "test_metrics.json"
         if not metrics_path.is_file():
             if not (out / row / "best.json").is_file():

@@ -44,5 +44,10 @@ def test_ablate_trains_rows_once_and_skips_rows_equal_to_full(tmp_path, capsys):
     assert {row: (out / row / "best.pt").stat().st_mtime_ns for row in row_cfg} == stamps
     assert json.loads((out / "results.json").read_text()) == results
 
+    # other overrides into the same folder would mix budgets: refused, naming the key
+    assert ablate.main([*argv, "train.seed=1"]) == 2
+    assert "was trained with a different config (train.seed)" in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text()) == results
+
     assert ablate.main(["--config", str(config), "--rows", "full,nope"]) == 2
     assert "unknown rows ['nope']" in capsys.readouterr().err
