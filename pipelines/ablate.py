@@ -88,20 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    results: dict[str, dict] = {}
+    planned = []  # (row, name, cfg), all checked before anything trains
     for row in rows:
         name, switches = ROWS[row]
         try:
             cfg = load_config(args.config, [*args.overrides, *switches,
                                              f"run_dir={out / row}"])
-        except ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        if row != "full" and replace(cfg, run_dir=full_cfg.run_dir) == full_cfg:
-            print(f"[ablate] skipping {row}: the same model as 'full' under this config",
-                  flush=True)
-            continue
-        try:
+            if row != "full" and replace(cfg, run_dir=full_cfg.run_dir) == full_cfg:
+                print(f"[ablate] skipping {row}: the same model as 'full' under this config",
+                      flush=True)
+                continue
             stale = _changed_keys(out / row / "config.yaml", cfg)
         except ConfigError as exc:
             print(f"error: {out / row}: {exc}", file=sys.stderr)
@@ -110,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {out / row} was trained with a different config ({', '.join(stale)}); "
                   "use another --out or remove that folder", file=sys.stderr)
             return 2
+        planned.append((row, name, cfg))
+    results: dict[str, dict] = {}
+    for row, name, cfg in planned:
         metrics_path = out / row / "test_metrics.json"
         if not metrics_path.is_file():
             if not (out / row / "best.json").is_file():

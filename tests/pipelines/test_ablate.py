@@ -1,6 +1,7 @@
 """pipelines.ablate: one budget for all rows, rows equal to the full model skipped, no re-runs."""
 
 import json
+import shutil
 
 import yaml
 
@@ -48,6 +49,15 @@ def test_ablate_trains_rows_once_and_skips_rows_equal_to_full(tmp_path, capsys):
     assert ablate.main([*argv, "train.seed=1"]) == 2
     assert "was trained with a different config (train.seed)" in capsys.readouterr().err
     assert json.loads((out / "results.json").read_text()) == results
+
+    # ... and checked before any row trains: 'full' (listed first) is not trained here
+    other = tmp_path / "abl2"
+    (other / "scan").mkdir(parents=True)
+    shutil.copy(out / "scan" / "config.yaml", other / "scan" / "config.yaml")
+    assert ablate.main(["--config", str(config), "--out", str(other), "--quiet",
+                        "--rows", "full,scan", *TINY_MODEL, "train.seed=1"]) == 2
+    assert "abl2/scan was trained with a different config (train.seed)" in capsys.readouterr().err
+    assert not (other / "full").exists()
 
     assert ablate.main(["--config", str(config), "--rows", "full,nope"]) == 2
     assert "unknown rows ['nope']" in capsys.readouterr().err
