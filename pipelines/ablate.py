@@ -33,6 +33,11 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "scan": ("SCAN-style baseline", [
         "model.use_gcn=false", "model.use_spatial=false", "model.use_label_prior=false",
         "model.use_region_transformer=false", "model.use_fusion=false",
+        "model.use_prominence=false", "model.topk=0", "model.use_region_alignment=false",
+        "train.prominence_weight=0"]),
+    "scan_both": ("SCAN-style baseline, both directions", [
+        "model.use_gcn=false", "model.use_spatial=false", "model.use_label_prior=false",
+        "model.use_region_transformer=false", "model.use_fusion=false",
         "model.use_prominence=false", "model.topk=0", "train.prominence_weight=0"]),
     "no_fusion": ("w/o cross-modal fusion", ["model.use_fusion=false"]),
     "no_prominence": ("w/o word prominence", ["model.use_prominence=false",
@@ -41,6 +46,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "no_label_prior": ("w/o label prior", ["model.use_label_prior=false"]),
     "no_spatial": ("w/o spatial embedding", ["model.use_spatial=false"]),
     "no_gcn": ("w/o word GCN", ["model.use_gcn=false"]),
+    "no_region_alignment": ("w/o region-to-word alignment", ["model.use_region_alignment=false"]),
     "no_transformer": ("w/o region Transformer", ["model.use_region_transformer=false"]),
     "transformer": ("with region Transformer", ["model.use_region_transformer=true"]),
     "all_regions": ("all regions per word (topk=0)", ["model.topk=0"]),

@@ -34,12 +34,14 @@ class ModelConfig:
     use_fusion: bool = True  # gated cross-modal semantic fusion; off = plain cross attention
     use_prominence: bool = True  # learned word prominence pooling; off = uniform (x word gates)
     topk: int = 3  # regions each word aligns to; 0 = all regions with softmax attention
+    use_region_alignment: bool = True  # also score regions -> words, pooled with region gates
     lambda_softmax: float = 9.0  # inverse temperature of the cross attention softmax (SCAN's λ)
     gate_cos_init: float = 5.0  # initial weight of cos(fragment, context) inside each gate
 
     @classmethod
     def scan_baseline(cls, **overrides: object) -> ModelConfig:
-        """SCAN t-i AVG: every CPFEAN component off, softmax cross attention over all regions."""
+        """SCAN t-i AVG: every CPFEAN component off, softmax cross attention over all regions
+        (the word -> region direction only, SCAN's single-model form)."""
         base = cls(
             use_gcn=False,
             use_spatial=False,
@@ -48,5 +50,6 @@ class ModelConfig:
             use_fusion=False,
             use_prominence=False,
             topk=0,
+            use_region_alignment=False,
         )
         return replace(base, **overrides)

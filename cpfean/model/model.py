@@ -30,6 +30,7 @@ class CPFEAN(nn.Module):
         gates: fusion gate parameters, None when fusion is off.
         use_prominence: learned word prominence pooling.
         topk: regions per word (0 = softmax attention over all).
+        region_alignment: also score regions -> words (pooled with the region gates).
         lambda_softmax: cross attention inverse temperature.
         max_words: default word budget for ``tokenize``.
     """
@@ -45,6 +46,7 @@ class CPFEAN(nn.Module):
         topk: int,
         lambda_softmax: float,
         max_words: int,
+        region_alignment: bool = False,
     ) -> None:
         super().__init__()
         self.region_encoder = region_encoder
@@ -52,6 +54,7 @@ class CPFEAN(nn.Module):
         self.tokenizer = tokenizer
         self.gates = gates
         self.topk = topk
+        self.region_alignment = region_alignment
         self.lambda_softmax = lambda_softmax
         self.max_words = max_words
         self.prominence = None
@@ -128,14 +131,15 @@ class CPFEAN(nn.Module):
             image_chunk, text_chunk: block size; the (bi, bc, L, R) tensors dominate memory.
             return_details: also return per-fragment numbers (for a handful of pairs only):
                 region_gates (B, C, R), word_gates / word_weights / word_scores (B, C, L),
-                alignment (B, C, L, k) region indices per word, similarity (B, C, L, R).
+                alignment (B, C, L, k) region indices per word, similarity (B, C, L, R);
+                with region alignment also region_weights / region_scores (B, C, R).
 
         Returns:
             (B, C) scores (and the details dict).
         """
         kwargs = dict(
             gates=self.gates, lambda_softmax=self.lambda_softmax, topk=self.topk,
-            use_prominence=self.prominence is not None,
+            use_prominence=self.prominence is not None, region_alignment=self.region_alignment,
         )
         if return_details:
             if len(img) * len(txt) > 4096:
@@ -201,6 +205,7 @@ def build_model(cfg: ModelConfig, label_names: list[str]) -> CPFEAN:
         region_encoder=region_encoder, word_encoder=word_encoder, tokenizer=tokenizer,
         gates=gates, use_prominence=cfg.use_prominence, topk=cfg.topk,
         lambda_softmax=cfg.lambda_softmax, max_words=cfg.max_words,
+        region_alignment=cfg.use_region_alignment,
     )
     model.config = cfg
     return model

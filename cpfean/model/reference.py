@@ -24,17 +24,17 @@ def reference_pair_score(
     lambda_softmax: float,
     topk: int,
     use_prominence: bool,
+    region_alignment: bool = False,
 ) -> torch.Tensor:
     """Score of img[0] against txt[0], explicitly. Returns a 0-dim tensor."""
     V = img.regions[0][img.mask[0]]  # (R, d) valid regions only
     W = txt.words[0][txt.mask[0]]  # (L, d) valid words only
     S = W @ V.T  # (L, R)
     logits = lambda_softmax * S
-    g_w = torch.ones(len(W))
+    g_w, g_r = torch.ones(len(W)), torch.ones(len(V))
+    ctx_r = (lambda_softmax * S.T).softmax(-1) @ W  # (R, d) each region's word context
     if gates is not None:
         ctx_w = logits.softmax(-1) @ V  # (L, d) over all regions, before the gate prior
-        Bm = (lambda_softmax * S.T).softmax(-1)  # (R, L)
-        ctx_r = Bm @ W  # (R, d)
         g_w = torch.sigmoid(
             gates.word_cos * (W * ctx_w).sum(-1) / ctx_w.norm(dim=-1)
             + gates.word_self(W).squeeze(-1) + gates.word_ctx(ctx_w).squeeze(-1)
@@ -55,7 +55,11 @@ def reference_pair_score(
     else:
         p = torch.full((len(W),), 1.0 / len(W))
     pi = p * g_w
-    return (pi * s_l).sum()
+    score = (pi * s_l).sum()
+    if region_alignment:
+        s_r = F.cosine_similarity(V, ctx_r, dim=-1)  # (R,)
+        score = 0.5 * (score + (g_r * s_r).sum() / len(V))
+    return score
 
 
 @torch.no_grad()

@@ -19,7 +19,11 @@ SWITCHES = [
     {"lambda_softmax": 30.0},  # two softmaxes instead of the shared exp
     {"lambda_softmax": 30.0, "topk": 0},
     {"use_fusion": False},
-    {"use_fusion": False, "topk": 0, "use_prominence": False},  # SCAN t-i AVG
+    {"use_region_alignment": False},
+    {"use_region_alignment": False, "lambda_softmax": 30.0},
+    {"use_fusion": False, "topk": 0, "use_prominence": False},  # SCAN t-i AVG + i-t AVG
+    {"use_fusion": False, "topk": 0, "use_prominence": False,
+     "use_region_alignment": False},  # SCAN t-i AVG
 ]
 
 
@@ -43,6 +47,7 @@ def test_algebraic_equals_explicit_reference(overrides):
                 reference_pair_score(
                     img[i], txt[j], gates=model.gates, lambda_softmax=model.lambda_softmax,
                     topk=model.topk, use_prominence=model.prominence is not None,
+                    region_alignment=model.region_alignment,
                 )
                 for j in range(len(txt))
             ])
@@ -51,7 +56,8 @@ def test_algebraic_equals_explicit_reference(overrides):
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"use_fusion": False, "topk": 0}])
+@pytest.mark.parametrize("overrides", [{}, {"use_fusion": False, "topk": 0},
+                                       {"use_region_alignment": False}])
 def test_chunked_equals_full(overrides):
     torch.manual_seed(0)
     model = build_model(tiny_config(**overrides), LABELS).eval()
@@ -66,7 +72,8 @@ def test_chunked_equals_full(overrides):
 
 def test_scan_baseline_matches_naive_scan_loop():
     torch.manual_seed(0)
-    model = build_model(tiny_config(use_fusion=False, topk=0, use_prominence=False), []).eval()
+    model = build_model(tiny_config(use_fusion=False, topk=0, use_prominence=False,
+                                    use_region_alignment=False), []).eval()
     img, txt = _encode(model, n_valid=[36, 36, 36])
     with torch.no_grad():
         fast = model.score(img, txt)
@@ -95,7 +102,12 @@ def test_details_for_one_pair():
     torch.testing.assert_close(prominence.sum(), torch.tensor(1.0))
     torch.testing.assert_close(weights, prominence * det["word_gates"][0, 0])
     assert (weights[~txt.mask[1]] == 0).all()
-    torch.testing.assert_close((weights * det["word_scores"][0, 0]).sum(), sims[0, 0])
+    by_words = (weights * det["word_scores"][0, 0]).sum()
+    # the region direction: each valid region's cosine with its word context, gate / 9 each
+    region_w, region_s = det["region_weights"][0, 0], det["region_scores"][0, 0]
+    torch.testing.assert_close(region_w, gates / 9)
+    assert (region_s[9:] == 0).all() and (region_s[:9].abs() <= 1 + 1e-6).all()
+    torch.testing.assert_close((by_words + (region_w * region_s).sum()) / 2, sims[0, 0])
 
 
 def test_low_precision_inputs_are_scored_in_float32():
