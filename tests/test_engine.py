@@ -132,7 +132,6 @@ def test_checkpoint_write_is_atomic_and_bad_files_are_named(tmp_path):
 def test_checkpoint_from_before_region_alignment_scores_as_it_was_trained(tmp_path, data):
     """Checkpoints saved before ``model.use_region_alignment`` existed scored words only."""
     from cpfean.checkpoint import model_payload
-    from cpfean.config import to_dict
 
     cfg = tiny_cfg(tmp_path, data, "old", "model.use_region_alignment=false")
     torch.manual_seed(0)
@@ -144,7 +143,8 @@ def test_checkpoint_from_before_region_alignment_scores_as_it_was_trained(tmp_pa
     assert loaded_cfg.model.use_region_alignment is False and not loaded.region_alignment
     store = RegionStore(cfg.data.regions)
     test = load_captions(cfg.data.captions, split="test")
-    (_, before), (_, after) = evaluate_split(model, store, test), evaluate_split(loaded, store, test)
+    _, before = evaluate_split(model, store, test)
+    _, after = evaluate_split(loaded, store, test)
     assert (after == before).all()
     # a current checkpoint keeps the switch as saved (the default is on)
     assert load_config(None, TINY_MODEL).model.use_region_alignment is True
