@@ -98,10 +98,6 @@ def load_model(
 ) -> tuple[torch.nn.Module, Config, dict[str, Any]]:
     """Rebuild the model of a checkpoint (strict), in eval mode on ``device``."""
     ckpt = load_checkpoint(path)
-    model_cfg = ckpt["config"].get("model", {})
-    if isinstance(model_cfg, dict) and "use_region_alignment" not in model_cfg:
-        # saved before the switch existed: those models scored the word direction only
-        model_cfg["use_region_alignment"] = False
     cfg = from_dict(Config, ckpt["config"])
     model = build_model(cfg.model, label_names=list(ckpt.get("label_names", [])))
     model.load_state_dict(ckpt["model"], strict=True)

@@ -146,8 +146,6 @@ def test_checkpoint_from_before_region_alignment_scores_as_it_was_trained(tmp_pa
     _, before = evaluate_split(model, store, test)
     _, after = evaluate_split(loaded, store, test)
     assert (after == before).all()
-    # a current checkpoint keeps the switch as saved (the default is on)
-    assert load_config(None, TINY_MODEL).model.use_region_alignment is True
 
 
 def test_cli_train_then_evaluate(tmp_path, data, capsys):

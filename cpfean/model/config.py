@@ -34,7 +34,9 @@ class ModelConfig:
     use_fusion: bool = True  # gated cross-modal semantic fusion; off = plain cross attention
     use_prominence: bool = True  # learned word prominence pooling; off = uniform (x word gates)
     topk: int = 3  # regions each word aligns to; 0 = all regions with softmax attention
-    use_region_alignment: bool = True  # also score regions -> words, pooled with region gates
+    # also score regions -> words, pooled with the region gates (off: it did not help on the
+    # bundled scenes, README)
+    use_region_alignment: bool = False
     lambda_softmax: float = 9.0  # inverse temperature of the cross attention softmax (SCAN's λ)
     gate_cos_init: float = 5.0  # initial weight of cos(fragment, context) inside each gate
 
@@ -50,6 +52,5 @@ class ModelConfig:
             use_fusion=False,
             use_prominence=False,
             topk=0,
-            use_region_alignment=False,
         )
         return replace(base, **overrides)

@@ -19,11 +19,12 @@ SWITCHES = [
     {"lambda_softmax": 30.0},  # two softmaxes instead of the shared exp
     {"lambda_softmax": 30.0, "topk": 0},
     {"use_fusion": False},
-    {"use_region_alignment": False},
-    {"use_region_alignment": False, "lambda_softmax": 30.0},
-    {"use_fusion": False, "topk": 0, "use_prominence": False},  # SCAN t-i AVG + i-t AVG
+    {"use_region_alignment": True},
+    {"use_region_alignment": True, "lambda_softmax": 30.0},
+    {"use_region_alignment": True, "use_fusion": False},
     {"use_fusion": False, "topk": 0, "use_prominence": False,
-     "use_region_alignment": False},  # SCAN t-i AVG
+     "use_region_alignment": True},  # SCAN t-i AVG + i-t AVG
+    {"use_fusion": False, "topk": 0, "use_prominence": False},  # SCAN t-i AVG
 ]
 
 
@@ -57,7 +58,7 @@ def test_algebraic_equals_explicit_reference(overrides):
 
 
 @pytest.mark.parametrize("overrides", [{}, {"use_fusion": False, "topk": 0},
-                                       {"use_region_alignment": False}])
+                                       {"use_region_alignment": True}])
 def test_chunked_equals_full(overrides):
     torch.manual_seed(0)
     model = build_model(tiny_config(**overrides), LABELS).eval()
@@ -72,8 +73,7 @@ def test_chunked_equals_full(overrides):
 
 def test_scan_baseline_matches_naive_scan_loop():
     torch.manual_seed(0)
-    model = build_model(tiny_config(use_fusion=False, topk=0, use_prominence=False,
-                                    use_region_alignment=False), []).eval()
+    model = build_model(tiny_config(use_fusion=False, topk=0, use_prominence=False), []).eval()
     img, txt = _encode(model, n_valid=[36, 36, 36])
     with torch.no_grad():
         fast = model.score(img, txt)
@@ -84,7 +84,7 @@ def test_scan_baseline_matches_naive_scan_loop():
 
 def test_details_for_one_pair():
     torch.manual_seed(0)
-    model = build_model(tiny_config(topk=3), LABELS).eval()
+    model = build_model(tiny_config(topk=3, use_region_alignment=True), LABELS).eval()
     img, txt = _encode(model, n_valid=[9])
     with torch.no_grad():
         sims, det = model.score(img[0], txt[1], return_details=True)

@@ -18,6 +18,8 @@ from .conftest import CAPTIONS, LABELS, random_regions, tiny_config
 SWITCHES = {
     "full": {},
     "softmax_align": {"topk": 0},
+    "region_alignment": {"use_region_alignment": True},
+    "region_alignment_no_fusion": {"use_region_alignment": True, "use_fusion": False},
     "no_fusion": {"use_fusion": False},
     "no_prominence": {"use_prominence": False},
     "no_priors": {"use_spatial": False, "use_label_prior": False},
@@ -93,7 +95,7 @@ def test_add_on_components_start_as_no_ops():
     torch.testing.assert_close(words[wmask], plain_w[wmask])
 
 
-@pytest.mark.parametrize("name", ["full", "scan_baseline"])
+@pytest.mark.parametrize("name", ["full", "region_alignment", "scan_baseline"])
 def test_padding_does_not_change_scores(name):
     torch.manual_seed(0)
     model = build_model(_config(SWITCHES[name]), LABELS).eval()
