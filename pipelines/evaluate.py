@@ -1,7 +1,7 @@
 """Evaluate checkpoints with the field's protocols.
 
     python -m pipelines.evaluate --checkpoint RUN/best.pt [--protocol f30k|coco-5k|...]
-                                 [--split test] [--regions STORE] [--captions FILE] [--json OUT]
+                                 [--split test|all] [--regions STORE] [--captions FILE] [--json OUT]
 
 Several ``--checkpoint`` values form an ensemble: their similarity matrices are averaged.
 The region store and caption source default to the ones the (first) checkpoint trained on.
@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="checkpoint file; repeat for an ensemble")
     parser.add_argument("--protocol", default="all",
                         choices=["all", "f30k", "coco-5fold-1k", "coco-5k"])
-    parser.add_argument("--split", default=None, help="caption split (default: config's test)")
+    parser.add_argument("--split", default=None,
+                        help="caption split (default: config's test); 'all' = every image of the "
+                             "caption file, e.g. a separately generated held-out set")
     parser.add_argument("--regions", help="region store (default: the checkpoint's)")
     parser.add_argument("--captions", help="caption source (default: the checkpoint's)")
     parser.add_argument("--device", default="auto")
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = cfg or ckpt_cfg
         store = RegionStore(args.regions or ckpt_cfg.data.regions)
         caps = load_captions(args.captions or ckpt_cfg.data.captions,
-                             split=args.split or ckpt_cfg.data.test_split)
+                             split=None if args.split == "all"
+                             else args.split or ckpt_cfg.data.test_split)
         check_ids(caps, store.ids())
         sims_list.append(similarity_matrix(
             model, store, caps.image_ids, caps.flatten(5)[0],

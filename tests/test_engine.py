@@ -166,6 +166,11 @@ def test_cli_train_then_evaluate(tmp_path, data, capsys):
     metrics = json.loads(out.read_text())
     assert set(metrics) >= {"i2t", "t2i", "rsum"}
     assert f"{metrics['rsum']:.1f}" in capsys.readouterr().out
+    # --split all: every image of the caption file (train + val + test of the tiny set)
+    assert evaluate.main(["--checkpoint", str(tmp_path / "cli" / "best.pt"), "--json", str(out),
+                          "--device", "cpu", "--split", "all"]) == 0
+    every = json.loads(out.read_text())
+    assert every["n_images"] == len(load_captions(captions).image_ids) > metrics["n_images"]
     assert evaluate.main(["--checkpoint", str(tmp_path / "nope.pt")]) == 2
 
 
