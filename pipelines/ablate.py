@@ -1,7 +1,8 @@
 """Train CPFEAN, the SCAN-style baseline and one-component-off ablations with one budget.
 
     python -m pipelines.ablate [--config configs/demo.yaml] [--rows full,scan,no_fusion,...]
-                               [--out runs/demo/ablations] [key.sub=value ...]
+                               [--out runs/demo/ablations] [--heldout-regions STORE
+                               --heldout-captions FILE] [key.sub=value ...]
 
 Every row starts from the same config (same data, epochs, batch size, seed) and changes only
 the switches named below; each is evaluated on the test split and the table is printed and
@@ -10,6 +11,10 @@ a row folder trained with a different config (other overrides into the same OUT)
 A row whose switches leave the config unchanged (``no_transformer`` when the config already
 turns the region Transformer off, ``transformer`` when it is on) is the full model again and
 is skipped.
+
+``--heldout-regions`` / ``--heldout-captions`` also score every row on every image of a second
+caption file (e.g. scenes generated with another seed, extracted with the same detector) and
+write that table to OUT/results_heldout.md and .json: 100 test images are a noisy measure.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pathlib import Path
 
 from cpfean.checkpoint import load_model, resolve_device
 from cpfean.config import ConfigError, load_config, to_dict
-from cpfean.data.captions import load_captions
+from cpfean.data.captions import check_ids, load_captions
 from cpfean.data.region_store import RegionStore
 from cpfean.engine import train
 from cpfean.evaluation import evaluate_split
@@ -77,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default=",".join(ROWS), help=f"from {', '.join(ROWS)}")
     parser.add_argument("--out", default="runs/demo/ablations")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--heldout-regions", help="region store of a held-out set")
+    parser.add_argument("--heldout-captions", help="its caption file (all images are scored)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value applied to every row")
     args = parser.parse_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -90,6 +97,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    heldout = None
+    if bool(args.heldout_regions) != bool(args.heldout_captions):
+        print("error: --heldout-regions and --heldout-captions go together", file=sys.stderr)
+        return 2
+    if args.heldout_regions:
+        try:  # checked before anything trains
+            heldout = (RegionStore(args.heldout_regions), load_captions(args.heldout_captions))
+            check_ids(heldout[1], heldout[0].ids())
+            heldout[1].flatten(5)  # the protocol's 5 captions per image
+        except (FileNotFoundError, ValueError, KeyError) as exc:
+            print(f"error: held-out set: {exc}", file=sys.stderr)
+            return 2
+        source = {"regions": str(Path(args.heldout_regions).resolve()),
+                  "captions": str(Path(args.heldout_captions).resolve())}
     planned = []  # (row, name, cfg), all checked before anything trains
     for row in rows:
         name, switches = ROWS[row]
@@ -110,25 +131,45 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         planned.append((row, name, cfg))
     results: dict[str, dict] = {}
+    held: dict[str, dict] = {}
     for row, name, cfg in planned:
         metrics_path = out / row / "test_metrics.json"
-        if not metrics_path.is_file():
+        held_path = out / row / "heldout_metrics.json"
+        need_held = heldout is not None and (
+            not held_path.is_file()
+            or json.loads(held_path.read_text()).get("source") != source)
+        if not metrics_path.is_file() or need_held:
             if not (out / row / "best.json").is_file():
                 print(f"[ablate] training {row}: {name}", flush=True)
                 train(cfg, resume=(out / row / "last.pt").is_file(), progress=not args.quiet)
             device = resolve_device(cfg.train.device)
             model, _, _ = load_model(out / row / "best.pt", device)
+        if not metrics_path.is_file():
             test = load_captions(cfg.data.captions, split=cfg.data.test_split)
             metrics, _ = evaluate_split(model, RegionStore(cfg.data.regions), test,
                                         batch_size=cfg.train.eval_batch_size, device=device)
             metrics_path.write_text(json.dumps(metrics, indent=2))
+        if need_held:
+            metrics, _ = evaluate_split(model, *heldout, batch_size=cfg.train.eval_batch_size,
+                                        device=device)
+            held_path.write_text(json.dumps({**metrics, "source": source}, indent=2))
         results[name] = json.loads(metrics_path.read_text())
         print(format_table({name: results[name]}), flush=True)
+        if heldout is not None:
+            held[name] = json.loads(held_path.read_text())
+            del held[name]["source"]
+    _write_table(out / "results", results)
+    if heldout is not None:
+        print(f"held-out set: {len(heldout[1].image_ids)} images of {args.heldout_captions}")
+        _write_table(out / "results_heldout", held)
+    return 0
+
+
+def _write_table(stem: Path, results: dict[str, dict]) -> None:
     table = format_table(results)
     print(table)
-    (out / "results.md").write_text("```\n" + table + "\n```\n")
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    return 0
+    stem.with_suffix(".md").write_text("```\n" + table + "\n```\n")
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import shutil
 
 import yaml
 
+from cpfean.data.captions import load_captions
 from pipelines import ablate
 from tests.test_engine import TINY_MODEL
 from tests.tiny_data import make_tiny_dataset
@@ -61,3 +62,41 @@ def test_ablate_trains_rows_once_and_skips_rows_equal_to_full(tmp_path, capsys):
 
     assert ablate.main(["--config", str(config), "--rows", "full,nope"]) == 2
     assert "unknown rows ['nope']" in capsys.readouterr().err
+
+
+def test_ablate_scores_every_row_on_a_heldout_set_too(tmp_path, capsys):
+    store, captions = make_tiny_dataset(tmp_path / "data")
+    held_store, held_captions = make_tiny_dataset(tmp_path / "held", seed=7)
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"use_region_transformer": False},
+        "data": {"regions": str(store), "captions": str(captions)},
+        "train": {"epochs": 1, "batch_size": 16, "eval_batch_size": 16},
+    }))
+    out = tmp_path / "abl"
+    base = ["--config", str(config), "--out", str(out), "--quiet", "--rows", "full,scan",
+            *TINY_MODEL]
+    # a bad held-out set is named before anything trains
+    assert ablate.main([*base, "--heldout-regions", str(held_store)]) == 2
+    assert "go together" in capsys.readouterr().err
+    missing = tmp_path / "held" / "nope.json"
+    assert ablate.main([*base, "--heldout-regions", str(held_store),
+                        "--heldout-captions", str(missing)]) == 2
+    assert str(missing) in capsys.readouterr().err and not out.exists()
+
+    held = ["--heldout-regions", str(held_store), "--heldout-captions", str(held_captions)]
+    assert ablate.main([*base, *held]) == 0
+    table = json.loads((out / "results_heldout.json").read_text())
+    n_all = len(load_captions(held_captions).image_ids)  # every image, all splits
+    assert list(table) == ["CPFEAN", "SCAN-style baseline"]
+    assert all(m["n_images"] == n_all for m in table.values())
+    test = json.loads((out / "results.json").read_text())
+    assert all(m["n_images"] < n_all for m in test.values())
+    # the same checkpoint scores the held-out set the same way evaluate --split all does
+    from pipelines import evaluate
+
+    assert evaluate.main(["--checkpoint", str(out / "full" / "best.pt"), "--regions",
+                          str(held_store), "--captions", str(held_captions), "--split", "all",
+                          "--json", str(tmp_path / "e.json"), "--device", "cpu"]) == 0
+    again = json.loads((tmp_path / "e.json").read_text())
+    assert again["rsum"] == table["CPFEAN"]["rsum"]
