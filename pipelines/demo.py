@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     train_args = ["--config", str(REPO / "configs" / "demo.yaml"), f"run_dir={run}",
                   f"data.regions={regions}", f"data.captions={data / 'captions.json'}",
                   f"train.device={args.device}"]
-    if epochs:
-        train_args.append(f"train.epochs={epochs}")
+    if epochs:  # all negatives for the whole run, as configs/demo.yaml
+        train_args += [f"train.epochs={epochs}", f"train.warmup_epochs={epochs}"]
     if args.quick:
         train_args += ["train.batch_size=16", "train.lr_decay_epochs=[]"]
     if (run / "last.pt").is_file():
