@@ -11,7 +11,8 @@ from tests.test_engine import TINY_MODEL
 from tests.tiny_data import make_tiny_dataset
 
 
-def test_ablate_trains_rows_once_and_skips_rows_equal_to_full(tmp_path, capsys):
+def _tiny_config(tmp_path):
+    """A one-epoch config on a tiny generated store: (store, captions, config path)."""
     store, captions = make_tiny_dataset(tmp_path / "data")
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump({
@@ -19,6 +20,11 @@ def test_ablate_trains_rows_once_and_skips_rows_equal_to_full(tmp_path, capsys):
         "data": {"regions": str(store), "captions": str(captions)},
         "train": {"epochs": 1, "batch_size": 16, "eval_batch_size": 16},
     }))
+    return store, captions, config
+
+
+def test_ablate_trains_rows_once_and_skips_rows_equal_to_full(tmp_path, capsys):
+    store, _, config = _tiny_config(tmp_path)
     out = tmp_path / "abl"
     argv = ["--config", str(config), "--out", str(out), "--quiet",
             "--rows", "full,no_transformer,transformer,scan", *TINY_MODEL]
@@ -65,14 +71,8 @@ def test_ablate_trains_rows_once_and_skips_rows_equal_to_full(tmp_path, capsys):
 
 
 def test_ablate_scores_every_row_on_a_heldout_set_too(tmp_path, capsys):
-    store, captions = make_tiny_dataset(tmp_path / "data")
+    _, _, config = _tiny_config(tmp_path)
     held_store, held_captions = make_tiny_dataset(tmp_path / "held", seed=7)
-    config = tmp_path / "cfg.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"use_region_transformer": False},
-        "data": {"regions": str(store), "captions": str(captions)},
-        "train": {"epochs": 1, "batch_size": 16, "eval_batch_size": 16},
-    }))
     out = tmp_path / "abl"
     base = ["--config", str(config), "--out", str(out), "--quiet", "--rows", "full,scan",
             *TINY_MODEL]
