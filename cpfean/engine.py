@@ -77,29 +77,48 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
 
 
 class MetricsLog:
-    """Appends rows to ``metrics.csv`` in the run folder (header written once)."""
+    """Appends rows to ``metrics.csv`` in the run folder (header written once).
+
+    A row with a column the file lacks (a log from an older version, resumed) rewrites the file
+    once with the wider header, earlier rows blank there, so columns never shift."""
 
     def __init__(self, path: Path):
         self.path = path
+        self._fields: list[str] | None = None  # the file's header, once read or written
+
+    def _read(self) -> tuple[list[str], list[dict]]:
+        with open(self.path, newline="") as f:
+            reader = csv.DictReader(f)
+            return list(reader.fieldnames or []), list(reader)
 
     def truncate_after(self, step: int) -> None:
         """Drop rows logged after ``step`` (a crash mid-epoch logged steps a resume redoes)."""
         if not self.path.exists():
             return
-        with open(self.path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        self.path.unlink()
-        for row in rows:
-            if int(row["step"]) <= step:
-                self.write(**row)
+        fields, rows = self._read()
+        self._rewrite(fields, [r for r in rows if int(r["step"]) <= step])
+        self._fields = fields
+
+    def _rewrite(self, fields: list[str], rows: list[dict]) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
 
     def write(self, **row) -> None:
-        new = not self.path.exists()
+        if self._fields is None:
+            self._fields = self._read()[0] if self.path.exists() else []
+            if not self._fields:
+                self._fields = list(row)
+                self._rewrite(self._fields, [])
+        if not set(row) <= set(self._fields):
+            fields, rows = self._read()
+            self._fields = fields + [k for k in row if k not in fields]
+            self._rewrite(self._fields, rows)
         with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+            csv.DictWriter(f, fieldnames=self._fields, restval="").writerow(row)
 
 
 def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
@@ -183,12 +202,14 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
             image_index = batch["image_index"].to(device)
             with autocast():
                 sims, txt = net(*regions.as_tuple(), input_ids, attention_mask, return_text=True)
-                loss = loss_fn(sims.float(), image_ids=image_index)
+                triplet = loss_fn(sims.float(), image_ids=image_index)
+                loss = triplet
                 if use_prominence_loss:
                     targets = sibling_targets(txt.token_ids, txt.mask,
                                               batch["sibling_ids"].to(device), image_index)
-                    loss = loss + cfg.train.prominence_weight * prominence_loss(
+                    prominence = cfg.train.prominence_weight * prominence_loss(
                         txt.log_prominence.float(), targets)
+                    loss = triplet + prominence
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step}: "
@@ -206,8 +227,12 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
                 warmup.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if is_main and step % cfg.train.log_every == 0:
-                metrics_log.write(epoch=epoch + 1, step=step, loss=round(loss.item(), 5),
-                                  lr=optimizer.param_groups[0]["lr"], rsum="")
+                # loss = triplet + prominence (the weighted recurrence term; blank when off)
+                metrics_log.write(
+                    epoch=epoch + 1, step=step, loss=round(loss.item(), 5),
+                    lr=optimizer.param_groups[0]["lr"], rsum="",
+                    triplet=round(triplet.item(), 5),
+                    prominence=round(prominence.item(), 5) if use_prominence_loss else "")
         scheduler.step()
 
         if not is_main:
@@ -216,7 +241,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
         val, _ = evaluate_split(model, store, val_caps, batch_size=cfg.train.eval_batch_size,
                                 device=device)
         metrics_log.write(epoch=epoch + 1, step=step, loss=round(loss.item(), 5),
-                          lr=optimizer.param_groups[0]["lr"], rsum=round(val["rsum"], 3))
+                          lr=optimizer.param_groups[0]["lr"], rsum=round(val["rsum"], 3),
+                          triplet="", prominence="")
         payload = model_payload(model, cfg, label_names)
         if val["rsum"] > best["rsum"]:
             best = {"rsum": val["rsum"], "epoch": epoch + 1, "metrics": val}

@@ -13,7 +13,7 @@ from cpfean.checkpoint import load_checkpoint, load_model, save_checkpoint
 from cpfean.config import load_config
 from cpfean.data.captions import load_captions
 from cpfean.data.region_store import RegionStore
-from cpfean.engine import build_optimizer, train
+from cpfean.engine import MetricsLog, build_optimizer, train
 from cpfean.evaluation import evaluate_split
 from cpfean.model import build_model
 from tests.tiny_data import make_tiny_dataset
@@ -51,8 +51,15 @@ def test_training_learns_and_writes_run_folder(tmp_path, data):
         assert (run / name).is_file(), name
     assert not list(run.glob(".*.tmp*")), "temporary checkpoint files left behind"
     rows = _rows(run / "metrics.csv")
-    losses = [float(r["loss"]) for r in rows if r["rsum"] == ""]
+    steps = [r for r in rows if r["rsum"] == ""]
+    losses = [float(r["loss"]) for r in steps]
     assert losses[-1] < losses[0]
+    # each step row splits the loss into its two terms; validation rows carry neither
+    for r in steps:
+        assert float(r["prominence"]) > 0
+        assert float(r["loss"]) == pytest.approx(float(r["triplet"]) + float(r["prominence"]),
+                                                 abs=2e-5)
+    assert all(r["triplet"] == r["prominence"] == "" for r in rows if r["rsum"])
     model, loaded_cfg, ckpt = load_model(run / "best.pt")
     assert loaded_cfg == cfg and ckpt["best"]["rsum"] == best["rsum"]
     _, sims = evaluate_split(model, store, test)
@@ -203,6 +210,19 @@ def test_resume_drops_metrics_rows_of_the_unfinished_epoch(tmp_path, data):
     assert [r["step"] for r in rows[: len(steps_done)]] == steps_done
     assert [int(r["step"]) for r in rows] == sorted(int(r["step"]) for r in rows)
     assert sum(r["loss"] == "1.0" for r in rows) == 0
+
+
+def test_metrics_log_widens_an_older_header_without_shifting_columns(tmp_path):
+    log = tmp_path / "metrics.csv"
+    log.write_text("epoch,step,loss,lr,rsum\n1,1,3.0,0.1,\n1,2,2.5,0.1,410.0\n")
+    metrics = MetricsLog(log)
+    metrics.truncate_after(1)
+    metrics.write(epoch=2, step=3, loss=2.0, lr=0.1, rsum="", triplet=1.5, prominence=0.5)
+    metrics.write(epoch=2, step=4, loss=1.8, lr=0.1, rsum="", triplet=1.4, prominence=0.4)
+    assert log.read_text().splitlines() == [
+        "epoch,step,loss,lr,rsum,triplet,prominence", "1,1,3.0,0.1,,,",
+        "2,3,2.0,0.1,,1.5,0.5", "2,4,1.8,0.1,,1.4,0.4"]
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 @pytest.mark.slow
