@@ -9,8 +9,9 @@ the switches named below; each is evaluated on the test split and the table is p
 written to OUT/results.md and OUT/results.json. Rows already trained are not trained again;
 a row folder trained with a different config (other overrides into the same OUT) is an error.
 A row whose switches leave the config unchanged (``no_transformer`` when the config already
-turns the region Transformer off, ``transformer`` when it is on) is the full model again and
-is skipped.
+turns the region Transformer off, ``transformer`` when it is on; ``no_prominence_loss`` /
+``prominence_loss`` likewise for the recurrence supervision) is the full model again and is
+skipped.
 
 ``--heldout-regions`` / ``--heldout-captions`` also score every row on every image of a second
 caption file (e.g. scenes generated with another seed, extracted with the same detector) and
@@ -44,6 +45,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "no_prominence": ("w/o word prominence", ["model.use_prominence=false",
                                               "train.prominence_weight=0"]),
     "no_prominence_loss": ("w/o recurrence supervision", ["train.prominence_weight=0"]),
+    "prominence_loss": ("with recurrence supervision", ["train.prominence_weight=1"]),
     "no_label_prior": ("w/o label prior", ["model.use_label_prior=false"]),
     "no_spatial": ("w/o spatial embedding", ["model.use_spatial=false"]),
     "no_gcn": ("w/o word GCN", ["model.use_gcn=false"]),
