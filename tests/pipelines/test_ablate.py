@@ -27,10 +27,11 @@ def test_ablate_trains_rows_once_and_skips_rows_equal_to_full(tmp_path, capsys):
     store, _, config = _tiny_config(tmp_path)
     out = tmp_path / "abl"
     argv = ["--config", str(config), "--out", str(out), "--quiet",
-            "--rows", "full,no_transformer,transformer,scan", *TINY_MODEL]
+            "--rows", "full,no_transformer,transformer,prominence_loss,scan", *TINY_MODEL]
     assert ablate.main(argv) == 0
-    assert "skipping no_transformer" in capsys.readouterr().out
-    assert not (out / "no_transformer").exists()
+    printed = capsys.readouterr().out
+    assert "skipping no_transformer" in printed and "skipping prominence_loss" in printed
+    assert not (out / "no_transformer").exists() and not (out / "prominence_loss").exists()
 
     results = json.loads((out / "results.json").read_text())
     assert list(results) == ["CPFEAN", "with region Transformer", "SCAN-style baseline"]
