@@ -179,6 +179,15 @@ def test_cli_train_then_evaluate(tmp_path, data, capsys):
     every = json.loads(out.read_text())
     assert every["n_images"] == len(load_captions(captions).image_ids) > metrics["n_images"]
     assert evaluate.main(["--checkpoint", str(tmp_path / "nope.pt")]) == 2
+    # --against: the same table for a second model plus the paired rSum difference
+    ckpt = str(tmp_path / "cli" / "best.pt")
+    assert evaluate.main(["--checkpoint", ckpt, "--against", ckpt, "--json", str(out),
+                          "--device", "cpu", "--resamples", "50", "--name", "A"]) == 0
+    both = json.loads(out.read_text())
+    assert both["model"] == both["against"] == metrics
+    assert both["comparison"]["diff"] == 0 and both["comparison"]["resamples"] == 50
+    assert "rSum difference on all 8 images: +0.0" in capsys.readouterr().out
+    assert evaluate.main(["--checkpoint", ckpt, "--against", str(tmp_path / "nope.pt")]) == 2
 
 
 def test_cli_bad_inputs_give_one_line_errors(tmp_path, data, capsys):
