@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     train_args = ["--config", str(REPO / "configs" / "demo.yaml"), f"run_dir={run}",
                   f"data.regions={regions}", f"data.captions={data / 'captions.json'}",
                   f"train.device={args.device}"]
-    if epochs:  # all negatives for the whole run, as configs/demo.yaml
-        train_args += [f"train.epochs={epochs}", f"train.warmup_epochs={epochs}"]
+    if epochs:  # as configs/demo.yaml: hardest negatives only after 6 epochs, for the last 4
+        train_args += [f"train.epochs={epochs}", f"train.warmup_epochs={max(6, epochs - 4)}"]
     if args.quick:
         train_args += ["train.batch_size=16", "train.lr_decay_epochs=[]"]
     if (run / "last.pt").is_file():
