@@ -37,6 +37,7 @@ __all__ = [
     "CAPTIONS_PER_IMAGE",
     "PROTOCOLS",
     "DirectionMetrics",
+    "PairedComparison",
     "ProtocolResult",
     "QueryRanks",
     "RecallResult",

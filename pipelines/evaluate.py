@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resamples", type=int, default=1000,
                         help="bootstrap resamples for --against")
     args = parser.parse_args(argv)
+    if args.resamples < 1:
+        parser.error(f"--resamples must be >= 1, got {args.resamples}")
 
     device = resolve_device(args.device)
     try:
@@ -61,9 +63,14 @@ def main(argv: list[str] | None = None) -> int:
               "give --regions and --captions", file=sys.stderr)
         return 2
     results = evaluate_protocol(sims, args.protocol)
-    table = {args.name or _name(args.checkpoint): results}
+    name = args.name or _name(args.checkpoint)
+    table = {name: results}
     if other is not None:
-        table[_name(args.against)] = evaluate_protocol(other[0], args.protocol)
+        against = evaluate_protocol(other[0], args.protocol)
+        other_name = _name(args.against)
+        if other_name == name:  # e.g. two runs' best.pt, each in a folder named "full"
+            other_name = f"{other_name} (--against)"
+        table[other_name] = against
     print(format_table(table))
     payload: dict = results
     if other is not None:
@@ -72,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(95% interval {comparison['ci_low']:+.1f} .. {comparison['ci_high']:+.1f}; "
               f"ahead in {100 * comparison['a_ahead']:.1f}% of {comparison['resamples']} "
               "resamples of the images)")
-        payload = {"model": results, "against": table[_name(args.against)],
-                   "comparison": comparison}
+        payload = {"model": results, "against": against, "comparison": comparison}
     if args.json:
         Path(args.json).write_text(json.dumps(payload, indent=2))
     return 0

@@ -186,7 +186,16 @@ def test_cli_train_then_evaluate(tmp_path, data, capsys):
     both = json.loads(out.read_text())
     assert both["model"] == both["against"] == metrics
     assert both["comparison"]["diff"] == 0 and both["comparison"]["resamples"] == 50
-    assert "rSum difference on all 8 images: +0.0" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "rSum difference on all 8 images: +0.0" in printed
+    assert "A " in printed and "cli (--against)" not in printed
+    # without --name both rows would be called "cli": the second is marked, not dropped
+    assert evaluate.main(["--checkpoint", ckpt, "--against", ckpt, "--device", "cpu",
+                          "--resamples", "20"]) == 0
+    assert "cli (--against)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        evaluate.main(["--checkpoint", ckpt, "--against", ckpt, "--resamples", "0"])
+    assert "--resamples must be >= 1" in capsys.readouterr().err
     assert evaluate.main(["--checkpoint", ckpt, "--against", str(tmp_path / "nope.pt")]) == 2
 
 
