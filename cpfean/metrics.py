@@ -333,16 +333,18 @@ def paired_bootstrap(
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, got {resamples}")
     n = a.shape[0]
-    # per image: its i2t hits (3) and the sum of its five captions' t2i hits (3), for A - B
-    per_image = []
+    # per image: its i2t hits (3) and the mean of its five captions' t2i hits (3), for A - B;
+    # the ranks are computed once and also give each model's rSum
+    per_image, rsums = [], []
     for arr in (a, b):
-        i2t = _hits(_i2t_ranks(arr))
-        t2i = _hits(_t2i_ranks(arr)).reshape(n, CAPTIONS_PER_IMAGE, -1).sum(axis=1)
-        per_image.append(np.concatenate([i2t, t2i / CAPTIONS_PER_IMAGE], axis=1).sum(axis=1))
+        i2t_ranks, t2i_ranks = _i2t_ranks(arr), _t2i_ranks(arr)
+        rsums.append(_rsum(_direction_metrics(i2t_ranks), _direction_metrics(t2i_ranks)))
+        t2i = _hits(t2i_ranks).reshape(n, CAPTIONS_PER_IMAGE, -1).mean(axis=1)
+        per_image.append(np.concatenate([_hits(i2t_ranks), t2i], axis=1).sum(axis=1))
     delta = per_image[0] - per_image[1]  # [n]; 100 * mean over images = rSum difference
     draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
     diffs = 100.0 * delta[draws].mean(axis=1)
-    rsum_a, rsum_b = _recall_metrics(a)["rsum"], _recall_metrics(b)["rsum"]
+    rsum_a, rsum_b = rsums
     low, high = np.percentile(diffs, [2.5, 97.5])
     return PairedComparison(
         rsum_a=rsum_a, rsum_b=rsum_b, diff=rsum_a - rsum_b, ci_low=float(low),

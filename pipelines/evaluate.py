@@ -105,5 +105,6 @@ def _similarities(paths: list[str], args: argparse.Namespace, device):
         ))
     return (sims_list[0] if len(sims_list) == 1 else ensemble(sims_list)), caps
 
+
 if __name__ == "__main__":
     sys.exit(main())
