@@ -2,7 +2,11 @@
 
 Config flows one way: Detectron2 defaults -> `add_region_config` -> YAML file -> command-line
 overrides -> resolved (device, weights path) -> frozen. Unknown keys and wrong types fail at
-start-up in `merge_from_file`/`merge_from_list`, naming the key.
+start-up in `merge_from_other_cfg`/`merge_from_list`, naming the key.
+
+Config files travel with region stores, so they are read as plain data: `yaml.safe_load` (a
+Python tag is an error, where Detectron2's `merge_from_file` falls back to `yaml.unsafe_load`),
+and `_BASE_` names a local file beside the config or a bundled config, never a URL.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
@@ -54,16 +59,77 @@ def add_region_config(cfg: CN) -> None:
     cfg.REGIONS.CONFIG_NAME = ""
 
 
-def resolve_config_file(config_file: str | Path) -> Path:
+def resolve_config_file(config_file: str | Path, bundled_only: bool = False) -> Path:
     """Map a bare name (`scenes_r18_fpn`) or a path to an existing YAML file."""
     path = Path(config_file)
-    if path.is_file():
+    if path.is_file() and not bundled_only:
         return path.resolve()
     for candidate in (CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"):
         if candidate.is_file():
             return candidate
     known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
     raise FileNotFoundError(f"config {config_file!r} not found (bundled: {known})")
+
+
+def _merge_trees(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge_trees(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml_safely(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A detector config file as plain data, its `_BASE_` chain merged in (base first).
+
+    Raises ValueError naming the file on a Python tag or any other non-plain YAML, a `_BASE_`
+    that is a URL or is missing, and a loop of bases.
+    """
+    path = path.resolve()
+    if path in seen:
+        raise ValueError(f"config {path}: its _BASE_ chain loops back to itself")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"config {path}: cannot read it: {e}") from None
+    except yaml.YAMLError as e:
+        what = "a Python tag, refused" if "python/" in str(e) else "not valid YAML"
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f"config {path}: {what} (configs are plain YAML: {first})") from None
+    if not isinstance(tree, dict):
+        raise ValueError(f"config {path}: expected a mapping at the top level")
+    base = tree.pop("_BASE_", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str) or "://" in base or base.startswith("~"):
+        raise ValueError(f"config {path}: _BASE_ {base!r} must be a file beside the config or "
+                         "a bundled config name, not a URL")
+    local = path.parent / base
+    if local.is_file():
+        base_path = local
+    else:
+        try:
+            base_path = resolve_config_file(Path(base).name if base.endswith(".yaml")
+                                            else base, bundled_only=True)
+        except FileNotFoundError:
+            raise ValueError(f"config {path}: _BASE_ {base!r} is neither a file beside it nor "
+                             "a bundled config") from None
+    return _merge_trees(load_yaml_safely(base_path, seen + (path,)), tree)
+
+
+def merge_config_file(cfg: CN, path: Path) -> None:
+    """Merge a YAML config file into `cfg` (in place), read with `load_yaml_safely`."""
+    loaded = CN(load_yaml_safely(path))
+    version = loaded.pop("VERSION", cfg.VERSION)
+    if version != cfg.VERSION:
+        raise ValueError(f"config {path}: VERSION {version}, this Detectron2 reads "
+                         f"{cfg.VERSION}")
+    try:
+        cfg.merge_from_other_cfg(loaded)
+    except KeyError as e:
+        raise ValueError(f"config {path}: {e.args[0] if e.args else e}") from None
 
 
 def resolve_device(device: str) -> str:
@@ -129,7 +195,7 @@ def get_region_cfg(
     path = resolve_config_file(config_file)
     cfg = get_cfg()
     add_region_config(cfg)
-    cfg.merge_from_file(str(path))
+    merge_config_file(cfg, path)
     cfg.merge_from_list(split_opts(opts))
     cfg.MODEL.DEVICE = resolve_device(cfg.MODEL.DEVICE)
     cfg.MODEL.WEIGHTS = _resolve_relative(cfg.MODEL.WEIGHTS, path.parent)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,7 +34,7 @@ from detector.config import get_label_names
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RegionExtractor", "file_sha256", "select_regions"]
+__all__ = ["RegionExtractor", "check_weights_file", "file_sha256", "select_regions"]
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -43,6 +44,28 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_weights_file(path: str, expected_sha256: str | None = None) -> str:
+    """The sha256 of a local weights file, checked before anything reads it as weights.
+
+    Raises ValueError for a URL or catalog name (every default runs offline), a missing file, a
+    pickle, or a checksum other than `expected_sha256`.
+    """
+    if "://" in path:
+        raise ValueError(f"detector weights {path!r} must be a local file (nothing is "
+                         "downloaded at run time)")
+    if not os.path.isfile(path):
+        raise ValueError(f"detector weights not found: {path}")
+    if path.endswith((".pkl", ".pyth")):
+        raise ValueError(f"detector weights {path} are a Python pickle, which runs code when "
+                         f"loaded; convert them once with python -m pipelines.convert_weights "
+                         f"{path}, then use the .pth it writes")
+    sha256 = file_sha256(path)
+    if expected_sha256 and sha256 != expected_sha256:
+        raise ValueError(f"detector weights {path} have sha256 {sha256[:12]}, expected "
+                         f"{expected_sha256[:12]}; refusing to load them")
+    return sha256
 
 
 def _max_conf_after_nms(boxes: torch.Tensor, scores: torch.Tensor, floor: float,
@@ -89,9 +112,26 @@ def select_regions(boxes: torch.Tensor, scores: torch.Tensor, *, score_thresh: f
 
 
 class _RecordingCheckpointer(DetectionCheckpointer):
-    """`DetectionCheckpointer` that keeps the incompatible keys of its last load."""
+    """`DetectionCheckpointer` that loads tensors only and keeps the incompatible keys of its
+    last load. Weights travel between people and unpickling runs code, so a pickle is refused
+    (convert it once with `pipelines.convert_weights`) and a `.pth` is read with
+    `weights_only=True`."""
 
     incompatible = None
+
+    def _load_file(self, filename):
+        if filename.endswith((".pkl", ".pyth")):
+            raise ValueError(f"detector weights {filename} are a Python pickle, which runs code "
+                             "when loaded; convert them once with python -m "
+                             f"pipelines.convert_weights {filename}, then use the .pth it writes")
+        return super()._load_file(filename)
+
+    def _torch_load(self, f):
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"detector weights {f} hold more than tensors and plain "
+                             f"containers, refused: {str(e).splitlines()[0]}") from None
 
     def _load_model(self, checkpoint):
         self.incompatible = super()._load_model(checkpoint)
@@ -109,22 +149,22 @@ class RegionExtractor:
     size), as in any batched Detectron2 inference.
     """
 
-    def __init__(self, cfg: CfgNode, *, strict: bool = True):
+    def __init__(self, cfg: CfgNode, *, strict: bool = True, expected_sha256: str | None = None):
         """
         Args:
             cfg: a region config (`detector.config.get_region_cfg`). MODEL.WEIGHTS = "" keeps
                 the random initialisation (tests, benchmarks).
             strict: raise when the checkpoint lacks weights the model needs.
+            expected_sha256: refuse weights with another checksum, before reading them.
         """
         self.cfg = cfg.clone()  # cfg can be modified by model
+        self.weights = self.cfg.MODEL.WEIGHTS
+        sha256 = check_weights_file(self.weights, expected_sha256) if self.weights else None
         self.model = build_model(self.cfg)
         self.model.eval()
-        self.weights = self.cfg.MODEL.WEIGHTS
         if self.weights:
             checkpointer = _RecordingCheckpointer(self.model)
             path = self.weights
-            if not os.path.isfile(path):
-                path = checkpointer.path_manager.get_local_path(path)
             checkpointer.load(path)
             incompatible = checkpointer.incompatible
             if incompatible is not None:
@@ -133,7 +173,7 @@ class RegionExtractor:
                         f"checkpoint {self.weights} does not fit the model: missing "
                         f"{incompatible.missing_keys[:5]}, wrong shapes "
                         f"{[k for k, *_ in incompatible.incorrect_shapes][:5]}")
-            self.weights_sha256 = file_sha256(path)
+            self.weights_sha256 = sha256
         else:
             logger.warning("MODEL.WEIGHTS is empty: the detector is randomly initialised")
             self.weights_sha256 = "random-init"

@@ -34,6 +34,8 @@ from cpfean.index import IndexError_, RetrievalIndex, search
 DEFAULT_INDEXES = ("runs/demo/index", "runs/demo-quick/index")
 DETAILED = 3  # results explained (prominent words, regions)
 REGIONS_DRAWN = 3
+MAX_TOP_K = 1000  # a ranked list longer than this is an export, not a search
+MAX_FIRST_STAGE = 100_000  # candidates re-ranked by the full model (bounds one query's work)
 
 
 class UsageError(Exception):
@@ -65,19 +67,16 @@ def default_index() -> Path:
 
 
 def read_image(path: str) -> np.ndarray:
-    """HxWx3 uint8 BGR array of an image file; UsageError when unreadable or corrupt."""
-    from PIL import Image, UnidentifiedImageError
+    """HxWx3 uint8 BGR array of an image file, upright (EXIF orientation applied), decoded by
+    the same policy as extraction; UsageError when missing, unreadable or refused."""
+    from cpfean.images import BadImage, decode_image
 
+    if not Path(path).is_file():
+        raise UsageError(f"image not found: {path}")
     try:
-        with Image.open(path) as im:
-            im.load()  # decode now: truncated files fail here, not later
-            rgb = np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise UsageError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise UsageError(f"cannot read image {path}: {str(e).splitlines()[0]}") from None
-    if rgb.size == 0:
-        raise UsageError(f"image {path} is empty")
+        rgb = decode_image(path)
+    except BadImage as e:
+        raise UsageError(f"cannot read image {path}: {e}") from None
     return np.ascontiguousarray(rgb[:, :, ::-1])
 
 
@@ -122,11 +121,12 @@ def extract_regions(args: argparse.Namespace, index: RetrievalIndex, image: np.n
         try:
             opts = [f"MODEL.DEVICE={device}"] + ([f"MODEL.WEIGHTS={weights}"] if weights else [])
             cfg = get_region_cfg(config, opts)  # no weights given: the config's own
-            extractor = RegionExtractor(cfg)
+            want = det.get("weights_sha256")
+            known = want if want and want != "random-init" else None
+            extractor = RegionExtractor(cfg, expected_sha256=known)
         except (FileNotFoundError, KeyError, ValueError, RuntimeError, OSError) as e:
             raise UsageError(f"cannot build the detector from {config} with weights "
                              f"{weights or '(none)'}: {e}") from None
-        want = det.get("weights_sha256")
         if want and extractor.weights_sha256 != want:
             raise UsageError(f"detector weights {weights or '(random init)'} (sha256 "
                              f"{extractor.weights_sha256[:12]}) are not the ones that made the "
@@ -217,6 +217,7 @@ def show(out: str, payload: dict, index: RetrievalIndex, details: list[dict],
          query_image: np.ndarray | None, record: Any) -> None:
     from PIL import Image
 
+    from cpfean.images import BadImage, decode_image
     from cpfean.viz import Tile, render_html, render_png
 
     def boxes(boxes_px: np.ndarray, labels: np.ndarray, d: dict) -> list:
@@ -231,9 +232,9 @@ def show(out: str, payload: dict, index: RetrievalIndex, details: list[dict],
     if payload["mode"] == "text2image":
         words = details[0]["words"] if details else [(w, 0.0) for w in payload["query"].split()]
         for k, r in enumerate(payload["results"]):
-            try:
-                image = Image.open(r["path"]).convert("RGB")
-            except (OSError, ValueError):
+            try:  # upright, as extraction saw it, so that the boxes land on their objects
+                image = Image.fromarray(decode_image(r["path"]))
+            except BadImage:
                 image = None
             row = r["row"]
             drawn = boxes(index.boxes[row], index.labels[row], details[k]) \
@@ -257,10 +258,11 @@ def show(out: str, payload: dict, index: RetrievalIndex, details: list[dict],
 
 # ---------------------------------------------------------------------------------- main
 def run(args: argparse.Namespace) -> dict:
-    if args.top_k < 1:
-        raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
-    if args.first_stage is not None and args.first_stage < 1:
-        raise UsageError(f"--first-stage must be >= 1, got {args.first_stage}")
+    if not 1 <= args.top_k <= MAX_TOP_K:
+        raise UsageError(f"--top-k must be in 1..{MAX_TOP_K}, got {args.top_k}")
+    if args.first_stage is not None and not 1 <= args.first_stage <= MAX_FIRST_STAGE:
+        raise UsageError(f"--first-stage must be in 1..{MAX_FIRST_STAGE}, got "
+                         f"{args.first_stage}")
     if args.show and Path(args.show).suffix.lower() not in (".png", ".html", ".htm"):
         raise UsageError(f"--show writes a .png or .html file, got {args.show}")
     query = check_query(args.query) if args.query is not None else None

@@ -7,6 +7,12 @@ magic b"CPRS", schema_version u16, num_regions R u16, feature_dim D u32, dtype c
 (`_DTYPES`), num_valid u16, reserved u16, image h u32, w u32, crc32 u32 of header[:28] then
 payload), then raw little-endian buffers: features [R, D] float16, boxes [R, 4] float32,
 labels [R] int32, scores [R] float32. Never pickle: stores are shared, unpickling runs code.
+
+One writer at a time holds ``writer.lock`` in the store's folder; a second one is refused with
+the holder's name. Readers register in LMDB's reader table where the folder is writable (so a
+concurrent writer never reuses pages they read) and follow the map as it grows; in a read-only
+folder they refuse a store that is being written. The data file is checked against its LMDB
+header before it is mapped, so a truncated store is an error, not a SIGBUS.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from typing import Any
 import lmdb
 import numpy as np
 
+from cpfean.fileio import LockedError, WriterLock
+
 SCHEMA_VERSION = 1
 NUM_REGIONS = 36
 META_KEY = "__meta__"
@@ -38,6 +46,10 @@ _DTYPES = {1: np.dtype("<f2"), 2: np.dtype("<f4"), 3: np.dtype("<i4"), 4: np.dty
 _DISK_CODES = (1, 2, 3, 2)  # what this version writes for features, boxes, labels, scores
 _MAX_KEY_BYTES = 511  # LMDB's default maximum key size
 _MAX_MAP_SIZE = 1 << 44
+_LOCK_NAME = "writer.lock"
+# LMDB's meta page (64-bit build): magic u32 at 16, page size u32 at 40 (the free DB's md_pad),
+# last used page u64 at 136, transaction id u64 at 144; meta pages 0 and 1 alternate.
+_LMDB_MAGIC, _LMDB_META = 0xBEEFC0DE, struct.Struct("<16xI20xI92xQQ")
 # Meta keys that must agree between a store and a writer reopening it (or stores being merged).
 _IDENTITY_KEYS = ("schema_version", "num_regions", "feature_dim", "feature_dtype", "label_names",
                   "detector", "thresholds", "has_boxes", "has_labels")
@@ -48,6 +60,34 @@ _ENVS: dict[str, tuple[int, lmdb.Environment, bool]] = {}
 
 class RegionStoreError(ValueError):
     """A region store, its meta or one of its records is invalid, corrupt or mismatched."""
+
+
+def check_lmdb_file(path: str | os.PathLike) -> None:
+    """Raise RegionStoreError unless ``path/data.mdb`` is an LMDB file as long as its header
+    says (mapping a truncated file and touching a missing page kills the process with SIGBUS).
+    """
+    data = Path(path) / "data.mdb"
+    try:
+        size = data.stat().st_size
+        with open(data, "rb") as f:
+            head = f.read(_LMDB_META.size)
+            magic, psize, *_ = (_LMDB_META.unpack(head) if len(head) == _LMDB_META.size
+                              else (0, 0, 0, 0))
+            if magic != _LMDB_MAGIC or psize < 512 or psize & (psize - 1):
+                raise RegionStoreError(f"{data} is not an LMDB data file (a region store is an "
+                                       "LMDB directory written by pipelines.extract)")
+            f.seek(psize)
+            second = f.read(_LMDB_META.size)
+    except OSError as e:
+        raise RegionStoreError(f"cannot read region store {path}: {e.strerror or e}") from None
+    metas = [_LMDB_META.unpack(head)]
+    if len(second) == _LMDB_META.size and _LMDB_META.unpack(second)[0] == _LMDB_MAGIC:
+        metas.append(_LMDB_META.unpack(second))
+    _, _, last_page, _ = max(metas, key=lambda m: m[3])  # the newer transaction's meta
+    need = (last_page + 1) * psize
+    if size < need:
+        raise RegionStoreError(f"region store {path} is truncated: data.mdb has {size} bytes, "
+                               f"its header needs {need}")
 
 
 def _to_numpy(x: Any, dtype: type) -> np.ndarray:
@@ -137,14 +177,33 @@ class RegionRecord:
         return cls(*out, image_hw, n)
 
 
+def image_id_problem(image_id: object) -> str | None:
+    """Why `image_id` cannot be a key of a region store, or None when it can."""
+    if not isinstance(image_id, str) or not image_id:
+        return "an image id must be a non-empty string"
+    try:
+        key = image_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the file name is not valid UTF-8"
+    if image_id == META_KEY:
+        return f"{META_KEY!r} is reserved"
+    if "\\" in image_id:
+        return "the file name holds a backslash (image ids use / separators)"
+    if image_id.startswith("/"):
+        return "an image id is a relative path"
+    if len(key) > _MAX_KEY_BYTES:
+        return f"the path is {len(key)} UTF-8 bytes; a store key holds at most {_MAX_KEY_BYTES}"
+    return None
+
+
 def _key(image_id: str) -> bytes:
     """The LMDB key of an image id; raises ValueError on ids the contract does not allow."""
-    key = image_id.encode("utf-8") if isinstance(image_id, str) else b""
-    if (not key or image_id == META_KEY or "\\" in image_id or image_id.startswith("/")
-            or len(key) > _MAX_KEY_BYTES):
-        raise ValueError(f"image id {image_id!r:.80} is not a relative POSIX path (/ separators)"
-                         f" of 1..{_MAX_KEY_BYTES} UTF-8 bytes other than {META_KEY!r}")
-    return key
+    problem = image_id_problem(image_id)
+    if problem is not None:
+        shown = image_id.encode("utf-8", "backslashreplace").decode() if isinstance(
+            image_id, str) else image_id
+        raise ValueError(f"image id {shown!r:.80} cannot be stored: {problem}")
+    return image_id.encode("utf-8")
 
 
 def _encode(image_id: str, record: RegionRecord) -> bytes:
@@ -270,17 +329,55 @@ def _drop_env(key: str) -> None:
         env.close()
 
 
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _open_reader(key: str) -> lmdb.Environment:
+    """A read-only env registered in LMDB's reader table (a writer then keeps the pages it
+    reads); in a folder this process cannot write, an unregistered one, refused while a writer
+    holds the store."""
+    check_lmdb_file(key)
+    options = dict(subdir=True, readonly=True, readahead=False, meminit=False, max_dbs=0)
+    try:
+        return lmdb.open(key, lock=True, **options)
+    except lmdb.Error:
+        pass
+    lock = WriterLock(Path(key) / _LOCK_NAME, f"region store {key}")
+    if lock.is_held_elsewhere():
+        raise RegionStoreError(f"region store {key} is being written by {lock.holder()} and "
+                               "its folder is read-only here; read it when the writer is done")
+    try:
+        return lmdb.open(key, lock=False, **options)
+    except lmdb.Error as e:
+        raise RegionStoreError(f"cannot open region store {key}: {e}") from None
+
+
 def _read_env(path: Path) -> lmdb.Environment:
     """This process's env for the store at `path`: the one already open (a writer's, or a
-    reader's) or a new read-only one without locks (do not read while another process writes)."""
+    reader's) or a new read-only one."""
     key = os.path.realpath(path)
     pid, env, _ = _ENVS.get(key, (0, None, True))
     if env is None or pid != os.getpid():
         _drop_env(key)
-        env = lmdb.open(key, subdir=True, readonly=True, lock=False, readahead=False,
-                        meminit=False, max_dbs=0)
+        env = _open_reader(key)
         _ENVS[key] = (os.getpid(), env, True)
     return env
+
+
+def _begin(path: Path) -> lmdb.Transaction:
+    """A read transaction on the store at `path`, following the map when another process grew
+    it since this env was opened."""
+    env = _read_env(path)
+    try:
+        return env.begin()
+    except lmdb.MapResizedError:
+        env.set_mapsize(0)  # adopt the size the writer set
+        return env.begin()
 
 
 class RegionWriter:
@@ -298,21 +395,41 @@ class RegionWriter:
         if commit_every < 1:
             raise ValueError(f"commit_every must be >= 1, got {commit_every}")
         self.path, self.commit_every, given = Path(path), int(commit_every), _normalise_meta(meta)
+        if self.path.exists() and not self.path.is_dir():
+            raise RegionStoreError(f"{self.path} is a file, not a region store directory")
+        if self.path.is_dir() and not (self.path / "data.mdb").exists():
+            others = sorted(p.name for p in self.path.iterdir() if p.name != _LOCK_NAME)
+            if others:
+                raise RegionStoreError(f"{self.path} is a folder that is not a region store "
+                                       f"(it holds {others[0]!r}); choose a new --out")
         self.path.mkdir(parents=True, exist_ok=True)
         self._key = os.path.realpath(self.path)
         pid, _, readonly = _ENVS.get(self._key, (0, None, True))
         if pid == os.getpid() and not readonly:
             raise RegionStoreError(f"a RegionWriter for {self.path} is already open")
-        _drop_env(self._key)  # a reader's env in this process; readers then share ours
-        self._env: lmdb.Environment | None = lmdb.open(
-            self._key, subdir=True, map_size=map_size, meminit=False, max_dbs=0)
-        _ENVS[self._key] = (os.getpid(), self._env, False)
+        try:
+            self._lock = WriterLock(self.path / _LOCK_NAME, f"region store {self.path}").acquire()
+        except LockedError as e:
+            raise RegionStoreError(str(e)) from None
+        self._env: lmdb.Environment | None = None
         self._pending: dict[str, bytes] = {}
         try:
+            if (self.path / "data.mdb").exists():
+                check_lmdb_file(self.path)
+            _drop_env(self._key)  # a reader's env in this process; readers then share ours
+            try:
+                self._env = lmdb.open(self._key, subdir=True, map_size=map_size, meminit=False,
+                                      max_dbs=0)
+            except lmdb.Error as e:
+                raise RegionStoreError(f"cannot open region store {self.path}: {e}") from None
+            _ENVS[self._key] = (os.getpid(), self._env, False)
             with self._env.begin() as txn:
                 raw = txn.get(META_KEY.encode())
                 keys = txn.cursor().iternext(keys=True, values=False)
-                self._done = {k.decode("utf-8") for k in keys} - {META_KEY}
+                raw_keys = list(keys)
+            if not all(_is_utf8(k) for k in raw_keys):
+                raise RegionStoreError(f"{self.path} holds keys that are not UTF-8: not ours")
+            self._done = {k.decode("utf-8") for k in raw_keys} - {META_KEY}
             if raw is None:
                 if self._done:
                     raise RegionStoreError(f"{self.path} has entries but no {META_KEY}: not ours")
@@ -324,6 +441,7 @@ class RegionWriter:
         except BaseException:
             self._env = None
             _drop_env(self._key)
+            self._lock.release()
             raise
 
     @property
@@ -361,6 +479,7 @@ class RegionWriter:
             finally:
                 self._env = None
                 _drop_env(self._key)
+                self._lock.release()
 
     def __enter__(self) -> RegionWriter:
         return self
@@ -406,7 +525,7 @@ class RegionStore:
 
     def _stored_meta(self) -> dict:
         if self._meta is None:
-            with _read_env(self.path).begin() as txn:
+            with _begin(self.path) as txn:
                 raw = txn.get(META_KEY.encode())
             if raw is None:
                 raise RegionStoreError(f"{self.path} has no {META_KEY}; not a region store")
@@ -424,8 +543,14 @@ class RegionStore:
 
     def ids(self) -> list[str]:
         """All image ids, sorted (``__meta__`` excluded)."""
-        with _read_env(self.path).begin(buffers=True) as txn:
-            keys = [bytes(k).decode() for k in txn.cursor().iternext(keys=True, values=False)]
+        with _begin(self.path) as txn:
+            raw = [bytes(k) for k in txn.cursor().iternext(keys=True, values=False)]
+        try:
+            keys = [k.decode("utf-8") for k in raw]
+        except UnicodeDecodeError:
+            bad = next(k for k in raw if not _is_utf8(k))
+            raise RegionStoreError(f"region store {self.path} holds key {bad[:40]!r}, which is "
+                                   "not UTF-8: not written by cpfean") from None
         return sorted(k for k in keys if k != META_KEY)
 
     def _raw(self, image_id: object) -> bytes | None:
@@ -434,7 +559,7 @@ class RegionStore:
             key = _key(image_id)  # type: ignore[arg-type]
         except ValueError:
             return None
-        with _read_env(self.path).begin() as txn:
+        with _begin(self.path) as txn:
             return txn.get(key)
 
     def __contains__(self, image_id: object) -> bool:

@@ -139,13 +139,14 @@ def _bad_inputs(tmp):
                                "checkpoint not found"),
         "other checkpoint": (["--query", "red", "--checkpoint", str(tmp / "other.pt")],
                              "was built with checkpoint"),
-        "bad top-k": (["--query", "red", "--top-k", "0"], "--top-k must be >= 1"),
+        "bad top-k": (["--query", "red", "--top-k", "0"], "--top-k must be in 1..1000"),
+        "huge top-k": (["--query", "red", "--top-k", "5000000"], "--top-k must be in 1..1000"),
     }
 
 
 @pytest.mark.parametrize("case", ["empty", "non-utf8", "corrupt image", "truncated image",
                                   "missing image", "missing index", "missing checkpoint",
-                                  "other checkpoint", "bad top-k"])
+                                  "other checkpoint", "bad top-k", "huge top-k"])
 def test_bad_input(demo, capsys, case):
     argv, message = _bad_inputs(demo["tmp"])[case]
     if "--index" not in argv:
