@@ -8,7 +8,6 @@ so ``load_model`` rebuilds the exact network from the file alone.
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from cpfean.config import Config, from_dict, to_dict
+from cpfean.fileio import atomic_path
 from cpfean.model import build_model
 
 FORMAT_VERSION = 1
@@ -28,7 +28,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
     return device
 
 
@@ -59,16 +59,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: str | Path, **payload: Any) -> None:
-    """``torch.save`` to a temporary name, fsync, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    payload = {"format_version": FORMAT_VERSION, **payload}
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    """``torch.save`` through `atomic_path`: a crash never leaves half a file."""
+    with atomic_path(path) as tmp:
+        torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from cpfean.fileio import atomic_write
 from cpfean.model.config import ModelConfig
 
 T = TypeVar("T")
@@ -152,7 +155,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or "not valid YAML"
+            raise ConfigError(f"override {item!r}: the value is {problem}") from None
         if isinstance(value, str) and value.lower() in ("none", "null"):
             value = None
         _set_path(tree, key.strip(), value)
@@ -177,7 +184,57 @@ def load_config(
     """Defaults, then the YAML file at ``path`` (and its ``_base_``), then overrides."""
     tree = _read_yaml(Path(path)) if path is not None else {}
     tree = _merge(tree, parse_overrides(overrides or []))
-    return from_dict(cls, tree)
+    cfg = from_dict(cls, tree)
+    if isinstance(cfg, Config):
+        check_values(cfg)
+    return cfg
+
+
+# (key, lowest allowed value, whether the lowest is excluded); every float must also be finite
+_RANGES = (
+    ("train.epochs", 1, False), ("train.batch_size", 2, False), ("train.lr", 0, True),
+    ("train.text_lr", 0, False), ("train.weight_decay", 0, False),
+    ("train.lr_warmup_steps", 0, False), ("train.grad_clip", 0, False),
+    ("train.margin", 0, False), ("train.warmup_epochs", 0, False),
+    ("train.prominence_weight", 0, False), ("train.eval_batch_size", 1, False),
+    ("train.log_every", 1, False), ("data.num_workers", 0, False),
+    ("model.feature_dim", 1, False), ("model.embed_dim", 1, False),
+    ("model.max_words", 1, False), ("model.region_layers", 1, False),
+    ("model.region_heads", 1, False), ("model.region_ff_dim", 1, False),
+    ("model.dropout", 0, False), ("model.topk", 0, False), ("model.lambda_softmax", 0, True),
+)
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+
+
+def check_values(cfg: Config) -> None:
+    """Raise ConfigError naming the first value out of its range (sizes positive, rates
+    finite and non-negative, splits named, a known device), before any data or model loads."""
+    for key, low, strict in _RANGES:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: must be finite, got {value!r}")
+        if value < low or (strict and value == low):
+            raise ConfigError(f"{key}: must be {'>' if strict else '>='} {low}, got {value!r}")
+    for key in ("model.gate_cos_init",):
+        if not math.isfinite(cfg.model.gate_cos_init):
+            raise ConfigError(f"{key}: must be finite, got {cfg.model.gate_cos_init!r}")
+    if cfg.model.dropout >= 1:
+        raise ConfigError(f"model.dropout: must be < 1, got {cfg.model.dropout!r}")
+    if cfg.model.embed_dim % cfg.model.region_heads:
+        raise ConfigError(f"model.region_heads: {cfg.model.region_heads} does not divide "
+                          f"model.embed_dim {cfg.model.embed_dim}")
+    if any(e < 1 for e in cfg.train.lr_decay_epochs):
+        raise ConfigError(f"train.lr_decay_epochs: epochs are >= 1, got "
+                          f"{cfg.train.lr_decay_epochs}")
+    for key in ("train_split", "val_split", "test_split", "regions", "captions"):
+        if not getattr(cfg.data, key).strip():
+            raise ConfigError(f"data.{key}: must not be empty")
+    if not _DEVICE.fullmatch(cfg.train.device):
+        raise ConfigError(f"train.device: 'auto', 'cpu', 'cuda' or 'cuda:N', got "
+                          f"{cfg.train.device!r}")
+    if not cfg.run_dir.strip():
+        raise ConfigError("run_dir: must not be empty")
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -200,11 +257,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def config_json(cfg: Any) -> str:

@@ -9,7 +9,7 @@ DistributedDataParallel (nccl on CUDA, gloo on CPU); in-batch negatives are per 
 from __future__ import annotations
 
 import csv
-import json
+import io
 import logging
 import os
 import random
@@ -37,6 +37,7 @@ from cpfean.data.captions import check_ids, load_captions
 from cpfean.data.dataset import CaptionPairDataset, PairCollator
 from cpfean.data.region_store import RegionStore
 from cpfean.evaluation import evaluate_split
+from cpfean.fileio import WriterLock, atomic_output, atomic_write_json
 from cpfean.model import ContrastiveLoss, build_model
 from cpfean.model.loss import prominence_loss
 from cpfean.recurrence import sibling_targets
@@ -87,9 +88,12 @@ class MetricsLog:
         self._fields: list[str] | None = None  # the file's header, once read or written
 
     def _read(self) -> tuple[list[str], list[dict]]:
-        with open(self.path, newline="") as f:
-            reader = csv.DictReader(f)
-            return list(reader.fieldnames or []), list(reader)
+        """Header and whole rows; a last row cut short by a kill (no newline) is left out."""
+        text = self.path.read_text(encoding="utf-8")
+        if text and not text.endswith("\n"):
+            text = text[:text.rfind("\n") + 1]
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        return list(reader.fieldnames or []), list(reader)
 
     def truncate_after(self, step: int) -> None:
         """Drop rows logged after ``step`` (a crash mid-epoch logged steps a resume redoes)."""
@@ -100,19 +104,16 @@ class MetricsLog:
         self._fields = fields
 
     def _rewrite(self, fields: list[str], rows: list[dict]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_output(self.path, newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields, restval="")
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, self.path)
 
     def write(self, **row) -> None:
         if self._fields is None:
-            self._fields = self._read()[0] if self.path.exists() else []
-            if not self._fields:
-                self._fields = list(row)
-                self._rewrite(self._fields, [])
+            fields, rows = self._read() if self.path.exists() else ([], [])
+            self._fields = fields or list(row)
+            self._rewrite(self._fields, rows)  # drops a row a kill cut short
         if not set(row) <= set(self._fields):
             fields, rows = self._read()
             self._fields = fields + [k for k in row if k not in fields]
@@ -132,135 +133,142 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     is_main = rank == 0
     run_dir = Path(cfg.run_dir)
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    seed_everything(cfg.train.seed + rank)
-
+    # the data are checked before the run folder is made or touched
     store = RegionStore(cfg.data.regions)
     label_names = list(store.meta.get("label_names", []))
     train_caps = load_split(cfg, store, cfg.data.train_split)
     val_caps = load_split(cfg, store, cfg.data.val_split)
-
-    model = build_model(cfg.model, label_names=label_names).to(device)
-    loss_fn = ContrastiveLoss(margin=cfg.train.margin)  # max_violation is set per epoch
-    optimizer = build_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.train.lr_decay_epochs, 0.1)
-    # per-step linear warm-up, chained with the per-epoch decay (both scale the current lr)
-    warmup = (torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01,
-                                                total_iters=cfg.train.lr_warmup_steps)
-              if cfg.train.lr_warmup_steps > 0 else None)
-    use_amp = cfg.train.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
-
-    start_epoch, step, best = 0, 0, {"rsum": -1.0}
-    if resume:
-        ckpt = load_checkpoint(run_dir / "last.pt")
-        model.load_state_dict(ckpt["model"], strict=True)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if warmup is not None:
-            if ckpt.get("warmup") is None:
-                raise ValueError(f"{run_dir / 'last.pt'} was trained without "
-                                 "train.lr_warmup_steps: resume with the run's own config")
-            warmup.load_state_dict(ckpt["warmup"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step, best = ckpt["epoch"] + 1, ckpt["step"], ckpt["best"]
-        set_rng_state(ckpt["rng"])
-        if is_main:
-            log.info("resumed from %s at epoch %d", run_dir / "last.pt", start_epoch)
-
-    use_prominence_loss = cfg.train.prominence_weight > 0 and cfg.model.use_prominence
-    dataset = CaptionPairDataset(store, train_caps.image_ids, train_caps.captions)
-    sampler = (DistributedSampler(dataset, world, rank, seed=cfg.train.seed) if world > 1
-               else RandomSampler(dataset))
-    loader = DataLoader(
-        dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=len(dataset) >
-        cfg.train.batch_size * world, num_workers=cfg.data.num_workers,
-        collate_fn=PairCollator(model.tokenize, with_siblings=use_prominence_loss),
-        pin_memory=device.type == "cuda", persistent_workers=False,
-    )
-    net = DistributedDataParallel(model, find_unused_parameters=False) if world > 1 else model
-    metrics_log = MetricsLog(run_dir / "metrics.csv")
-    if resume and is_main:
-        metrics_log.truncate_after(step)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.float16)) if use_amp \
-        else nullcontext
-
-    for epoch in range(start_epoch, cfg.train.epochs):
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
-        loss_fn.max_violation = epoch >= cfg.train.warmup_epochs
-        model.train()
-        started = time.time()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                   disable=not (progress and is_main), leave=False)
-        for batch in bar:
-            regions = batch["regions"].to(device, non_blocking=True)
-            input_ids = batch["input_ids"].to(device)
-            attention_mask = batch["attention_mask"].to(device)
-            image_index = batch["image_index"].to(device)
-            with autocast():
-                sims, txt = net(*regions.as_tuple(), input_ids, attention_mask, return_text=True)
-                triplet = loss_fn(sims.float(), image_ids=image_index)
-                loss = triplet
-                if use_prominence_loss:
-                    targets = sibling_targets(txt.token_ids, txt.mask,
-                                              batch["sibling_ids"].to(device), image_index)
-                    prominence = cfg.train.prominence_weight * prominence_loss(
-                        txt.log_prominence.float(), targets)
-                    loss = triplet + prominence
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step}: "
-                    "lower train.lr, check the region features for inf/NaN, or set train.amp=false"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.train.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            if warmup is not None and step <= cfg.train.lr_warmup_steps:
-                warmup.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if is_main and step % cfg.train.log_every == 0:
-                # loss = triplet + prominence (the weighted recurrence term; blank when off)
-                metrics_log.write(
-                    epoch=epoch + 1, step=step, loss=round(loss.item(), 5),
-                    lr=optimizer.param_groups[0]["lr"], rsum="",
-                    triplet=round(triplet.item(), 5),
-                    prominence=round(prominence.item(), 5) if use_prominence_loss else "")
-        scheduler.step()
-
-        if not is_main:
-            dist.barrier()
-            continue
-        val, _ = evaluate_split(model, store, val_caps, batch_size=cfg.train.eval_batch_size,
-                                device=device)
-        metrics_log.write(epoch=epoch + 1, step=step, loss=round(loss.item(), 5),
-                          lr=optimizer.param_groups[0]["lr"], rsum=round(val["rsum"], 3),
-                          triplet="", prominence="")
-        payload = model_payload(model, cfg, label_names)
-        if val["rsum"] > best["rsum"]:
-            best = {"rsum": val["rsum"], "epoch": epoch + 1, "metrics": val}
-            save_checkpoint(run_dir / "best.pt", **payload, epoch=epoch, best=best)
-        save_checkpoint(
-            run_dir / "last.pt", **payload, optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch, step=step,
-            warmup=warmup.state_dict() if warmup is not None else None,
-            best=best, rng=rng_state(),
-        )
-        if progress:
-            print(f"epoch {epoch + 1}: loss {loss.item():.4f}  val rSum {val['rsum']:.1f}  "
-                  f"best {best['rsum']:.1f}  ({time.time() - started:.0f} s)", flush=True)
-        if world > 1:
-            dist.barrier()
-
+    lock = WriterLock(run_dir / "train.lock", f"run folder {run_dir}")
     if is_main:
-        (run_dir / "best.json").write_text(json.dumps(best, indent=2))
+        lock.acquire()  # two runs in one folder would overwrite each other's checkpoints
+        save_config(cfg, run_dir / "config.yaml")
+    try:
+        seed_everything(cfg.train.seed + rank)
+
+        model = build_model(cfg.model, label_names=label_names).to(device)
+        loss_fn = ContrastiveLoss(margin=cfg.train.margin)  # max_violation is set per epoch
+        optimizer = build_optimizer(model, cfg)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.train.lr_decay_epochs, 0.1)
+        # per-step linear warm-up, chained with the per-epoch decay (both scale the current lr)
+        warmup = (torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01,
+                                                    total_iters=cfg.train.lr_warmup_steps)
+                  if cfg.train.lr_warmup_steps > 0 else None)
+        use_amp = cfg.train.amp and device.type == "cuda"
+        scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+
+        start_epoch, step, best = 0, 0, {"rsum": -1.0}
+        if resume:
+            ckpt = load_checkpoint(run_dir / "last.pt")
+            model.load_state_dict(ckpt["model"], strict=True)
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            if warmup is not None:
+                if ckpt.get("warmup") is None:
+                    raise ValueError(f"{run_dir / 'last.pt'} was trained without "
+                                     "train.lr_warmup_steps: resume with the run's own config")
+                warmup.load_state_dict(ckpt["warmup"])
+            scaler.load_state_dict(ckpt["scaler"])
+            start_epoch, step, best = ckpt["epoch"] + 1, ckpt["step"], ckpt["best"]
+            set_rng_state(ckpt["rng"])
+            if is_main:
+                log.info("resumed from %s at epoch %d", run_dir / "last.pt", start_epoch)
+
+        use_prominence_loss = cfg.train.prominence_weight > 0 and cfg.model.use_prominence
+        dataset = CaptionPairDataset(store, train_caps.image_ids, train_caps.captions)
+        sampler = (DistributedSampler(dataset, world, rank, seed=cfg.train.seed) if world > 1
+                   else RandomSampler(dataset))
+        loader = DataLoader(
+            dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=len(dataset) >
+            cfg.train.batch_size * world, num_workers=cfg.data.num_workers,
+            collate_fn=PairCollator(model.tokenize, with_siblings=use_prominence_loss),
+            pin_memory=device.type == "cuda", persistent_workers=False,
+        )
+        net = DistributedDataParallel(model, find_unused_parameters=False) if world > 1 else model
+        metrics_log = MetricsLog(run_dir / "metrics.csv")
+        if resume and is_main:
+            metrics_log.truncate_after(step)
+        autocast = (lambda: torch.autocast(device.type, dtype=torch.float16)) if use_amp \
+            else nullcontext
+
+        for epoch in range(start_epoch, cfg.train.epochs):
+            if isinstance(sampler, DistributedSampler):
+                sampler.set_epoch(epoch)
+            loss_fn.max_violation = epoch >= cfg.train.warmup_epochs
+            model.train()
+            started = time.time()
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                       disable=not (progress and is_main), leave=False)
+            for batch in bar:
+                regions = batch["regions"].to(device, non_blocking=True)
+                input_ids = batch["input_ids"].to(device)
+                attention_mask = batch["attention_mask"].to(device)
+                image_index = batch["image_index"].to(device)
+                with autocast():
+                    sims, txt = net(*regions.as_tuple(), input_ids, attention_mask,
+                                    return_text=True)
+                    triplet = loss_fn(sims.float(), image_ids=image_index)
+                    loss = triplet
+                    if use_prominence_loss:
+                        targets = sibling_targets(txt.token_ids, txt.mask,
+                                                  batch["sibling_ids"].to(device), image_index)
+                        prominence = cfg.train.prominence_weight * prominence_loss(
+                            txt.log_prominence.float(), targets)
+                        loss = triplet + prominence
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step}: "
+                        "lower train.lr, check the region features for inf/NaN, or set "
+                        "train.amp=false"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.train.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                step += 1
+                if warmup is not None and step <= cfg.train.lr_warmup_steps:
+                    warmup.step()
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                if is_main and step % cfg.train.log_every == 0:
+                    # loss = triplet + prominence (the weighted recurrence term; blank when off)
+                    metrics_log.write(
+                        epoch=epoch + 1, step=step, loss=round(loss.item(), 5),
+                        lr=optimizer.param_groups[0]["lr"], rsum="",
+                        triplet=round(triplet.item(), 5),
+                        prominence=round(prominence.item(), 5) if use_prominence_loss else "")
+            scheduler.step()
+
+            if not is_main:
+                dist.barrier()
+                continue
+            val, _ = evaluate_split(model, store, val_caps, batch_size=cfg.train.eval_batch_size,
+                                    device=device)
+            metrics_log.write(epoch=epoch + 1, step=step, loss=round(loss.item(), 5),
+                              lr=optimizer.param_groups[0]["lr"], rsum=round(val["rsum"], 3),
+                              triplet="", prominence="")
+            payload = model_payload(model, cfg, label_names)
+            if val["rsum"] > best["rsum"]:
+                best = {"rsum": val["rsum"], "epoch": epoch + 1, "metrics": val}
+                save_checkpoint(run_dir / "best.pt", **payload, epoch=epoch, best=best)
+            save_checkpoint(
+                run_dir / "last.pt", **payload, optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
+                step=step,
+                warmup=warmup.state_dict() if warmup is not None else None,
+                best=best, rng=rng_state(),
+            )
+            if progress:
+                print(f"epoch {epoch + 1}: loss {loss.item():.4f}  val rSum {val['rsum']:.1f}  "
+                      f"best {best['rsum']:.1f}  ({time.time() - started:.0f} s)", flush=True)
+            if world > 1:
+                dist.barrier()
+
+        if is_main:
+            atomic_write_json(run_dir / "best.json", best, indent=2)
+    finally:
+        lock.release()
     if world > 1:
         dist.destroy_process_group()
     return best

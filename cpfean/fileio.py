@@ -66,11 +66,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, mode: str = "w",
-                  encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
+def atomic_output(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8",
+                  newline: str | None = None) -> Iterator[IO[Any]]:
     """``with atomic_output(p) as f: f.write(...)`` replaces `p` whole or not at all."""
     binary = "b" in mode
-    with atomic_path(path) as tmp, open(tmp, mode, encoding=None if binary else encoding) as f:
+    text = {} if binary else {"encoding": encoding, "newline": newline}
+    with atomic_path(path) as tmp, open(tmp, mode, **text) as f:
         yield f
         f.flush()
 

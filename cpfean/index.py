@@ -17,7 +17,11 @@ Layout of an index directory (no pickle anywhere; every array is a ``.npy`` memo
 Building is resumable: the gallery is encoded in shards of ``shard_size`` images under
 ``<out>.building/shards/``; a shard is written to a temporary name and renamed when whole, and a
 re-run skips whole shards. The final directory is assembled under a temporary name and renamed
-into place, so ``<out>/index.json`` exists only for a whole index.
+into place, so ``<out>/index.json`` exists only for a whole index. One build at a time holds
+``.<out>.lock``; a build replaces ``<out>`` only when it is an index (``index.json`` of this
+format, nothing foreign beside it) or an empty folder, never another folder. ``index.json``
+records a build key over everything that decides the content (checkpoint, store content, ids,
+captions, dtype, images root), so a stale index is never taken for an up-to-date one.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from tqdm import tqdm
 from cpfean import ann
 from cpfean.data.dataset import collate_regions, record_arrays
 from cpfean.evaluation import encode_texts
+from cpfean.fileio import WriterLock, atomic_path, atomic_write_json, fsync_dir
 
 FORMAT = "cpfean-index"
 VERSION = 1
@@ -85,16 +90,51 @@ def _to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-    tmp.replace(path)
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_json(path, data, indent=1)
+
+
+# what a build may find in (and so replace) an existing index folder
+_INDEX_ENTRIES = {"index.json", "images", "captions"}
+
+
+def check_replaceable(out: Path) -> None:
+    """Raise IndexError_ unless ``out`` is absent, an empty folder or an index this code wrote
+    with nothing else in it: a build never deletes what it did not write."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise IndexError_(f"--out {out} is a file, not an index folder; choose another --out")
+    entries = {p.name for p in out.iterdir()}
+    if not entries:
+        return
+    try:
+        fmt = json.loads((out / "index.json").read_text(encoding="utf-8")).get("format")
+    except (OSError, ValueError, AttributeError):
+        fmt = None
+    foreign = sorted(entries - _INDEX_ENTRIES)
+    if fmt != FORMAT or foreign:
+        what = f"holds {foreign[0]!r}" if foreign else "has no cpfean index.json"
+        raise IndexError_(f"--out {out} is a folder that is not a cpfean index ({what}); "
+                          "an index build replaces only an index it wrote; choose another --out")
+
+
+def build_key(*, checkpoint_sha256: str, store: Any, image_ids: Sequence[str],
+              captions: Sequence[str] | None, caption_image_ids: Sequence[str] | None,
+              dtype: str, images_root: str | None) -> str:
+    """A digest of everything that decides an index's content (see the module docstring)."""
+    digest = hashlib.sha256()
+    store_print = store.fingerprint() if hasattr(store, "fingerprint") else str(store.path)
+    for part in (checkpoint_sha256, store_print, ids_digest(image_ids), dtype,
+                 str(Path(images_root).absolute()) if images_root else ""):
+        digest.update(part.encode("utf-8") + b"\0")
+    digest.update(json.dumps([list(captions or []), list(caption_image_ids or [])],
+                             ensure_ascii=False).encode("utf-8"))
+    return digest.hexdigest()
 
 
 def _load_npy(path: Path, mmap: bool = True) -> np.ndarray:
@@ -158,7 +198,7 @@ def _encode_shard(model: Any, store: Any, ids: Sequence[str], batch_size: int,
 
 
 def _write_shard(path: Path, emb: Any, geometry: dict[str, np.ndarray], dtype: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, t in _fields(emb).items():
@@ -169,20 +209,27 @@ def _write_shard(path: Path, emb: Any, geometry: dict[str, np.ndarray], dtype: s
     tmp.rename(path)  # a shard directory exists only when whole
 
 
+def _read_plan(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def _assemble(shards: list[Path], dest: Path, names: list[str], count: int) -> None:
     """Concatenate the shards' arrays ``names`` into memory-mapped files under ``dest``."""
     for name in names:
         first = np.load(shards[0] / f"{name}.npy", mmap_mode="r")
-        out = np.lib.format.open_memmap(dest / f".{name}.npy.tmp", mode="w+", dtype=first.dtype,
-                                        shape=(count, *first.shape[1:]))
-        row = 0
-        for shard in shards:
-            part = np.load(shard / f"{name}.npy", mmap_mode="r")
-            out[row:row + len(part)] = part
-            row += len(part)
-        out.flush()
-        del out
-        (dest / f".{name}.npy.tmp").replace(dest / f"{name}.npy")
+        with atomic_path(dest / f"{name}.npy") as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=first.dtype,
+                                            shape=(count, *first.shape[1:]))
+            row = 0
+            for shard in shards:
+                part = np.load(shard / f"{name}.npy", mmap_mode="r")
+                out[row:row + len(part)] = part
+                row += len(part)
+            out.flush()
+            del out
 
 
 def build_index(
@@ -213,12 +260,29 @@ def build_index(
     ids = list(store.ids() if image_ids is None else image_ids)
     if not ids:
         raise IndexError_(f"region store {store.path} holds no images to index")
+    check_replaceable(out)
+    lock = WriterLock(out.with_name(f".{out.name}.lock"), f"index {out}")
+    with lock:
+        return _build_locked(model, store, out, ids, checkpoint=checkpoint, config=config,
+                             images_root=images_root, captions=captions,
+                             caption_image_ids=caption_image_ids, shard_size=shard_size,
+                             batch_size=batch_size, dtype=dtype, device=device,
+                             progress=progress, log=log)
+
+
+def _build_locked(model: Any, store: Any, out: Path, ids: list[str], *,
+                  checkpoint: dict[str, str], config: dict[str, Any], images_root: str | None,
+                  captions: Sequence[str] | None, caption_image_ids: Sequence[str] | None,
+                  shard_size: int, batch_size: int, dtype: str, device: torch.device | str,
+                  progress: bool, log: Callable[[str], None]) -> Path:
+    check_replaceable(out)  # again, now that no other build can change it
     work = out.with_name(out.name + ".building")
     plan = {"checkpoint_sha256": checkpoint["sha256"], "ids_sha256": ids_digest(ids),
             "count": len(ids), "shard_size": shard_size, "dtype": dtype,
-            "store": str(Path(store.path).absolute()), "store_created": store.meta.get("created")}
+            "store": str(Path(store.path).absolute()),
+            "store_content": store.fingerprint() if hasattr(store, "fingerprint") else None}
     plan_path = work / "build.json"
-    if plan_path.is_file() and json.loads(plan_path.read_text()) != plan:
+    if work.exists() and _read_plan(plan_path) != plan:
         log(f"note: {work} belongs to another build (different checkpoint, store or "
             "images); starting over")
         shutil.rmtree(work)
@@ -239,8 +303,9 @@ def build_index(
     if emb_class is None:  # every shard came from an earlier run: ask the model for the type
         emb_class = type(_encode_shard(model, store, ids[:1], 1, device)[0])
 
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in out.parent.glob(f".{out.name}.*.tmp"):  # left by a build that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     (tmp / "images").mkdir(parents=True)
     _assemble(shards, tmp / "images", [f"emb.{n}" for n in field_names]
               + ["pooled", "boxes", "labels", "hw"], len(ids))
@@ -253,6 +318,10 @@ def build_index(
         "images_root": images_root,
         "images_root_from_index": _relative(images_root, out) if images_root else None,
         "count": len(ids), "ids_sha256": plan["ids_sha256"],
+        "build_key": build_key(checkpoint_sha256=checkpoint["sha256"], store=store,
+                               image_ids=ids, captions=captions,
+                               caption_image_ids=caption_image_ids, dtype=dtype,
+                               images_root=images_root),
         "label_names": list(store.meta.get("label_names", [])),
         "dtype": dtype, "image_embeddings": {"class": _class_name(emb_class),
                                              "fields": field_names},
@@ -264,11 +333,11 @@ def build_index(
                                            caption_image_ids, batch_size, dtype, device,
                                            progress)
     _write_json(tmp / "index.json", info)
-    old = out.with_name(f".{out.name}.old")
+    old = out.with_name(f".{out.name}.{os.getpid()}.old")
     if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
         out.rename(old)
     tmp.rename(out)
+    fsync_dir(out.parent)
     shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
     return out

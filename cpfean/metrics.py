@@ -378,6 +378,25 @@ def average_folds(fold_results: Sequence[RecallResult]) -> RecallResult:
     return RecallResult(i2t=i2t, t2i=t2i, rsum=_rsum(i2t, t2i))
 
 
+def check_protocol_size(protocol: str, n_images: int, *, fold_size: int = 1000,
+                        strict: bool = True) -> None:
+    """Raise ValueError unless ``n_images`` fits ``protocol`` (see `evaluate_protocol`); call
+    it before scoring, so that a wrong test set costs nothing."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+    expected = {"f30k": 1000, "coco-5k": 5000, "coco-5fold-1k": 5 * fold_size}.get(protocol)
+    if strict and expected is not None and n_images != expected:
+        raise ValueError(
+            f"protocol {protocol!r} expects {expected} test images, got {n_images} "
+            "(pass strict=False to evaluate another size)"
+        )
+    if protocol == "coco-5fold-1k" and (fold_size <= 0 or n_images % fold_size != 0):
+        raise ValueError(
+            f"protocol 'coco-5fold-1k' needs n_images ({n_images}) to be a positive multiple "
+            f"of fold_size ({fold_size})"
+        )
+
+
 def evaluate_protocol(
     sims: npt.ArrayLike,
     protocol: str,
@@ -407,21 +426,9 @@ def evaluate_protocol(
         A :class:`ProtocolResult`: the :func:`recall_metrics` keys plus ``protocol``,
         ``n_images`` and, for the fold protocol, ``folds``.
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
     arr = _check_sims(sims)
     n_images = arr.shape[0]
-    expected = {"f30k": 1000, "coco-5k": 5000, "coco-5fold-1k": 5 * fold_size}.get(protocol)
-    if strict and expected is not None and n_images != expected:
-        raise ValueError(
-            f"protocol {protocol!r} expects {expected} test images, got {n_images} "
-            "(pass strict=False to evaluate another size)"
-        )
-    if protocol == "coco-5fold-1k" and (fold_size <= 0 or n_images % fold_size != 0):
-        raise ValueError(
-            f"protocol 'coco-5fold-1k' needs n_images ({n_images}) to be a positive multiple "
-            f"of fold_size ({fold_size})"
-        )
+    check_protocol_size(protocol, n_images, fold_size=fold_size, strict=strict)
     if protocol != "coco-5fold-1k":
         return ProtocolResult(protocol=protocol, n_images=n_images, **_recall_metrics(arr))
 

@@ -33,6 +33,7 @@ from cpfean.data.region_store import RegionStore
 from cpfean.engine import train
 from cpfean.evaluation import evaluate_split
 from cpfean.metrics import format_table
+from pipelines import cli
 
 ROWS: dict[str, tuple[str, list[str]]] = {
     "full": ("CPFEAN", []),
@@ -78,7 +79,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.ablate", description=__doc__,
+    parser = cli.ArgumentParser(prog="python -m pipelines.ablate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"from {', '.join(ROWS)}")

@@ -26,11 +26,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipelines import cli
+
 TRAINED = Path("weights/scenes_r18_fpn/config.yaml")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pipelines.benchmark extract",
+    p = cli.ArgumentParser(prog="python -m pipelines.benchmark extract",
                                 description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=Path, default=None,

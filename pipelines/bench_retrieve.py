@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from cpfean import ann
+from pipelines import cli
 
 R = 36
 
@@ -361,7 +362,7 @@ def _pooled_queries(txt) -> list[np.ndarray]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipelines.benchmark retrieve",
+    p = cli.ArgumentParser(prog="python -m pipelines.benchmark retrieve",
                                 description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="5000,100000,1000000", help="gallery sizes")

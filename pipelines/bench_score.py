@@ -17,7 +17,6 @@ Peak memory is the rise of the process's resident high-water mark (VmHWM, reset 
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from cpfean.model.embeddings import ImageEmbeddings, TextEmbeddings
 from cpfean.model.fusion import FragmentGates, score_chunked
 from cpfean.model.reference import scan_t2i_naive
+from pipelines import cli
 
 REGIONS = 36
 
@@ -106,7 +106,7 @@ def measure(fn: Callable[[], torch.Tensor]) -> tuple[float, float, torch.Tensor]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.benchmark score",
+    parser = cli.ArgumentParser(prog="python -m pipelines.benchmark score",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--captions", type=int, default=5000)

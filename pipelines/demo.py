@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pipelines import cli
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_QUERY = "a large red ball to the left of a blue box"
 
@@ -39,7 +41,7 @@ def _stage(name: str, done: bool, run: Callable[[], int | None], timings: dict) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__,
+    parser = cli.ArgumentParser(prog="python -m pipelines.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="where every stage writes")
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run")

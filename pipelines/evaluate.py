@@ -15,19 +15,26 @@ often inside it.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from cpfean.checkpoint import load_model, resolve_device
-from cpfean.data.captions import check_ids, load_captions
+from cpfean.data.captions import MissingImagesError, check_ids, load_captions
 from cpfean.data.region_store import RegionStore
 from cpfean.evaluation import similarity_matrix
-from cpfean.metrics import ensemble, evaluate_protocol, format_table, paired_bootstrap
+from cpfean.fileio import atomic_write_json
+from cpfean.metrics import (
+    check_protocol_size,
+    ensemble,
+    evaluate_protocol,
+    format_table,
+    paired_bootstrap,
+)
+from pipelines import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__,
+    parser = cli.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", action="append", required=True,
                         help="checkpoint file; repeat for an ensemble")
@@ -49,14 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.resamples < 1:
         parser.error(f"--resamples must be >= 1, got {args.resamples}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.json and Path(args.json).is_dir():
+        parser.error(f"--json {args.json} is a folder; give a file name")
 
-    device = resolve_device(args.device)
     try:
+        device = resolve_device(args.device)
         sims, caps = _similarities(args.checkpoint, args, device)
         other = _similarities(args.against, args, device) if args.against else None
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError, MissingImagesError) as exc:
+        return cli.fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
     if other is not None and (other[1].image_ids != caps.image_ids
                               or other[1].flatten(5)[0] != caps.flatten(5)[0]):
         print("error: --against scored other images or captions than --checkpoint; "
@@ -81,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
               "resamples of the images)")
         payload = {"model": results, "against": against, "comparison": comparison}
     if args.json:
-        Path(args.json).write_text(json.dumps(payload, indent=2))
+        atomic_write_json(args.json, payload, indent=2)
     return 0
 
 
@@ -99,6 +109,7 @@ def _similarities(paths: list[str], args: argparse.Namespace, device):
                              split=None if args.split == "all"
                              else args.split or ckpt_cfg.data.test_split)
         check_ids(caps, store.ids())
+        check_protocol_size(args.protocol, len(caps.image_ids))  # before any scoring
         sims_list.append(similarity_matrix(
             model, store, caps.image_ids, caps.flatten(5)[0],
             batch_size=args.batch_size, device=device, progress=True,

@@ -7,8 +7,11 @@ Images folder -> region store (36 regions per image), resumable and shardable.
   (even ``kill -9``) finishes the job: the store keeps only whole records.
 - Images are decoded in DataLoader worker processes and run through `RegionExtractor` in
   batches; records are written through `RegionWriter` in transactions.
-- Unusable images (empty, not an image, truncated/corrupt, > REGIONS.MAX_IMAGE_PIXELS) are
+- Unusable images (empty, not an image, truncated/corrupt, > REGIONS.MAX_IMAGE_PIXELS) and
+  file names that cannot be image ids (not UTF-8, a backslash, longer than a store key) are
   skipped and listed with the reason in ``STORE.skipped.jsonl`` (rewritten by each run).
+- One run writes a store at a time (a second is refused, naming the first). Arguments, the
+  config and the detector weights are checked before the store is created or changed.
 - Under ``torchrun --nproc_per_node N``, rank r takes every N-th image of the sorted list,
   writes ``STORE.rank{r}``, and rank 0 merges all into STORE at the end (gloo barrier).
 
@@ -35,16 +38,18 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cpfean.data.region_store import RegionStore, RegionStoreError, RegionWriter, merge_stores
+from cpfean.fileio import atomic_output, atomic_write
 from detector.config import get_region_cfg
 from detector.data import ImageFolder, list_images, shard
-from detector.extractor import RegionExtractor
+from detector.extractor import RegionExtractor, check_weights_file
+from pipelines import cli
 
 EXIT_OK, EXIT_USAGE, EXIT_SKIPPED = 0, 2, 3
 TRAINED_CONFIG = Path("weights/scenes_r18_fpn/config.yaml")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pipelines.extract", description=__doc__,
+    p = cli.ArgumentParser(prog="python -m pipelines.extract", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", type=Path, help="images root folder (walked recursively)")
     p.add_argument("--out", type=Path, default=None,
@@ -67,6 +72,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _rank_world() -> tuple[int, int, int]:
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
             int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the first out-of-range option."""
+    for name, low in (("batch_size", 1), ("workers", 0), ("threads", 0), ("commit_every", 1)):
+        value = getattr(args, name)
+        if value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
 
 
 def build_cfg(args: argparse.Namespace, local_rank: int, world: int):
@@ -101,7 +116,8 @@ def _sibling(path: Path, suffix: str) -> Path:
 
 
 def extract_shard(extractor: RegionExtractor, root: Path, ids: list[str], store: Path,
-                  report: Path, *, already: set[str], batch_size: int, workers: int,
+                  report: Path, *, already: set[str], rejected: list[tuple[str, str]],
+                  batch_size: int, workers: int,
                   commit_every: int, max_pixels: int, progress: bool, desc: str
                   ) -> dict[str, int]:
     """Extract `ids` (minus those already stored) into `store`; skipped ones go to `report`.
@@ -110,11 +126,10 @@ def extract_shard(extractor: RegionExtractor, root: Path, ids: list[str], store:
         counts: written, skipped, present (already in a store before this run).
     """
     counts = {"written": 0, "skipped": 0, "present": 0}
-    tmp_report = _sibling(report, ".tmp")
     # the images root lets the retrieval index find and draw the images later
     meta = {**extractor.meta, "images_root": str(root.resolve())}
     with RegionWriter(store, meta, commit_every=commit_every) as writer, \
-            open(tmp_report, "w", encoding="utf-8") as rep:
+            atomic_output(report) as rep:
         done = writer.done_ids() | already
         todo = [i for i in ids if i not in done]
         counts["present"] = len(ids) - len(todo)
@@ -128,6 +143,9 @@ def extract_shard(extractor: RegionExtractor, root: Path, ids: list[str], store:
                                   "reason": reason}) + "\n")
             rep.flush()
             counts["skipped"] += 1
+
+        for name, reason in rejected:
+            skip(name, reason)
 
         for batch in loader:
             good = [item for item in batch if item.image is not None]
@@ -149,7 +167,6 @@ def extract_shard(extractor: RegionExtractor, root: Path, ids: list[str], store:
                 counts["written"] += 1
             bar.update(len(batch))
         bar.close()
-    os.replace(tmp_report, report)
     return counts
 
 
@@ -171,8 +188,7 @@ def _merge(store: Path, world: int) -> int:
         if rep.exists():
             lines += rep.read_text(encoding="utf-8").splitlines(keepends=True)
             rep.unlink()
-    report = _sibling(store, ".skipped.jsonl")
-    report.write_text("".join(lines), encoding="utf-8")
+    atomic_write(_sibling(store, ".skipped.jsonl"), "".join(lines))
     for path in ranks:
         if path.exists():
             shutil.rmtree(path)
@@ -184,13 +200,18 @@ def main(argv: list[str] | None = None) -> int:
     rank, world, local_rank = _rank_world()
     root = args.images.resolve()
     store = (args.out or Path(str(args.images).rstrip("/") + "_regions.lmdb")).resolve()
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
+    rejected: list[tuple[str, str]] = []
     try:
+        check_args(args)
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
         cfg = build_cfg(args, local_rank, world)
-        ids = list_images(root)
+        ids = list_images(root, rejected)
+        if store.exists() and not store.is_dir():
+            raise ValueError(f"--out {store} is a file, not a region store")
+        if cfg.MODEL.WEIGHTS:
+            check_weights_file(cfg.MODEL.WEIGHTS)
     except (OSError, ValueError, AssertionError, KeyError) as e:
-        print(f"extract: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return cli.fail(e)
     if world > 1:
         dist.init_process_group("gloo", timeout=timedelta(hours=12))
     try:
@@ -199,7 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         if world > 1:
             dist.barrier()
         start = time.time()
-        extractor = RegionExtractor(cfg)
+        try:
+            extractor = RegionExtractor(cfg)
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            if world > 1:
+                raise
+            return cli.fail(e)
         already = set(RegionStore(store).ids()) if world > 1 and store.exists() else set()
         mine = shard(ids, rank, world)
         out = store if world == 1 else _sibling(store, f".rank{rank}")
@@ -207,14 +233,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             counts = extract_shard(
                 extractor, root, mine, out, report, already=already,
+                rejected=rejected if rank == 0 else [],
                 batch_size=args.batch_size, workers=args.workers,
                 commit_every=args.commit_every, max_pixels=cfg.REGIONS.MAX_IMAGE_PIXELS,
                 progress=not args.no_progress, desc=f"extract[{rank}]" if world > 1 else "extract")
         except RegionStoreError as e:
             if world > 1:
                 raise  # torchrun then stops every rank instead of leaving them at the barrier
-            print(f"extract: {e}", file=sys.stderr)
-            return EXIT_USAGE
+            return cli.fail(e)
         if world > 1:
             dist.barrier()
             if rank != 0:
@@ -224,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                           .splitlines())
         else:
             total, skipped = len(RegionStore(store)), counts["skipped"]
-        summary = {"store": str(store), "images": len(ids), "in_store": total,
+        summary = {"store": str(store), "images": len(ids) + len(rejected), "in_store": total,
                    "skipped": skipped, "seconds": round(time.time() - start, 1)}
         if world == 1:
             summary.update(written=counts["written"], already_present=counts["present"])

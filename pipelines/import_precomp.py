@@ -30,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cpfean.data.region_store import NUM_REGIONS, RegionRecord, RegionStoreError, RegionWriter
+from pipelines import cli
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -104,7 +105,7 @@ def import_precomp(src: Path, split: str, out: Path, captions_out: Path, *,
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m pipelines.import_precomp",
         description="Import SCAN-style precomputed features ({split}_ims.npy, {split}_caps.txt) "
                     "into a region store plus a JSONL caption file.")

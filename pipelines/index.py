@@ -16,6 +16,9 @@ import json
 import sys
 from pathlib import Path
 
+from cpfean.fileio import LockedError
+from pipelines import cli
+
 DEFAULT_CHECKPOINT = "runs/demo/cpfean/best.pt"
 DEFAULT_INDEX = "runs/demo/index"
 
@@ -31,14 +34,13 @@ def _images_root(given: str | None, store_meta: dict, captions: str | None) -> s
     return root
 
 
-def _up_to_date(out: Path, sha256: str, ids_sha256: str, n_captions: int) -> bool:
+def _up_to_date(out: Path, key: str) -> bool:
+    """The index at ``out`` was built from exactly these inputs (its recorded build key)."""
     try:
         meta = json.loads((out / "index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    caps = (meta.get("captions") or {}).get("count", 0)
-    return (meta.get("checkpoint", {}).get("sha256") == sha256
-            and meta.get("ids_sha256") == ids_sha256 and caps == n_captions)
+    return isinstance(meta, dict) and meta.get("build_key") == key
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,11 +48,12 @@ def run(args: argparse.Namespace) -> int:
     from cpfean.config import to_dict
     from cpfean.data.captions import check_ids, load_captions
     from cpfean.data.region_store import RegionStore
-    from cpfean.index import build_index, ids_digest
+    from cpfean.index import build_index, build_key, check_replaceable
 
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    check_replaceable(Path(args.out))  # before the model loads
     device = resolve_device(args.device)
     model, cfg, _ = load_model(checkpoint, device)
     store = RegionStore(args.regions or cfg.data.regions)
@@ -73,15 +76,20 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     sha256 = checkpoint_fingerprint(checkpoint)
-    if not args.force and _up_to_date(out, sha256, ids_digest(image_ids), len(captions)):
+    images_root = _images_root(args.images_root, store.meta, caption_file)
+    key = build_key(checkpoint_sha256=sha256, store=store, image_ids=image_ids,
+                    captions=captions, caption_image_ids=owners, dtype=args.dtype,
+                    images_root=images_root)
+    if not args.force and _up_to_date(out, key):
         print(f"index {out} is up to date ({len(image_ids)} images, {len(captions)} captions); "
               "--force rebuilds it")
         return 0
+    check_replaceable(out)
     build_index(
         model, store, out,
         checkpoint={"path": str(checkpoint), "sha256": sha256},
         config=to_dict(cfg), image_ids=image_ids,
-        images_root=_images_root(args.images_root, store.meta, caption_file),
+        images_root=images_root,
         captions=captions, caption_image_ids=owners,
         shard_size=args.shard_size, batch_size=args.batch_size, dtype=args.dtype,
         device=device, progress=not args.quiet, log=lambda s: print(s, file=sys.stderr),
@@ -92,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.index", description=__doc__,
+    parser = cli.ArgumentParser(prog="python -m pipelines.index", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="model checkpoint")
     parser.add_argument("--regions", help="region store (default: the checkpoint's)")
@@ -120,10 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError, KeyError, LockedError) as exc:
+        return cli.fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
 
 
 if __name__ == "__main__":

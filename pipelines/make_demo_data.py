@@ -17,6 +17,7 @@ import time
 from tqdm import tqdm
 
 from cpfean.data.scenes import generate_dataset, split_sizes
+from pipelines import cli
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -30,7 +31,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipelines.make_demo_data", description=__doc__,
+    p = cli.ArgumentParser(prog="python -m pipelines.make_demo_data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="output directory")
     p.add_argument("--images", type=int, default=500, help="number of images (>= 3)")

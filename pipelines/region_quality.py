@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from cpfean.data.region_store import RegionStore
+from pipelines import cli
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -54,7 +55,7 @@ def region_quality(store: RegionStore, images: list[dict], iou: float = 0.5) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.region_quality",
+    parser = cli.ArgumentParser(prog="python -m pipelines.region_quality",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--regions", required=True)

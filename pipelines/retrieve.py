@@ -30,6 +30,7 @@ from cpfean.checkpoint import checkpoint_fingerprint, load_model, resolve_device
 from cpfean.data.dataset import collate_regions, record_arrays
 from cpfean.evaluation import encode_texts
 from cpfean.index import IndexError_, RetrievalIndex, search
+from pipelines import cli
 
 DEFAULT_INDEXES = ("runs/demo/index", "runs/demo-quick/index")
 DETAILED = 3  # results explained (prominent words, regions)
@@ -319,7 +320,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.retrieve", description=__doc__,
+    parser = cli.ArgumentParser(prog="python -m pipelines.retrieve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--query", help="text query -> ranked images")

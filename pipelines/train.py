@@ -16,12 +16,13 @@ from pathlib import Path
 
 from cpfean.config import ConfigError, load_config
 from cpfean.data.captions import MissingImagesError
-from cpfean.data.region_store import RegionStoreError
 from cpfean.engine import train
+from cpfean.fileio import LockedError
+from pipelines import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__,
+    parser = cli.ArgumentParser(prog="python -m pipelines.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file (defaults apply to missing keys)")
     parser.add_argument("--resume", action="store_true", help="continue RUN_DIR/last.pt exactly")
@@ -32,17 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return cli.fail(exc)
     if args.resume and not (Path(cfg.run_dir) / "last.pt").is_file():
-        print(f"error: --resume: no {Path(cfg.run_dir) / 'last.pt'} to continue",
-              file=sys.stderr)
-        return 2
+        return cli.fail(f"--resume: no {Path(cfg.run_dir) / 'last.pt'} to continue")
     try:
         best = train(cfg, resume=args.resume, progress=not args.quiet)
-    except (FileNotFoundError, MissingImagesError, RegionStoreError, FloatingPointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError, MissingImagesError, LockedError, FloatingPointError) as exc:
+        return cli.fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
     print(f"best validation rSum {best['rsum']:.2f} (epoch {best.get('epoch')}); "
           f"checkpoints in {cfg.run_dir}")
     return 0

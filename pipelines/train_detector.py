@@ -24,10 +24,11 @@ from detectron2.utils.logger import setup_logger
 
 from detector.config import get_region_cfg
 from detector.train import RegionTrainer, export_run, register_scenes, scale_schedule
+from pipelines import cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pipelines.train_detector", description=__doc__,
+    p = cli.ArgumentParser(prog="python -m pipelines.train_detector", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True,
                    help="folder with instances_{train,val}.json and images/")

@@ -18,6 +18,7 @@ header before it is mapped, so a truncated store is an error, not a SIGBUS.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import operator
@@ -540,6 +541,14 @@ class RegionStore:
     def __len__(self) -> int:
         self._stored_meta()
         return _read_env(self.path).stat()["entries"] - 1
+
+    def fingerprint(self) -> str:
+        """A digest that changes whenever the store's content does: its meta (creation time
+        included, so a re-extracted store differs), entry count and last LMDB transaction."""
+        meta = json.dumps(self._stored_meta(), sort_keys=True)
+        with _begin(self.path) as txn:
+            info = txn.id(), len(self)
+        return hashlib.sha256(f"{meta}|{info[0]}|{info[1]}".encode()).hexdigest()
 
     def ids(self) -> list[str]:
         """All image ids, sorted (``__meta__`` excluded)."""
