@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cpfean.fileio import atomic_path
+
 FLAT_MAX = 1_000_000  # galleries up to this size use the exact flat index
 TWO_STAGE_MIN = 20_000  # galleries above this size use the two-stage path by default
 DEFAULT_CANDIDATES = 500  # first-stage candidates re-ranked by CPFEAN
@@ -91,12 +93,11 @@ class FirstStage:
         self.index.nprobe = nprobe
         self._quantiser = quantiser  # faiss does not own it; keep it alive
         if cache is not None:
-            tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
             try:
-                faiss.write_index(self.index, str(tmp))
-                tmp.replace(cache)
+                with atomic_path(cache) as tmp:
+                    faiss.write_index(self.index, str(tmp))
             except (OSError, RuntimeError):  # a read-only index: train again next time
-                tmp.unlink(missing_ok=True)
+                pass
 
     def _add(self, pooled: np.ndarray, chunk: int) -> None:
         for start in range(0, pooled.shape[0], chunk):

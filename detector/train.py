@@ -24,6 +24,8 @@ from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 
+from cpfean.fileio import atomic_path, atomic_write
+
 __all__ = ["RegionTrainer", "coco_category_names", "export_run", "register_coco_split",
            "register_scenes", "scale_schedule"]
 
@@ -112,15 +114,13 @@ def export_run(cfg: CfgNode, model: torch.nn.Module, out_dir: str | os.PathLike,
     model = getattr(model, "module", model)  # unwrap DDP
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     ckpt = out / "model_final.pth"
-    torch.save({"model": state}, str(ckpt) + ".tmp")
-    os.replace(str(ckpt) + ".tmp", ckpt)
+    with atomic_path(ckpt) as tmp:
+        torch.save({"model": state}, tmp)
     saved = cfg.clone()
     saved.defrost()
     saved.MODEL.WEIGHTS = "model_final.pth"  # resolved against the config's folder on load
     saved.MODEL.DEVICE = "auto"
     for name, text in (("config.yaml", saved.dump()),
                        ("metrics.json", json.dumps(metrics, indent=2) + "\n")):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
+        atomic_write(out / name, text)
     return ckpt

@@ -32,6 +32,7 @@ from cpfean.data.captions import check_ids, load_captions
 from cpfean.data.region_store import RegionStore
 from cpfean.engine import train
 from cpfean.evaluation import evaluate_split
+from cpfean.fileio import atomic_write, atomic_write_json
 from cpfean.metrics import format_table
 from pipelines import cli
 
@@ -151,11 +152,11 @@ def main(argv: list[str] | None = None) -> int:
             test = load_captions(cfg.data.captions, split=cfg.data.test_split)
             metrics, _ = evaluate_split(model, RegionStore(cfg.data.regions), test,
                                         batch_size=cfg.train.eval_batch_size, device=device)
-            metrics_path.write_text(json.dumps(metrics, indent=2))
+            atomic_write_json(metrics_path, metrics, indent=2)
         if need_held:
             metrics, _ = evaluate_split(model, *heldout, batch_size=cfg.train.eval_batch_size,
                                         device=device)
-            held_path.write_text(json.dumps({**metrics, "source": source}, indent=2))
+            atomic_write_json(held_path, {**metrics, "source": source}, indent=2)
         results[name] = json.loads(metrics_path.read_text())
         print(format_table({name: results[name]}), flush=True)
         if heldout is not None:
@@ -171,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
 def _write_table(stem: Path, results: dict[str, dict]) -> None:
     table = format_table(results)
     print(table)
-    stem.with_suffix(".md").write_text("```\n" + table + "\n```\n")
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    atomic_write(stem.with_suffix(".md"), "```\n" + table + "\n```\n")
+    atomic_write_json(stem.with_suffix(".json"), results, indent=2)
 
 
 if __name__ == "__main__":

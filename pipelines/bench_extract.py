@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from cpfean.fileio import atomic_write_json
 from pipelines import cli
 
 TRAINED = Path("weights/scenes_r18_fpn/config.yaml")
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     speedup = rows[0]["images_per_s"] / rows[1]["images_per_s"]
     print(f"\nspeed-up of the batched one-pass pipeline: {speedup:.2f}x")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        atomic_write_json(args.json, rows, indent=2)
     return 0
 
 

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from cpfean import ann
+from cpfean.fileio import atomic_write_json
 from pipelines import cli
 
 R = 36
@@ -414,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
           "memory maps up to 200K; above, candidates are generated, see gather_ms in --json); "
           f"peak RSS {_rss_gb():.1f} GB")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        atomic_write_json(args.json, rows, indent=1)
     return 0
 
 

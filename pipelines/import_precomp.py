@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cpfean.data.region_store import NUM_REGIONS, RegionRecord, RegionStoreError, RegionWriter
+from cpfean.fileio import atomic_output
 from pipelines import cli
 
 EXIT_OK, EXIT_USAGE = 0, 2
@@ -94,12 +94,10 @@ def import_precomp(src: Path, split: str, out: Path, captions_out: Path, *,
                       dynamic_ncols=True):
             features = np.asarray(ims[i], dtype=np.float32)  # [36, D], copied off the mmap
             writer.put(ids[i], RegionRecord(features, boxes, labels, scores, (0, 0), NUM_REGIONS))
-    tmp = captions_out.with_name(captions_out.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_output(captions_out) as f:
         for j, caption in enumerate(captions):
             row = {"image": ids[j // im_div], "caption": caption, "split": split}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, captions_out)
     return {"images": n, "captions": len(captions), "written": len(todo),
             "present": n - len(todo)}
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from cpfean.data.region_store import RegionStore
+from cpfean.fileio import atomic_write_json
 from pipelines import cli
 
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     for role, r in sorted(result.items()):
         print(f"{role:<12}{r['objects']:>9}{100 * r['found']:>8.1f}%{100 * r['labelled']:>9.1f}%")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        atomic_write_json(args.json, result, indent=2)
     return 0
 
 

@@ -29,6 +29,7 @@ import torch
 from cpfean.checkpoint import checkpoint_fingerprint, load_model, resolve_device
 from cpfean.data.dataset import collate_regions, record_arrays
 from cpfean.evaluation import encode_texts
+from cpfean.fileio import atomic_path, atomic_write
 from cpfean.index import IndexError_, RetrievalIndex, search
 from pipelines import cli
 
@@ -252,9 +253,10 @@ def show(out: str, payload: dict, index: RetrievalIndex, details: list[dict],
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() in (".html", ".htm"):
-        path.write_text(render_html(words, tiles, prefix=prefix, footer=footer), "utf-8")
+        atomic_write(path, render_html(words, tiles, prefix=prefix, footer=footer))
     else:
-        render_png(words, tiles, prefix=prefix, footer=footer).save(path)
+        with atomic_path(path) as tmp:
+            render_png(words, tiles, prefix=prefix, footer=footer).save(tmp, format="PNG")
 
 
 # ---------------------------------------------------------------------------------- main

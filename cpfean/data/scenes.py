@@ -24,6 +24,8 @@ larger one.
 
 from __future__ import annotations
 
+from cpfean.fileio import atomic_write, atomic_write_json
+
 import colorsys
 import io
 import json
@@ -215,10 +217,7 @@ def render_scene(task: tuple[int, int, int, int, str, str]) -> Scene:
     seed, index, width, height, ext, images_dir = task
     scene, image = make_scene(seed, index, width, height, ext)
     path = os.path.join(images_dir, scene.file_name)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(_encode(image, ext))
-    os.replace(tmp, path)
+    atomic_write(path, _encode(image, ext))
     return scene
 
 
@@ -269,9 +268,7 @@ def build_instances(scenes: Sequence[Scene], split: str) -> dict:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, separators=(",", ":")), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, separators=(",", ":"))
 
 
 def generate_dataset(out_dir: str | os.PathLike, num_images: int, seed: int, *,
