@@ -185,7 +185,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
         )
         net = DistributedDataParallel(model, find_unused_parameters=False) if world > 1 else model
         metrics_log = MetricsLog(run_dir / "metrics.csv")
-        if resume and is_main:
+        if is_main:  # rows a crash logged past the checkpoint (or a fresh run's: all) go
             metrics_log.truncate_after(step)
         autocast = (lambda: torch.autocast(device.type, dtype=torch.float16)) if use_amp \
             else nullcontext

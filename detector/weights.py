@@ -71,7 +71,7 @@ def _state_dict(data: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[st
     tensors = {}
     for name, value in weights.items():
         if isinstance(value, (np.ndarray, np.generic)):
-            tensors[str(name)] = torch.from_numpy(np.ascontiguousarray(value))
+            tensors[str(name)] = torch.from_numpy(np.array(value, order="C"))  # keeps 0-d
         elif isinstance(value, torch.Tensor):
             tensors[str(name)] = value
     if not tensors:

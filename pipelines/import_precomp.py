@@ -119,14 +119,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.commit_every < 1:
+        return cli.fail(f"--commit-every must be >= 1, got {args.commit_every}")
     out = args.out or args.dir / f"{args.split}_regions.lmdb"
     captions_out = args.captions_out or out.with_name(out.name + ".captions.jsonl")
     try:
         counts = import_precomp(args.dir, args.split, out, captions_out,
                                 commit_every=args.commit_every, progress=not args.no_progress)
     except (OSError, ValueError) as e:  # RegionStoreError is a ValueError
-        print(f"import_precomp: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return cli.fail(e)
     print(f"regions:  {out} ({counts['images']} images, {counts['written']} written now, "
           f"{counts['present']} already there)")
     print(f"captions: {captions_out} ({counts['captions']} captions)")

@@ -23,6 +23,7 @@ import torch
 from detectron2.utils.logger import setup_logger
 
 from detector.config import get_region_cfg
+from detector.extractor import check_weights_file
 from detector.train import RegionTrainer, export_run, register_scenes, scale_schedule
 from pipelines import cli
 
@@ -55,15 +56,22 @@ def _finite(value: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     out = args.out.resolve()
     try:
+        if args.iters is not None and args.iters < 1:
+            raise ValueError(f"--iters must be >= 1, got {args.iters}")
+        if args.threads < 0:
+            raise ValueError(f"--threads must be >= 0, got {args.threads}")
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file, not a folder")
         splits, classes = register_scenes(args.data)
         cfg = get_region_cfg(args.config, args.opts, freeze=False)
+        if cfg.MODEL.WEIGHTS:  # initial weights: tensors only, never a pickle
+            check_weights_file(cfg.MODEL.WEIGHTS)
     except (OSError, ValueError, AssertionError, KeyError) as e:
-        print(f"train_detector: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg.DATASETS.TRAIN = (splits["train"],)
     cfg.DATASETS.TEST = (splits["val"],)
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(classes)

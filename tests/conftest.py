@@ -27,3 +27,20 @@ def _seed():
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """The quick demo's outputs (scenes, detector, regions, checkpoint, index), made once per
+    session, with what the run printed. Tests that change anything work on copies."""
+    import contextlib
+    import io
+
+    from pipelines import demo
+
+    out = tmp_path_factory.mktemp("quick_demo") / "demo"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = demo.main(["--out", str(out), "--quick", "--device", "cpu"])
+    assert status == 0, printed.getvalue()[-2000:]
+    return out, printed.getvalue()

@@ -9,10 +9,8 @@ from pipelines import demo, retrieve
 
 @pytest.mark.slow
 @pytest.mark.detector
-def test_quick_demo_end_to_end_then_retrieve_and_rerun(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert demo.main(["--out", str(out), "--quick", "--device", "cpu"]) == 0
-    text = capsys.readouterr().out
+def test_quick_demo_end_to_end_then_retrieve_and_rerun(quick_demo, capsys):
+    out, text = quick_demo
     for stage in ("generate scenes", "train detector", "extract regions", "train CPFEAN",
                   "evaluate", "build index"):
         assert f"[demo] {stage}: done" in text, stage
