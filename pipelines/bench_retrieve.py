@@ -382,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--quick", action="store_true", help="small smoke run")
     args = p.parse_args(argv)
+    if args.workdir is not None and not Path(args.workdir).is_dir():
+        p.error(f"--workdir {args.workdir} is not an existing folder")
     if args.quick:
         args.sizes, args.dim, args.queries, args.candidates = "2000,250000", 256, 8, "100,300"
         args.candidates_1m, args.nprobe = "100", "16,64"

@@ -65,13 +65,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iou", type=float, default=0.5)
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args(argv)
-    data = json.loads(Path(args.captions).read_text())
-    images = [im for im in data["images"] if args.split in ("all", im.get("split"))]
-    if not images or not any(im.get("objects") for im in images):
-        print(f"error: {args.captions} has no annotated objects in split {args.split!r}",
-              file=sys.stderr)
-        return 2
-    result = region_quality(RegionStore(args.regions), images, args.iou)
+    if not 0 < args.iou <= 1:
+        parser.error(f"--iou must be in (0, 1], got {args.iou}")
+    try:
+        data = json.loads(Path(args.captions).read_text(encoding="utf-8"))
+        images = [im for im in data["images"] if args.split in ("all", im.get("split"))]
+        if not images or not any(im.get("objects") for im in images):
+            raise ValueError(f"{args.captions} has no annotated objects in split "
+                             f"{args.split!r}")
+        result = region_quality(RegionStore(args.regions), images, args.iou)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        what = f"{args.captions}: not the generator's captions.json (no {e})" if isinstance(
+            e, (KeyError, TypeError, AttributeError)) else e
+        return cli.fail(what)
     print(f"{'role':<12}{'objects':>9}{'found':>9}{'labelled':>10}   (IoU >= {args.iou})")
     for role, r in sorted(result.items()):
         print(f"{role:<12}{r['objects']:>9}{100 * r['found']:>8.1f}%{100 * r['labelled']:>9.1f}%")
