@@ -39,6 +39,7 @@ class DataConfig:
     train_split: str = "train"  # split of the caption source used for training
     val_split: str = "val"  # split used to pick the best checkpoint
     test_split: str = "test"  # split reported by pipelines.evaluate
+    val_limit: int = 0  # validate on the first N images of val_split (0 = all; SCAN: 1000 on COCO)
     num_workers: int = 0  # DataLoader worker processes (0 = load in the main process)
 
 
@@ -60,6 +61,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
     eval_batch_size: int = 128  # images/captions per encoding batch during validation
     log_every: int = 20  # steps between metrics-log rows
+    ddp_timeout_minutes: int = 60  # collective timeout under torchrun; covers rank 0's validation
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,8 @@ _RANGES = (
     ("train.lr_warmup_steps", 0, False), ("train.grad_clip", 0, False),
     ("train.margin", 0, False), ("train.warmup_epochs", 0, False),
     ("train.prominence_weight", 0, False), ("train.eval_batch_size", 1, False),
-    ("train.log_every", 1, False), ("data.num_workers", 0, False),
+    ("train.log_every", 1, False), ("data.num_workers", 0, False), ("data.val_limit", 0, False),
+    ("train.ddp_timeout_minutes", 1, False),
     ("model.feature_dim", 1, False), ("model.embed_dim", 1, False),
     ("model.max_words", 1, False), ("model.region_layers", 1, False),
     ("model.region_heads", 1, False), ("model.region_ff_dim", 1, False),

@@ -9,12 +9,14 @@ DistributedDataParallel (nccl on CUDA, gloo on CPU); in-batch negatives are per 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import os
 import random
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +35,7 @@ from cpfean.checkpoint import (
     set_rng_state,
 )
 from cpfean.config import Config, save_config
-from cpfean.data.captions import check_ids, load_captions
+from cpfean.data.captions import CaptionSet, check_ids, load_captions
 from cpfean.data.dataset import CaptionPairDataset, PairCollator
 from cpfean.data.region_store import RegionStore
 from cpfean.evaluation import evaluate_split
@@ -63,6 +65,32 @@ def load_split(cfg: Config, store: RegionStore, split: str):
     captions = load_captions(cfg.data.captions, split=split)
     check_ids(captions, store.ids())
     return captions
+
+
+def fit_to_store(cfg: Config, store_meta: dict, logger: logging.Logger | None) -> Config:
+    """Switch off the priors a store cannot feed (precomputed features have no boxes or
+    labels), saying so in one line; the returned config is the one saved with the run.
+    Raises ValueError when the store's features are not of ``model.feature_dim``."""
+    dim = store_meta.get("feature_dim")
+    if dim != cfg.model.feature_dim:
+        raise ValueError(f"model.feature_dim is {cfg.model.feature_dim} but the region store "
+                         f"{cfg.data.regions} holds {dim}-d features; set "
+                         f"model.feature_dim={dim}")
+    missing, off = [], []
+    if cfg.model.use_spatial and store_meta.get("has_boxes") is False:
+        missing.append("boxes")
+        off.append("use_spatial")
+    if cfg.model.use_label_prior and (store_meta.get("has_labels") is False
+                                      or not store_meta.get("label_names")):
+        missing.append("labels")
+        off.append("use_label_prior")
+    if not off:
+        return cfg
+    if logger is not None:
+        logger.info("the region store has no %s: %s off for this run", " and no ".join(missing),
+                    " and ".join(f"model.{k}" for k in off))
+    model = dataclasses.replace(cfg.model, **dict.fromkeys(off, False))
+    return dataclasses.replace(cfg, model=model)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -130,7 +158,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(minutes=cfg.train.ddp_timeout_minutes))
     is_main = rank == 0
     run_dir = Path(cfg.run_dir)
     # the data are checked before the run folder is made or touched
@@ -138,6 +167,11 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
     label_names = list(store.meta.get("label_names", []))
     train_caps = load_split(cfg, store, cfg.data.train_split)
     val_caps = load_split(cfg, store, cfg.data.val_split)
+    if cfg.data.val_limit and len(val_caps) > cfg.data.val_limit:
+        keep = slice(0, cfg.data.val_limit)
+        val_caps = CaptionSet(val_caps.image_ids[keep], val_caps.captions[keep],
+                              val_caps.splits[keep], val_caps.source)
+    cfg = fit_to_store(cfg, store.meta, log if is_main else None)
     lock = WriterLock(run_dir / "train.lock", f"run folder {run_dir}")
     if is_main:
         lock.acquire()  # two runs in one folder would overwrite each other's checkpoints

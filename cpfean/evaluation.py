@@ -66,6 +66,35 @@ def similarity_matrix(
     return sims.float().cpu().numpy()
 
 
+@torch.no_grad()
+def similarity_blocks(
+    model, store: RegionStore, image_ids: Sequence[str], captions: Sequence[str], *,
+    fold_size: int, batch_size: int = 128, device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> list[np.ndarray]:
+    """The diagonal blocks ``[fold_size, 5 * fold_size]`` of the similarity matrix (COCO
+    5-fold 1K): every item is encoded once, and only pairs inside a fold are scored."""
+    n = len(image_ids)
+    if fold_size < 1 or n % fold_size or len(captions) != 5 * n:
+        raise ValueError(f"{n} images and {len(captions)} captions do not split into folds of "
+                         f"{fold_size} images with 5 captions each")
+    was_training = model.training
+    model.eval()
+    try:
+        img = encode_images(model, store, image_ids, batch_size=batch_size, device=device,
+                            progress=progress)
+        txt = encode_texts(model, captions, batch_size=batch_size, device=device,
+                           progress=progress)
+        blocks = []
+        for k in range(n // fold_size):
+            rows = slice(k * fold_size, (k + 1) * fold_size)
+            cols = slice(5 * k * fold_size, 5 * (k + 1) * fold_size)
+            blocks.append(model.score(img[rows], txt[cols]).float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    return blocks
+
+
 def evaluate_split(
     model, store: RegionStore, captions: CaptionSet, *, protocol: str = "all",
     batch_size: int = 128, device: torch.device | str = "cpu", progress: bool = False,

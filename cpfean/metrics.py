@@ -432,14 +432,23 @@ def evaluate_protocol(
     if protocol != "coco-5fold-1k":
         return ProtocolResult(protocol=protocol, n_images=n_images, **_recall_metrics(arr))
 
-    folds: list[RecallResult] = []
+    blocks = []
     for k in range(n_images // fold_size):
         image_slice = slice(k * fold_size, (k + 1) * fold_size)
         caption_slice = slice(
             CAPTIONS_PER_IMAGE * k * fold_size, CAPTIONS_PER_IMAGE * (k + 1) * fold_size
         )
-        folds.append(_recall_metrics(arr[image_slice, caption_slice]))
-    return ProtocolResult(protocol=protocol, n_images=n_images, folds=folds, **average_folds(folds))
+        blocks.append(arr[image_slice, caption_slice])
+    return evaluate_fold_blocks(blocks)
+
+
+def evaluate_fold_blocks(blocks: Sequence[npt.ArrayLike]) -> ProtocolResult:
+    """COCO 5-fold 1K from the folds' diagonal blocks alone (each ``[f, 5f]``), as
+    `evaluate_protocol` computes it from the whole matrix, at a fifth of the scoring work."""
+    folds = [_recall_metrics(_check_sims(b)) for b in blocks]
+    n_images = sum(np.shape(b)[0] for b in blocks)
+    return ProtocolResult(protocol="coco-5fold-1k", n_images=n_images, folds=folds,
+                          **average_folds(folds))
 
 
 def ensemble(sims_list: Sequence[npt.ArrayLike]) -> np.ndarray:

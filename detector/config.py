@@ -57,6 +57,10 @@ def add_region_config(cfg: CN) -> None:
     cfg.REGIONS.MAX_IMAGE_PIXELS = 50_000_000
     # Name recorded in the store's meta; set from the config file name when empty.
     cfg.REGIONS.CONFIG_NAME = ""
+    # Images per forward pass of `pipelines.extract` (its --batch-size overrides it). Images of
+    # a batch are zero-padded to one size, which changes features near the borders; 1 is what
+    # the Caffe bottom-up-attention extractor did.
+    cfg.REGIONS.IMAGES_PER_BATCH = 4
 
 
 def resolve_config_file(config_file: str | Path, bundled_only: bool = False) -> Path:
@@ -164,6 +168,8 @@ def _resolve_relative(value: str, base: Path) -> str:
 def validate_region_cfg(cfg: CN) -> None:
     """Fail loudly on inconsistent `REGIONS` values."""
     r = cfg.REGIONS
+    if r.IMAGES_PER_BATCH < 1:
+        raise ValueError(f"REGIONS.IMAGES_PER_BATCH must be >= 1, got {r.IMAGES_PER_BATCH}")
     if not 0 < r.MIN_REGIONS <= r.NUM_REGIONS:
         raise ValueError(f"need 0 < REGIONS.MIN_REGIONS <= NUM_REGIONS, got {r.MIN_REGIONS}, "
                          f"{r.NUM_REGIONS}")

@@ -158,6 +158,9 @@ class RegionExtractor:
             expected_sha256: refuse weights with another checksum, before reading them.
         """
         self.cfg = cfg.clone()  # cfg can be modified by model
+        # full fp32 as the published features were computed; TF32 would round matmuls on Ampere
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
         self.weights = self.cfg.MODEL.WEIGHTS
         sha256 = check_weights_file(self.weights, expected_sha256) if self.weights else None
         self.model = build_model(self.cfg)

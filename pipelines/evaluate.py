@@ -21,11 +21,12 @@ from pathlib import Path
 from cpfean.checkpoint import load_model, resolve_device
 from cpfean.data.captions import MissingImagesError, check_ids, load_captions
 from cpfean.data.region_store import RegionStore
-from cpfean.evaluation import similarity_matrix
+from cpfean.evaluation import similarity_blocks, similarity_matrix
 from cpfean.fileio import atomic_write_json
 from cpfean.metrics import (
     check_protocol_size,
     ensemble,
+    evaluate_fold_blocks,
     evaluate_protocol,
     format_table,
     paired_bootstrap,
@@ -33,18 +34,31 @@ from cpfean.metrics import (
 from pipelines import cli
 
 
+def _protocols(protocol: str, n_images: int, fold_size: int) -> list[str]:
+    """What to report: a named protocol, or for "all" on a COCO-sized test set (five folds)
+    both of COCO's tables, else the whole matrix."""
+    if protocol != "all":
+        return [protocol]
+    return ["coco-5fold-1k", "coco-5k"] if n_images == 5 * fold_size else ["all"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", action="append", required=True,
                         help="checkpoint file; repeat for an ensemble")
     parser.add_argument("--protocol", default="all",
-                        choices=["all", "f30k", "coco-5fold-1k", "coco-5k"])
+                        choices=["all", "f30k", "coco-5fold-1k", "coco-5k"],
+                        help="'all' on 5 folds of images (COCO 5K) prints both COCO tables")
     parser.add_argument("--split", default=None,
                         help="caption split (default: config's test); 'all' = every image of the "
                              "caption file, e.g. a separately generated held-out set")
     parser.add_argument("--regions", help="region store (default: the checkpoint's)")
     parser.add_argument("--captions", help="caption source (default: the checkpoint's)")
+    parser.add_argument("--fold-size", type=int, default=1000,
+                        help="images per COCO fold (1000 as published)")
+    parser.add_argument("--any-size", action="store_true",
+                        help="run a protocol on a test set of another size (small fixtures)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--name", default=None, help="row name in the printed table")
@@ -54,12 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resamples", type=int, default=1000,
                         help="bootstrap resamples for --against")
     args = parser.parse_args(argv)
-    if args.resamples < 1:
-        parser.error(f"--resamples must be >= 1, got {args.resamples}")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    for name in ("resamples", "batch_size", "fold_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.json and Path(args.json).is_dir():
         parser.error(f"--json {args.json} is a folder; give a file name")
+    if args.against and args.protocol == "coco-5fold-1k":
+        parser.error("--against compares whole matrices; use --protocol coco-5k or all")
 
     try:
         device = resolve_device(args.device)
@@ -69,30 +84,43 @@ def main(argv: list[str] | None = None) -> int:
         return cli.fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
     if other is not None and (other[1].image_ids != caps.image_ids
                               or other[1].flatten(5)[0] != caps.flatten(5)[0]):
-        print("error: --against scored other images or captions than --checkpoint; "
-              "give --regions and --captions", file=sys.stderr)
-        return 2
-    results = evaluate_protocol(sims, args.protocol)
+        return cli.fail("--against scored other images or captions than --checkpoint; "
+                        "give --regions and --captions")
+    protocols = _protocols(args.protocol, len(caps.image_ids), args.fold_size)
     name = args.name or _name(args.checkpoint)
-    table = {name: results}
-    if other is not None:
-        against = evaluate_protocol(other[0], args.protocol)
-        other_name = _name(args.against)
-        if other_name == name:  # e.g. two runs' best.pt, each in a folder named "full"
-            other_name = f"{other_name} (--against)"
-        table[other_name] = against
+    other_name = _name(args.against) if other is not None else ""
+    if other_name == name:  # e.g. two runs' best.pt, each in a folder named "full"
+        other_name = f"{other_name} (--against)"
+    table: dict = {}
+    results: dict = {}
+    against: dict = {}
+    for protocol in protocols:
+        suffix = f" ({protocol})" if len(protocols) > 1 else ""
+        results[protocol] = _evaluate(sims, protocol, args)
+        table[name + suffix] = results[protocol]
+        if other is not None:
+            against[protocol] = _evaluate(other[0], protocol, args)
+            table[other_name + suffix] = against[protocol]
     print(format_table(table))
-    payload: dict = results
+    payload: dict = results[protocols[0]] if len(protocols) == 1 else results
     if other is not None:
         comparison = paired_bootstrap(sims, other[0], resamples=args.resamples)
         print(f"rSum difference on all {len(caps.image_ids)} images: {comparison['diff']:+.1f} "
               f"(95% interval {comparison['ci_low']:+.1f} .. {comparison['ci_high']:+.1f}; "
               f"ahead in {100 * comparison['a_ahead']:.1f}% of {comparison['resamples']} "
               "resamples of the images)")
-        payload = {"model": results, "against": against, "comparison": comparison}
+        payload = {"model": payload,
+                   "against": against[protocols[0]] if len(protocols) == 1 else against,
+                   "comparison": comparison}
     if args.json:
         atomic_write_json(args.json, payload, indent=2)
     return 0
+
+
+def _evaluate(sims, protocol: str, args: argparse.Namespace):
+    if isinstance(sims, list):  # the five diagonal blocks only
+        return evaluate_fold_blocks(sims)
+    return evaluate_protocol(sims, protocol, fold_size=args.fold_size, strict=not args.any_size)
 
 
 def _name(paths: list[str]) -> str:
@@ -100,8 +128,10 @@ def _name(paths: list[str]) -> str:
 
 
 def _similarities(paths: list[str], args: argparse.Namespace, device):
-    """The (ensembled) similarity matrix of ``paths`` and the caption set it scores."""
+    """The (ensembled) similarity matrix of ``paths`` and the caption set it scores; for
+    ``--protocol coco-5fold-1k`` only its five diagonal blocks (a list)."""
     sims_list = []
+    caps = None
     for path in paths:
         model, ckpt_cfg, _ = load_model(path, device)
         store = RegionStore(args.regions or ckpt_cfg.data.regions)
@@ -109,12 +139,21 @@ def _similarities(paths: list[str], args: argparse.Namespace, device):
                              split=None if args.split == "all"
                              else args.split or ckpt_cfg.data.test_split)
         check_ids(caps, store.ids())
-        check_protocol_size(args.protocol, len(caps.image_ids))  # before any scoring
-        sims_list.append(similarity_matrix(
-            model, store, caps.image_ids, caps.flatten(5)[0],
-            batch_size=args.batch_size, device=device, progress=True,
-        ))
-    return (sims_list[0] if len(sims_list) == 1 else ensemble(sims_list)), caps
+        n = len(caps.image_ids)
+        for protocol in _protocols(args.protocol, n, args.fold_size):  # before any scoring
+            check_protocol_size(protocol, n, fold_size=args.fold_size, strict=not args.any_size)
+        kwargs = dict(batch_size=args.batch_size, device=device, progress=True)
+        if args.protocol == "coco-5fold-1k":
+            sims_list.append(similarity_blocks(model, store, caps.image_ids, caps.flatten(5)[0],
+                                               fold_size=args.fold_size, **kwargs))
+        else:
+            sims_list.append(similarity_matrix(model, store, caps.image_ids,
+                                               caps.flatten(5)[0], **kwargs))
+    if len(sims_list) == 1:
+        return sims_list[0], caps
+    if isinstance(sims_list[0], list):
+        return [ensemble([s[k] for s in sims_list]) for k in range(len(sims_list[0]))], caps
+    return ensemble(sims_list), caps
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"detector config: a YAML path or a bundled name (default: "
                         f"{TRAINED_CONFIG} when present, else scenes_r18_fpn)")
     p.add_argument("--weights", default=None, help="checkpoint (overrides MODEL.WEIGHTS)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per forward pass (default: the config's REGIONS.IMAGES_PER_BATCH)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--workers", type=int, default=2, help="DataLoader decoding processes")
     p.add_argument("--threads", type=int, default=0,
@@ -78,7 +79,7 @@ def check_args(args: argparse.Namespace) -> None:
     """Raise ValueError naming the first out-of-range option."""
     for name, low in (("batch_size", 1), ("workers", 0), ("threads", 0), ("commit_every", 1)):
         value = getattr(args, name)
-        if value < low:
+        if value is not None and value < low:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             counts = extract_shard(
                 extractor, root, mine, out, report, already=already,
                 rejected=rejected if rank == 0 else [],
-                batch_size=args.batch_size, workers=args.workers,
+                batch_size=args.batch_size or cfg.REGIONS.IMAGES_PER_BATCH, workers=args.workers,
                 commit_every=args.commit_every, max_pixels=cfg.REGIONS.MAX_IMAGE_PIXELS,
                 progress=not args.no_progress, desc=f"extract[{rank}]" if world > 1 else "extract")
         except RegionStoreError as e:

@@ -1,21 +1,29 @@
-"""``python -m pipelines.import_precomp DIR --split test [--out STORE] [--captions-out FILE]``
+"""``python -m pipelines.import_precomp DIR [--splits train,dev,...] [--karpathy JSON]``
 
-SCAN-style precomputed features -> region store + JSONL captions.
+Published precomputed features (SCAN / VSE-infinity ``f30k_precomp``, ``coco_precomp``) ->
+one region store and one JSONL caption file, every split present, ids and split names kept.
 
-- Reads ``DIR/{split}_ims.npy`` ([N, 36, D] float, memory-mapped) and ``DIR/{split}_caps.txt``
-  (one caption per line). As in SCAN's ``PrecompDataset``: 5N caption lines -> lines
-  5i..5i+4 belong to image row i; N lines -> one caption per row (rows may then repeat an
-  image); any other count is an error.
-- Store ids are ``{split}/{i:06d}`` (row i). Every region is valid (num_valid 36); there are no
-  boxes (zeros), labels (-1), scores (1.0) or image size ((0, 0)); the meta says
-  ``label_names=[]``, ``has_boxes=False``, ``has_labels=False`` and names the source files.
-- Captions go to ``STORE.captions.jsonl`` (``{"image", "caption", "split"}`` per line, ids
-  matching the store), rewritten whole by each run.
-- Resumable: ids already in the store are skipped, so a re-run after a crash (even ``kill -9``)
-  finishes the job. A store imported from other files is refused.
+- Reads, per split, ``DIR/{split}_ims.npy`` ([rows, 36, D] float, memory-mapped),
+  ``DIR/{split}_caps.txt`` (one caption per line) and, when present, ``DIR/{split}_ids.txt``
+  (one image id per line: Flickr30K photo ids, COCO image ids). Splits: every published one
+  present (``train``, ``dev``, ``test``, ``testall``), or ``--splits``.
+- SCAN's rule for rows: 5 captions per row -> one row per image; as many rows as captions ->
+  one row per caption, five consecutive rows per image (image k is row 5k, as SCAN's
+  evaluation takes every fifth). Any other count is an error naming the files and counts; so
+  is an ids file whose length fits neither the images nor the rows.
+- Image ids: the ids file's, or, with ``--karpathy dataset_{flickr30k,coco}.json``, the
+  Karpathy image id each maps to (``filepath/filename``: the key an extracted store of the same
+  images has), so the store joins the Karpathy captions and the raw images. Without an ids file,
+  ``{split}/{k:06d}``. An image in several splits (COCO's ``test`` is part of ``testall``) is
+  stored once; its rows must agree.
+- Every region is valid (36); there are no boxes, labels or image sizes, and the meta says so
+  (``has_boxes``, ``has_labels`` false): training then switches the spatial and label priors
+  off, with one logged line.
+- Captions go to ``DIR/captions.jsonl`` (``{"image", "caption", "split"}`` per line), the store
+  to ``DIR/regions.lmdb``. Resumable: ids already in the store are skipped, so a re-run after a
+  crash (even ``kill -9``) finishes the job; a store imported from another folder is refused.
 
-Default STORE: ``DIR/{split}_regions.lmdb``. Exit status: 0 = done; 2 = missing or malformed
-input, or an incompatible existing store.
+Exit status: 0 = done; 2 = missing or malformed input, or an incompatible existing store.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,87 +41,181 @@ from cpfean.data.region_store import NUM_REGIONS, RegionRecord, RegionStoreError
 from cpfean.fileio import atomic_output
 from pipelines import cli
 
-EXIT_OK, EXIT_USAGE = 0, 2
+PUBLISHED_SPLITS = ("train", "dev", "test", "testall")
+CAPTIONS_PER_IMAGE = 5
 
 
-def read_scan_split(src: Path, split: str) -> tuple[np.ndarray, list[str], int]:
-    """The memory-mapped features, the captions and SCAN's `im_div` of one precomp split.
+@dataclass
+class PrecompSplit:
+    """One published split: features [rows, 36, D] (memory map), captions (5 per image),
+    image ids [n_images], and the feature row of each image."""
 
-    Returns:
-        ims: [N, 36, D] (read-only memory map); captions: C lines, stripped;
-        im_div: 5 when C == 5N (caption j -> row j // 5), 1 when C == N (caption j -> row j).
-    """
-    ims_path, caps_path = src / f"{split}_ims.npy", src / f"{split}_caps.txt"
+    name: str
+    ims: np.ndarray
+    captions: list[str]
+    ids: list[str]
+    rows: list[int]
+
+
+def _lines(path: Path) -> list[str]:
+    with path.open(encoding="utf-8") as f:
+        return [line.rstrip("\n").rstrip("\r").strip() for line in f]
+
+
+def karpathy_id_map(path: Path) -> dict[str, str]:
+    """Raw published id (COCO ``cocoid``, Flickr30K photo id = file name stem) -> the Karpathy
+    image id (``filepath/filename``, or ``filename``)."""
+    try:
+        images = json.loads(path.read_text(encoding="utf-8"))["images"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--karpathy {path}: not a Karpathy split JSON ({e})") from None
+    out = {}
+    for img in images:
+        name = "/".join(p for p in (img.get("filepath", ""), img["filename"]) if p)
+        out[Path(img["filename"]).stem] = name
+        if "cocoid" in img:
+            out[str(img["cocoid"])] = name
+    return out
+
+
+def read_split(src: Path, split: str, id_map: dict[str, str] | None = None) -> PrecompSplit:
+    """Read and check one split (see the module docstring for the rules)."""
+    ims_path, caps_path, ids_path = (src / f"{split}_ims.npy", src / f"{split}_caps.txt",
+                                     src / f"{split}_ids.txt")
     for path in (ims_path, caps_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found (SCAN precomp layout: "
-                                    f"{{split}}_ims.npy and {{split}}_caps.txt)")
-    ims = np.load(ims_path, mmap_mode="r", allow_pickle=False)
+                                    "{split}_ims.npy and {split}_caps.txt)")
+    try:
+        ims = np.load(ims_path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        raise ValueError(f"{ims_path}: not a numeric .npy array ({e})") from None
     if ims.ndim != 3 or ims.shape[1] != NUM_REGIONS or ims.shape[2] < 1:
         raise ValueError(f"{ims_path}: expected shape [N, {NUM_REGIONS}, D], got {ims.shape}")
     if not np.issubdtype(ims.dtype, np.floating):
         raise ValueError(f"{ims_path}: expected float features, got {ims.dtype}")
-    with caps_path.open(encoding="utf-8") as f:
-        captions = [line.strip() for line in f]
-    n, c = ims.shape[0], len(captions)
-    if c == 5 * n:
-        im_div = 5
-    elif c == n:
-        im_div = 1
+    captions = _lines(caps_path)
+    n_rows, n_caps = ims.shape[0], len(captions)
+    if n_caps == CAPTIONS_PER_IMAGE * n_rows:
+        per_row = False
+    elif n_caps == n_rows and n_rows % CAPTIONS_PER_IMAGE == 0:
+        per_row = True  # one row per caption: five rows per image
     else:
-        raise ValueError(f"{caps_path}: {c} caption lines for {n} image rows in {ims_path}; "
-                         f"expected 5 per image ({5 * n}) or one per row ({n})")
-    return ims, captions, im_div
+        raise ValueError(f"{caps_path}: {n_caps} captions for {n_rows} feature rows in "
+                         f"{ims_path.name}; expected 5 per row ({5 * n_rows}) or one per row "
+                         f"({n_rows}, a multiple of 5)")
+    if empty := [j for j, c in enumerate(captions) if not c]:
+        raise ValueError(f"{caps_path}: line {empty[0] + 1} is an empty caption")
+    n_images = n_caps // CAPTIONS_PER_IMAGE
+    rows = [CAPTIONS_PER_IMAGE * k if per_row else k for k in range(n_images)]
+    if ids_path.is_file():
+        raw = _lines(ids_path)
+        if len(raw) == n_images:
+            ids = raw
+        elif per_row and len(raw) == n_rows:
+            ids = raw[::CAPTIONS_PER_IMAGE]
+            bad = next((j for j in range(n_rows) if raw[j] != ids[j // CAPTIONS_PER_IMAGE]), None)
+            if bad is not None:
+                raise ValueError(f"{ids_path}: line {bad + 1} names {raw[bad]!r} inside the "
+                                 f"five rows of image {ids[bad // 5]!r}")
+        else:
+            raise ValueError(f"{ids_path}: {len(raw)} ids for {n_images} images ({n_rows} rows "
+                             f"in {ims_path.name}, {n_caps} captions)")
+        if id_map is not None:
+            missing = [i for i in ids if i not in id_map]
+            if missing:
+                raise ValueError(f"{ids_path}: {len(missing)} ids are not in the Karpathy JSON "
+                                 f"(first: {missing[0]!r})")
+            ids = [id_map[i] for i in ids]
+    else:
+        ids = [f"{split}/{k:06d}" for k in range(n_images)]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{ids_path}: an image id is listed twice")
+    return PrecompSplit(split, ims, captions, ids, rows)
 
 
-def import_precomp(src: Path, split: str, out: Path, captions_out: Path, *,
-                   commit_every: int = 64, progress: bool = True) -> dict[str, int]:
-    """Import one SCAN precomp split into the region store `out` and JSONL `captions_out`.
+def present_splits(src: Path) -> list[str]:
+    """The splits with a features file in ``src``, published ones first, in their order."""
+    if not src.is_dir():
+        raise FileNotFoundError(f"precomp folder not found: {src}")
+    found = sorted(p.name[:-len("_ims.npy")] for p in src.glob("*_ims.npy"))
+    ordered = [s for s in PUBLISHED_SPLITS if s in found] + [s for s in found
+                                                              if s not in PUBLISHED_SPLITS]
+    if not ordered:
+        raise FileNotFoundError(f"{src} holds no {{split}}_ims.npy (SCAN precomp layout)")
+    return ordered
 
-    Returns:
-        counts: images, captions, written (this run), present (already in the store).
+
+def import_precomp(src: Path, splits: list[str], out: Path, captions_out: Path, *,
+                   karpathy: Path | None = None, commit_every: int = 64,
+                   progress: bool = True) -> dict[str, dict[str, int]]:
+    """Import ``splits`` of the precomp folder ``src`` into one store and one caption file.
+
+    Every split is read and checked before the store is opened. Returns, per split: images,
+    captions, written (this run), present (already in the store).
     """
-    ims, captions, im_div = read_scan_split(src, split)
-    n = ims.shape[0]
-    ids = [f"{split}/{i:06d}" for i in range(n)]
-    source = {"source": str((src / f"{split}_ims.npy").resolve()),
-              "source_captions": str((src / f"{split}_caps.txt").resolve())}
-    meta = {"feature_dim": int(ims.shape[2]), "label_names": [], "has_boxes": False,
+    id_map = karpathy_id_map(karpathy) if karpathy is not None else None
+    parts = [read_split(src, s, id_map) for s in splits]
+    dims = {p.ims.shape[2] for p in parts}
+    if len(dims) > 1:
+        raise ValueError(f"{src}: the splits have different feature sizes {sorted(dims)}")
+    source = {"source": str(src.resolve()),
+              "karpathy": str(karpathy.resolve()) if karpathy is not None else None}
+    meta = {"feature_dim": int(dims.pop()), "label_names": [], "has_boxes": False,
             "has_labels": False, "detector": {"config": "precomputed", "weights_sha256": None},
-            "split": split, "im_div": im_div, **source}
+            **source}
     boxes = np.zeros((NUM_REGIONS, 4), np.float32)
     labels = np.full(NUM_REGIONS, -1, np.int64)
     scores = np.ones(NUM_REGIONS, np.float32)
+    counts: dict[str, dict[str, int]] = {}
+    written_from: dict[str, tuple[PrecompSplit, int]] = {}  # id -> (split, row) this run
     with RegionWriter(out, meta, commit_every=commit_every) as writer:
         stored = writer.meta
         for key, value in source.items():
             if stored.get(key) != value:
                 raise RegionStoreError(f"{out} was imported from {stored.get(key)!r}, not "
                                        f"{value!r}; choose another --out")
-        todo = [i for i in range(n) if ids[i] not in writer]
-        for i in tqdm(todo, unit="img", desc=f"import {split}", disable=not progress,
-                      dynamic_ncols=True):
-            features = np.asarray(ims[i], dtype=np.float32)  # [36, D], copied off the mmap
-            writer.put(ids[i], RegionRecord(features, boxes, labels, scores, (0, 0), NUM_REGIONS))
+        for part in parts:
+            written = 0
+            for k in tqdm(range(len(part.ids)), unit="img", desc=f"import {part.name}",
+                          disable=not progress, dynamic_ncols=True, mininterval=2.0):
+                image_id, row = part.ids[k], part.rows[k]
+                if image_id in written_from:  # listed by an earlier split of this run
+                    other, other_row = written_from[image_id]
+                    if not np.array_equal(other.ims[other_row], part.ims[row]):
+                        raise ValueError(f"image {image_id!r} has different features in "
+                                         f"{other.name}_ims.npy and {part.name}_ims.npy")
+                    continue
+                if image_id in writer:
+                    continue
+                features = np.asarray(part.ims[row], dtype=np.float32)  # copied off the mmap
+                writer.put(image_id, RegionRecord(features, boxes, labels, scores, (0, 0),
+                                                  NUM_REGIONS))
+                written_from[image_id] = (part, row)
+                written += 1
+            counts[part.name] = {"images": len(part.ids), "captions": len(part.captions),
+                                 "written": written, "present": len(part.ids) - written}
     with atomic_output(captions_out) as f:
-        for j, caption in enumerate(captions):
-            row = {"image": ids[j // im_div], "caption": caption, "split": split}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return {"images": n, "captions": len(captions), "written": len(todo),
-            "present": n - len(todo)}
+        for part in parts:
+            for j, caption in enumerate(part.captions):
+                row = {"image": part.ids[j // CAPTIONS_PER_IMAGE], "caption": caption,
+                       "split": part.name}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return counts
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = cli.ArgumentParser(
-        prog="python -m pipelines.import_precomp",
-        description="Import SCAN-style precomputed features ({split}_ims.npy, {split}_caps.txt) "
-                    "into a region store plus a JSONL caption file.")
-    p.add_argument("dir", type=Path, help="folder holding {split}_ims.npy and {split}_caps.txt")
-    p.add_argument("--split", required=True, help="split name, e.g. train, dev, test, testall")
-    p.add_argument("--out", type=Path, help="region store (default DIR/{split}_regions.lmdb)")
-    p.add_argument("--captions-out", type=Path,
-                   help="JSONL caption file (default STORE.captions.jsonl)")
-    p.add_argument("--commit-every", type=int, default=64, help="records per transaction")
+    p = cli.ArgumentParser(prog="python -m pipelines.import_precomp", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", type=Path, help="folder holding {split}_ims.npy, {split}_caps.txt "
+                   "and {split}_ids.txt")
+    p.add_argument("--splits", "--split", dest="splits",
+                   help="comma-separated splits (default: every split present)")
+    p.add_argument("--karpathy", type=Path,
+                   help="dataset_flickr30k.json / dataset_coco.json: store Karpathy image ids")
+    p.add_argument("--out", type=Path, help="region store (default DIR/regions.lmdb)")
+    p.add_argument("--captions-out", type=Path, help="JSONL captions (default DIR/captions.jsonl)")
+    p.add_argument("--commit-every", type=int, default=256, help="records per transaction")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -121,17 +224,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.commit_every < 1:
         return cli.fail(f"--commit-every must be >= 1, got {args.commit_every}")
-    out = args.out or args.dir / f"{args.split}_regions.lmdb"
-    captions_out = args.captions_out or out.with_name(out.name + ".captions.jsonl")
+    out = args.out or args.dir / "regions.lmdb"
+    captions_out = args.captions_out or args.dir / "captions.jsonl"
     try:
-        counts = import_precomp(args.dir, args.split, out, captions_out,
+        splits = ([s.strip() for s in args.splits.split(",") if s.strip()] if args.splits
+                  else present_splits(args.dir))
+        if args.karpathy is not None and not args.karpathy.is_file():
+            raise FileNotFoundError(f"--karpathy {args.karpathy} not found")
+        counts = import_precomp(args.dir, splits, out, captions_out, karpathy=args.karpathy,
                                 commit_every=args.commit_every, progress=not args.no_progress)
     except (OSError, ValueError) as e:  # RegionStoreError is a ValueError
         return cli.fail(e)
-    print(f"regions:  {out} ({counts['images']} images, {counts['written']} written now, "
-          f"{counts['present']} already there)")
-    print(f"captions: {captions_out} ({counts['captions']} captions)")
-    return EXIT_OK
+    for split, c in counts.items():
+        print(f"{split:>8}: {c['images']} images, {c['captions']} captions "
+              f"({c['written']} written now, {c['present']} already there)")
+    print(f"regions:  {out}")
+    print(f"captions: {captions_out}")
+    return 0
 
 
 if __name__ == "__main__":

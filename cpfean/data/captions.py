@@ -13,6 +13,9 @@ key of the region store. Supported formats (`load_captions` detects them):
 - JSONL, one `{"image": ..., "caption": ...}` per line (optional `"split"`).
 - CSV with header `image,caption` (optional `split` column).
 
+An image may belong to several splits (COCO's published `test` is a part of `testall`): it is
+then listed once per split, each time with the captions given for that split.
+
 `image_prefix` is joined in front of every id (e.g. `"train2014"` so that COCO caption files
 agree with Karpathy ids). Captions are stripped of surrounding whitespace. An empty or
 whitespace-only caption is an error naming the file and the line or image, unless
@@ -129,24 +132,20 @@ def _norm_id(image: object, prefix: str, where: str) -> str:
 
 
 class _Builder:
-    """Collects (image, caption) pairs in first-seen image order, checking captions."""
+    """Collects (image, caption) pairs in first-seen (image, split) order, checking captions."""
 
     def __init__(self, source: str, skip_empty: bool) -> None:
         self.source, self.skip_empty = source, skip_empty
-        self.index: dict[str, int] = {}
+        self.index: dict[tuple[str, str | None], int] = {}
         self.ids: list[str] = []
         self.caps: list[list[str]] = []
         self.splits: list[str | None] = []
         self.skipped = 0
 
     def add_image(self, image_id: str, split: str | None, where: str) -> int:
-        if image_id in self.index:
-            j = self.index[image_id]
-            if self.splits[j] != split:
-                raise ValueError(f"{where}: image {image_id!r} is in split {split!r} here but "
-                                 f"in {self.splits[j]!r} earlier")
-            return j
-        self.index[image_id] = len(self.ids)
+        if (image_id, split) in self.index:
+            return self.index[image_id, split]
+        self.index[image_id, split] = len(self.ids)
         self.ids.append(image_id)
         self.caps.append([])
         self.splits.append(split)

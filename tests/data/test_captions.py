@@ -191,15 +191,19 @@ def test_format_detection(tmp_path: Path) -> None:
     assert load_captions(padded).image_ids == ["a.jpg"]
 
 
-def test_absolute_ids_and_conflicting_splits_are_rejected(tmp_path: Path) -> None:
+def test_absolute_ids_are_rejected_and_an_image_may_be_in_several_splits(tmp_path: Path) -> None:
     path = tmp_path / "c.jsonl"
     path.write_text('{"image": "/data/a.jpg", "caption": "x"}\n')
     with pytest.raises(ValueError, match="relative to the images root"):
         load_captions(path)
-    path.write_text('{"image": "a.jpg", "caption": "x", "split": "train"}\n'
-                    '{"image": "a.jpg", "caption": "y", "split": "test"}\n')
-    with pytest.raises(ValueError, match=r"line 2: image 'a.jpg' is in split 'test'"):
-        load_captions(path)
+    # COCO's published test split is the first part of testall: one image, two splits
+    path.write_text('{"image": "a.jpg", "caption": "x", "split": "test"}\n'
+                    '{"image": "b.jpg", "caption": "z", "split": "testall"}\n'
+                    '{"image": "a.jpg", "caption": "x", "split": "testall"}\n')
+    caps = load_captions(path)
+    assert caps.image_ids == ["a.jpg", "b.jpg", "a.jpg"]
+    assert load_captions(path, split="testall").image_ids == ["b.jpg", "a.jpg"]
+    assert load_captions(path, split="test").captions == [["x"]]
 
 
 def test_check_ids_lists_the_first_ten_missing() -> None:

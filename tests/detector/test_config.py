@@ -28,6 +28,9 @@ def test_bundled_configs_build_frozen_with_region_keys():
     assert cfg.REGIONS.CONFIG_NAME == "scenes_r18_fpn"
     butd = get_region_cfg("butd_r101_c4_vg")
     assert butd.MODEL.ROI_HEADS.NAME == "Res5ROIHeadsDilated" and butd.MODEL.RESNETS.DEPTH == 101
+    # the published 36-box features: exactly 36 regions, one image per forward pass
+    assert butd.REGIONS.MIN_REGIONS == butd.REGIONS.NUM_REGIONS == 36
+    assert butd.REGIONS.IMAGES_PER_BATCH == 1 and cfg.REGIONS.IMAGES_PER_BATCH == 4
     assert butd.MODEL.ROI_HEADS.NUM_CLASSES == 1600
     assert list(butd.MODEL.PIXEL_MEAN) == [102.9801, 115.9465, 122.7717]
     assert list(butd.MODEL.PIXEL_STD) == [1.0, 1.0, 1.0]
