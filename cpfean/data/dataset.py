@@ -52,11 +52,11 @@ def record_arrays(record: RegionRecord) -> dict[str, np.ndarray]:
         boxes = boxes / np.array([w, h, w, h], dtype=np.float32)
     else:  # imported precomputed features carry no geometry
         boxes = np.zeros_like(boxes)
-    return {
-        "features": record.features.astype(np.float32),
+    return {  # a record's arrays already have these dtypes: no copies (the loader's hot path)
+        "features": np.asarray(record.features, dtype=np.float32),
         "boxes": np.clip(boxes, 0.0, 1.0),
-        "labels": record.labels.astype(np.int64),
-        "scores": record.scores.astype(np.float32),
+        "labels": np.asarray(record.labels, dtype=np.int64),
+        "scores": np.asarray(record.scores, dtype=np.float32),
         "mask": record.mask,
     }
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import lmdb
 import numpy as np
+import torch
 
 from cpfean.fileio import LockedError, WriterLock
 
@@ -253,7 +254,13 @@ def _decode(image_id: str, buf: Any) -> RegionRecord:
     for c, shape, out in zip(codes, shapes, (np.float32, np.float32, np.int64, np.float32),
                              strict=True):
         count = math.prod(shape)
-        arrays.append(np.frombuffer(buf, _DTYPES[c], count, offset).reshape(shape).astype(out))
+        if c == 1:  # float16 features: torch widens them several times faster than numpy
+            wide = torch.frombuffer(bytearray(buf[offset:offset + 2 * count]),
+                                    dtype=torch.float16).float().numpy()
+            arrays.append(wide.reshape(shape))
+        else:
+            arrays.append(np.frombuffer(buf, _DTYPES[c], count, offset).reshape(shape)
+                          .astype(out))
         offset += count * _DTYPES[c].itemsize
     try:
         return RegionRecord(*arrays, (h, w), num_valid)
