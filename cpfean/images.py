@@ -15,9 +15,11 @@ Every image reaches a model as 8-bit RGB, or is refused with a reason:
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -29,7 +31,7 @@ PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")  # the decoders a file may reach
 MAX_IMAGE_PIXELS = 50_000_000
 
 __all__ = ["IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "PIL_FORMATS", "BadImage", "decode_image",
-           "list_images"]
+           "decode_image_bytes", "list_images"]
 
 
 class BadImage(Exception):
@@ -90,6 +92,13 @@ def _to_rgb8(im: Image.Image) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8).copy()
 
 
+def decode_image_bytes(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """`decode_image` for the bytes of an image file (an upload)."""
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    return _decode(io.BytesIO(data), max_pixels)
+
+
 def decode_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Read an image file as HxWx3 uint8 RGB, or raise `BadImage` with the reason."""
     path = Path(path)
@@ -99,6 +108,10 @@ def decode_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) ->
         raise BadImage(f"unreadable: {e.strerror or e}") from None
     if size == 0:
         raise BadImage("empty file (0 bytes)")
+    return _decode(path, max_pixels)
+
+
+def _decode(path: Any, max_pixels: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -76,7 +76,8 @@ def test_first_stage_flag(demo, capsys):
 def test_image_query(demo, capsys, monkeypatch):
     path = demo["tmp"] / "images" / "001.png"
     record = make_store(demo["tmp"] / "q", [[("green", "cone", None)]])["000.png"]
-    monkeypatch.setattr(retrieve, "extract_regions", lambda args, index, image: record)
+    monkeypatch.setattr(retrieve, "build_detector", lambda *a, **k: "detector")
+    monkeypatch.setattr(retrieve, "extract_regions", lambda extractor, image: record)
     code, out, err = run(capsys, "--image", str(path), "--index", demo["index"], "--json")
     assert code == 0, err
     payload = json.loads(out)
@@ -104,7 +105,8 @@ def test_show(demo, capsys, suffix):
 
 def test_show_image_query(demo, capsys, monkeypatch):
     record = make_store(demo["tmp"] / "q", [[("green", "cone", None)]])["000.png"]
-    monkeypatch.setattr(retrieve, "extract_regions", lambda args, index, image: record)
+    monkeypatch.setattr(retrieve, "build_detector", lambda *a, **k: "detector")
+    monkeypatch.setattr(retrieve, "extract_regions", lambda extractor, image: record)
     target = demo["tmp"] / "img.png"
     code, _, err = run(capsys, "--image", str(demo["tmp"] / "images" / "001.png"),
                        "--index", demo["index"], "--show", str(target))
@@ -170,20 +172,17 @@ def test_moved_index_finds_its_checkpoint_and_images(demo, capsys, tmp_path_fact
 
 
 def test_detector_files_resolution(demo):
-    from argparse import Namespace
-
     from cpfean.index import RetrievalIndex
 
     index = RetrievalIndex(demo["index"])
     (demo["tmp"] / "detector").mkdir()
     for name in ("config.yaml", "model_final.pth"):
         (demo["tmp"] / "detector" / name).write_text("x")
-    none = Namespace(detector_config=None, detector_weights=None)
-    config, weights, _ = retrieve._detector_files(none, index)  # the demo layout
+    config, weights, _ = retrieve._detector_files(index, None, None)  # the demo layout
     assert config == str(demo["tmp"] / "detector" / "config.yaml")
     assert weights == str(demo["tmp"] / "detector" / "model_final.pth")
-    given = Namespace(detector_config="mine.yaml", detector_weights="mine.pth")
-    assert retrieve._detector_files(given, index)[:2] == ("mine.yaml", "mine.pth")
+    assert retrieve._detector_files(index, "mine.yaml", "mine.pth")[:2] == ("mine.yaml",
+                                                                            "mine.pth")
 
 
 def test_index_cli_missing_checkpoint(tmp_path, capsys):

@@ -1,0 +1,228 @@
+"""Searching an index and explaining each answer: the one call the CLI and the server share.
+
+`Searcher` holds a model and an index that were built together. A text query ranks the
+gallery's images, an image (its regions) ranks the indexed captions, and a gallery image ranks
+the other gallery images ("more like this"). Every answer carries, for its first results, the
+prominent words and the most important regions (box, label, weight) that explain the score:
+a region's weight is the prominence of the words aligned to it, its fusion gate a tie-break.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cpfean.checkpoint import checkpoint_fingerprint, load_model, resolve_device
+from cpfean.data.dataset import collate_regions, record_arrays
+from cpfean.data.region_store import RegionRecord
+from cpfean.evaluation import encode_texts
+from cpfean.index import IndexError_, RetrievalIndex, search
+
+__all__ = ["DETAILED", "QueryError", "Searcher", "region_weights", "top_words", "words_of"]
+
+DETAILED = 3  # results explained by default (one extra scoring pass each)
+REGIONS_SHOWN = 3  # most important regions reported per explained result
+
+
+class QueryError(ValueError):
+    """A query the model cannot answer (empty, no readable words)."""
+
+
+def words_of(model: Any, txt: Any, weights: torch.Tensor) -> list[tuple[str, float]]:
+    """(word, weight) of one caption's valid word slots, word pieces merged.
+
+    Args:
+        txt: TextEmbeddings of one caption; weights: [L] per-slot prominence.
+    """
+    mask = txt.mask[0].cpu()
+    ids = txt.token_ids[0].cpu()[mask].tolist()
+    tokens = model.tokenizer.convert_ids_to_tokens(ids)
+    out: list[tuple[str, float]] = []
+    for token, w in zip(tokens, weights.cpu()[mask].tolist(), strict=True):
+        if token.startswith("##") and out:
+            out[-1] = (out[-1][0] + token[2:], out[-1][1] + w)
+        else:
+            out.append((token, w))
+    return out
+
+
+def region_weights(details: dict[str, torch.Tensor], b: int, c: int) -> torch.Tensor:
+    """[R] importance of each region for pair (b, c): the prominence of the words aligned to
+    it (from ``alignment``), plus its fusion gate as a tie-break."""
+    gates = details["region_gates"][b, c].float()
+    if "alignment" not in details or "word_weights" not in details:
+        return gates
+    align, ww = details["alignment"][b, c], details["word_weights"][b, c].float()  # [L, k], [L]
+    weight = torch.zeros_like(gates)
+    valid = align >= 0
+    weight.index_add_(0, align[valid].long(),
+                      ww[:, None].expand_as(align)[valid].nan_to_num(0.0))
+    return weight + 1e-3 * gates
+
+
+def top_words(words: list[tuple[str, float]], n: int = 3) -> list[str]:
+    """The ``n`` most prominent distinct words."""
+    out: list[str] = []
+    for w, _ in sorted(words, key=lambda x: -x[1]):
+        if w not in out:
+            out.append(w)
+    return out[:n]
+
+
+class Searcher:
+    """A model and the index it built, kept loaded; answers queries with explanations."""
+
+    def __init__(self, model: Any, index: RetrievalIndex, device: torch.device,
+                 checkpoint: str = ""):
+        self.model, self.index, self.device, self.checkpoint = model, index, device, checkpoint
+        self.max_words = int(getattr(model, "max_words", 32))
+        self._rows = {image_id: row for row, image_id in enumerate(index.image_ids)}
+        self._captions_of: dict[str, list[str]] = {}
+        for caption, owner in zip(index.captions, index.caption_image_ids, strict=True):
+            self._captions_of.setdefault(owner, []).append(caption)
+
+    @classmethod
+    def open(cls, index: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
+             device: str = "auto") -> Searcher:
+        """Load an index and its checkpoint (refusing another one)."""
+        idx = RetrievalIndex(index)
+        path = str(checkpoint or idx.checkpoint_path)
+        if not Path(path).is_file():
+            where = "" if checkpoint else f" (recorded in {idx.path / 'index.json'})"
+            raise FileNotFoundError(f"checkpoint not found: {path}{where}")
+        idx.check_checkpoint(path, checkpoint_fingerprint(path))
+        dev = resolve_device(device)
+        model, _, _ = load_model(path, dev)
+        return cls(model, idx, dev, path)
+
+    # ------------------------------------------------------------------------- lookups
+    def row_of(self, image_id: str) -> int:
+        """The gallery row of an image id; KeyError when the index does not hold it."""
+        return self._rows[image_id]
+
+    def captions_of(self, image_id: str) -> list[str]:
+        """The indexed captions of a gallery image (empty when none were indexed)."""
+        return list(self._captions_of.get(image_id, []))
+
+    # ------------------------------------------------------------------------ encoding
+    @torch.no_grad()
+    def encode_text(self, query: str) -> tuple[Any, list[str]]:
+        """TextEmbeddings of one query, and notes for the user (truncation)."""
+        query = " ".join(query.split())
+        if not query:
+            raise QueryError("the query is empty")
+        notes = []
+        full = int(self.model.tokenize([query], max_length=1 << 20)["attention_mask"].sum())
+        cut = int(self.model.tokenize([query])["attention_mask"].sum())
+        if full > cut:
+            notes.append(f"the query was truncated to its first {self.max_words} word pieces "
+                         f"(the model's limit); {full - cut} tokens were ignored")
+        encoded = encode_texts(self.model, [query], device=self.device)
+        if not bool(encoded.mask.any()):
+            raise QueryError("the query has no words the model can read")
+        return encoded, notes
+
+    @torch.no_grad()
+    def encode_record(self, record: RegionRecord) -> Any:
+        """ImageEmbeddings of one image's regions."""
+        batch = collate_regions([record_arrays(record)]).to(self.device)
+        return self.model.encode_images(*batch.as_tuple())
+
+    # ------------------------------------------------------------------------ queries
+    @torch.no_grad()
+    def text_to_images(self, query: str, top_k: int = 10, *, first_stage: int | None = None,
+                       exhaustive: bool = False, explain: int = DETAILED) -> dict:
+        encoded, notes = self.encode_text(query)
+        return {**self._rank(encoded, "text2image", top_k, first_stage, exhaustive, explain),
+                "query": " ".join(query.split()), "notes": notes}
+
+    @torch.no_grad()
+    def image_to_captions(self, record: RegionRecord, top_k: int = 10, *,
+                          first_stage: int | None = None, exhaustive: bool = False,
+                          explain: int = DETAILED) -> dict:
+        encoded = self.encode_record(record)
+        answer = self._rank(encoded, "image2text", top_k, first_stage, exhaustive, explain,
+                            query_geometry=(record.boxes, record.labels))
+        return {**answer, "notes": []}
+
+    @torch.no_grad()
+    def similar_images(self, image_id: str, top_k: int = 10) -> dict:
+        """Gallery images nearest to a gallery image in the joint space (its pooled region
+        embedding against the others'), the image itself left out."""
+        row = self.row_of(image_id)
+        pooled = np.asarray(self.index.pooled, dtype=np.float32)
+        sims = pooled @ pooled[row]
+        sims[row] = -np.inf
+        k = min(top_k, len(sims) - 1)
+        order = np.argsort(-sims, kind="stable")[:k]
+        results = [self._image_result(rank, int(r), float(sims[r]))
+                   for rank, r in enumerate(order)]
+        return {"mode": "image2image", "query": image_id, "results": results,
+                "search": {"path": "pooled cosine", "candidates": len(sims) - 1,
+                           "gallery": len(sims)}, "notes": []}
+
+    # ----------------------------------------------------------------------- internals
+    def _image_result(self, rank: int, row: int, score: float) -> dict:
+        return {"rank": rank + 1, "score": round(score, 6), "row": row,
+                "id": self.index.image_ids[row], "image_id": self.index.image_ids[row],
+                "path": self.index.image_path(row),
+                "hw": [int(x) for x in self.index.hw[row]]}
+
+    def _regions(self, boxes: np.ndarray, labels: np.ndarray, weights: list[float],
+                 order: list[int]) -> list[dict]:
+        floor = 0.05 * max(weights) if weights else 0.0  # no prominent word aligns: skip
+        out = []
+        for r in order:
+            if len(out) == REGIONS_SHOWN:
+                break
+            if (labels[r] == -1 and not boxes[r].any()) or weights[r] <= floor:
+                continue
+            names = self.index.label_names
+            label = names[labels[r]] if 0 <= labels[r] < len(names) else f"region {r}"
+            out.append({"box": [round(float(x), 1) for x in boxes[r]], "label": label,
+                        "weight": round(float(weights[r]), 4)})
+        return out
+
+    def _rank(self, encoded: Any, direction: str, top_k: int, first_stage: int | None,
+              exhaustive: bool, explain: int, query_geometry: tuple | None = None) -> dict:
+        index, model, device = self.index, self.model, self.device
+        if direction == "image2text" and not index.captions:
+            raise IndexError_(f"index {index.path} holds no captions (build it with captions)")
+        rows, scores, info = search(model, index, encoded, direction=direction, top_k=top_k,
+                                    first_stage=first_stage, exhaustive=exhaustive,
+                                    device=device)
+        explained = rows[:explain]
+        details: dict = {}
+        if len(explained):
+            if direction == "text2image":
+                _, details = model.score(index.images(explained, device), encoded,
+                                         return_details=True)
+            else:
+                _, details = model.score(encoded, index.caption_embeddings(explained, device),
+                                         return_details=True)
+        results = []
+        for k, (row, score) in enumerate(zip(rows.tolist(), scores.tolist(), strict=True)):
+            if direction == "text2image":
+                r = self._image_result(k, row, float(score))
+            else:
+                r = {"rank": k + 1, "score": round(float(score), 6), "row": row,
+                     "caption": index.captions[row], "image_id": index.caption_image_ids[row]}
+            if k < len(explained):
+                b, c = (k, 0) if direction == "text2image" else (0, k)
+                txt = encoded if direction == "text2image" else index.caption_embeddings(
+                    np.array([row]), device)
+                words = words_of(model, txt, details["word_weights"][b, c])
+                weights = region_weights(details, b, c)
+                order = weights.argsort(descending=True).tolist()
+                boxes, labels = (index.boxes[row], index.labels[row]) \
+                    if direction == "text2image" else query_geometry
+                r["words"] = [[w, round(float(v), 4)] for w, v in words]
+                r["prominent_words"] = top_words(words)
+                r["regions"] = self._regions(np.asarray(boxes), np.asarray(labels),
+                                             weights.tolist(), order)
+            results.append(r)
+        return {"mode": direction, "results": results, "search": info}

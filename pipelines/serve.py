@@ -1,0 +1,332 @@
+"""Serve an index over HTTP: the model stays loaded, a page shows why each result ranked.
+
+    python -m pipelines.serve [--index DIR] [--host 127.0.0.1] [--port 8000]
+
+Endpoints (JSON errors are ``{"error": "..."}`` with a 4xx status, never a traceback):
+
+- ``GET /api/search?q=TEXT&k=N``: ranked gallery images, each with its prominent words and
+  the boxes of its most prominent regions with their labels;
+- ``POST /api/search`` (multipart ``image``): ranked captions for an uploaded image, which goes
+  through the detector that made the index's regions (loaded on first use);
+- ``GET /api/similar/{id}``: gallery images like a gallery image ("more like this");
+- ``GET /api/image/{id}``: a gallery image's size and indexed captions;
+- ``GET /images/{id}``, ``GET /thumbs/{id}``: the image (or a thumbnail) of a gallery id, looked
+  up in the index, never a path taken from the request;
+- ``GET /healthz``; ``GET /metrics`` (Prometheus: requests by endpoint and status, latency);
+- ``GET /``: the page (plain HTML, CSS and JavaScript shipped in ``pipelines/web``).
+
+Every request is bounded: query length, k, upload bytes and pixels, and concurrent work (one
+model call at a time per ``--workers``, at most ``--queue`` waiting; beyond that 429).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import io
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pipelines import cli
+
+WEB = Path(__file__).resolve().parent / "web"
+STATIC = {"app.js": "text/javascript", "style.css": "text/css"}  # every file the page loads
+EXPLAINED = 24  # results per page whose words and regions are computed (a grid's worth)
+log = logging.getLogger("cpfean.serve")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_query_chars: int = 500  # longer text is not a search query
+    max_k: int = 100  # results per request
+    max_upload_bytes: int = 10 << 20  # 10 MiB per uploaded image
+    max_upload_pixels: int = 25_000_000  # checked from the header, before decoding
+    workers: int = 1  # model calls at once (one saturates a small CPU)
+    queue: int = 16  # requests waiting for a worker before 429
+
+
+class Busy(Exception):
+    """Every worker is busy and the queue is full."""
+
+
+class DetectorUnavailable(Exception):
+    """The detector for image uploads could not be built."""
+
+
+class WorkQueue:
+    """At most ``workers`` jobs run at once in threads; at most ``queue`` wait; more -> Busy."""
+
+    def __init__(self, workers: int, queue: int):
+        self._slots = asyncio.Semaphore(workers)
+        self._capacity, self._waiting = workers + queue, 0
+
+    async def run(self, fn: Callable[[], Any]) -> Any:
+        from starlette.concurrency import run_in_threadpool
+
+        if self._waiting >= self._capacity:
+            raise Busy
+        self._waiting += 1
+        try:
+            async with self._slots:
+                return await run_in_threadpool(fn)
+        finally:
+            self._waiting -= 1
+
+
+def _thumbnail(path: str, size: int = 320) -> bytes:
+    from PIL import Image
+
+    from cpfean.images import decode_image
+
+    image = Image.fromarray(decode_image(path))
+    image.thumbnail((size, size))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+def create_app(searcher: Any, *, limits: Limits = Limits(),
+               detector_factory: Callable[[], Any] | None = None) -> Any:
+    """The ASGI app over a loaded `cpfean.search.Searcher`.
+
+    Args:
+        detector_factory: builds the RegionExtractor for image uploads (called once, on the
+            first upload); None refuses uploads with 501.
+    """
+    from cpfean.images import BadImage, decode_image_bytes
+    from cpfean.index import IndexError_
+    from cpfean.search import QueryError
+
+    app = FastAPI(title="cpfean", docs_url=None, redoc_url=None, openapi_url=None)
+    work = WorkQueue(limits.workers, limits.queue)
+    registry = CollectorRegistry()
+    requests = Counter("cpfean_requests", "HTTP requests", ["endpoint", "status"],
+                       registry=registry)
+    latency = Histogram("cpfean_request_seconds", "request latency", ["endpoint"],
+                        registry=registry,
+                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+    index = searcher.index
+    detector: dict[str, Any] = {}
+    thumbs = functools.lru_cache(maxsize=4096)(_thumbnail)
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):
+        start = time.perf_counter()
+        route = request.url.path.split("/")[1] or "page"
+        endpoint = "/" + "/".join(request.url.path.split("/")[1:3]) if route == "api" \
+            else f"/{route}"
+        try:
+            response = await call_next(request)
+        except Exception:  # noqa: BLE001 - reported as JSON, logged with its traceback here
+            log.exception("unexpected error on %s", request.url.path)
+            response = error(500, "internal error")
+        latency.labels(endpoint).observe(time.perf_counter() - start)
+        requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
+        return error(422, f"{where}: {first.get('msg', 'invalid')}")
+
+    def row_of(image_id: str) -> int:
+        try:
+            return searcher.row_of(image_id)
+        except KeyError:
+            raise HTTPException(404, "no such image in the index") from None
+
+    def links(result: dict) -> dict:
+        from urllib.parse import quote
+
+        image_id = result.get("image_id")
+        result.pop("row", None)
+        result.pop("path", None)
+        if image_id:
+            result["id"] = image_id
+            result["image_url"] = f"/images/{quote(image_id)}"
+            result["thumb_url"] = f"/thumbs/{quote(image_id)}"
+        return result
+
+    async def answer(fn: Callable[[], dict]) -> dict:
+        try:
+            payload = await work.run(fn)
+        except Busy:
+            raise HTTPException(429, "the server is busy; try again shortly") from None
+        except (QueryError, IndexError_) as e:
+            raise HTTPException(400, str(e)) from None
+        payload["results"] = [links(r) for r in payload["results"]]
+        return payload
+
+    def check_k(k: int) -> None:
+        if not 1 <= k <= limits.max_k:
+            raise HTTPException(400, f"k must be in 1..{limits.max_k}, got {k}")
+
+    @app.get("/api/search")
+    async def search_text(q: str = "", k: int = 10):
+        check_k(k)
+        if not q.strip():
+            raise HTTPException(400, "the query is empty; pass q=some+words")
+        if len(q) > limits.max_query_chars:
+            raise HTTPException(400, f"the query is {len(q)} characters; at most "
+                                     f"{limits.max_query_chars}")
+        return await answer(lambda: searcher.text_to_images(q, k, explain=min(k, EXPLAINED)))
+
+    @app.post("/api/search")
+    async def search_image(image: Annotated[UploadFile, File()], k: int = 10):
+        check_k(k)
+        if detector_factory is None:
+            raise HTTPException(501, "image queries are off on this server (no detector)")
+        data = await image.read(limits.max_upload_bytes + 1)
+        if len(data) > limits.max_upload_bytes:
+            raise HTTPException(413, f"the upload is over {limits.max_upload_bytes} bytes")
+        try:
+            bgr = decode_image_bytes(data, limits.max_upload_pixels)[:, :, ::-1].copy()
+        except BadImage as e:
+            raise HTTPException(400, f"cannot use the upload: {e}") from None
+
+        def run() -> dict:
+            from pipelines.retrieve import extract_regions
+
+            if "extractor" not in detector:
+                try:
+                    detector["extractor"] = detector_factory()
+                except Exception as e:  # noqa: BLE001 - the reason goes to the client
+                    raise DetectorUnavailable(str(e)) from None
+            record = extract_regions(detector["extractor"], bgr)
+            payload = searcher.image_to_captions(record, k)
+            payload["query"] = image.filename or "upload"
+            payload["query_hw"] = [int(bgr.shape[0]), int(bgr.shape[1])]
+            return payload
+
+        try:
+            return await answer(run)
+        except DetectorUnavailable as e:
+            raise HTTPException(503, f"image queries are not available: {e}") from None
+
+    @app.get("/api/similar/{image_id:path}")
+    async def similar(image_id: str, k: int = 10):
+        check_k(k)
+        row_of(image_id)
+        return await answer(lambda: searcher.similar_images(image_id, k))
+
+    @app.get("/api/image/{image_id:path}")
+    async def image_info(image_id: str):
+        row = row_of(image_id)
+        return {"id": image_id, "hw": [int(x) for x in index.hw[row]],
+                "captions": searcher.captions_of(image_id),
+                "image_url": links({"image_id": image_id})["image_url"]}
+
+    @app.get("/images/{image_id:path}")
+    async def full_image(image_id: str):
+        path = Path(index.image_path(row_of(image_id)))
+        if not path.is_file():
+            raise HTTPException(404, "the image file is not on this server")
+        return FileResponse(path)
+
+    @app.get("/thumbs/{image_id:path}")
+    async def thumbnail(image_id: str):
+        path = index.image_path(row_of(image_id))
+        try:
+            data = await work.run(lambda: thumbs(path))
+        except Busy:
+            raise HTTPException(429, "the server is busy; try again shortly") from None
+        except Exception:  # noqa: BLE001 - a missing or unreadable file is the same to a user
+            raise HTTPException(404, "the image file is not readable on this server") from None
+        return Response(data, media_type="image/jpeg",
+                        headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "images": index.count, "captions": len(index.captions)}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/")
+    async def page():
+        return HTMLResponse((WEB / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/static/{name}")
+    async def static(name: str):
+        if name not in STATIC:
+            raise HTTPException(404, "not found")
+        return Response((WEB / name).read_bytes(), media_type=STATIC[name])
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.ArgumentParser(prog="python -m pipelines.serve", description=__doc__.split(
+        "\n\n")[0])
+    parser.add_argument("--index", help="index directory (default: the newest demo index)")
+    parser.add_argument("--checkpoint", help="checkpoint (default: the index's)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--workers", type=int, default=Limits.workers,
+                        help="model calls at once")
+    parser.add_argument("--queue", type=int, default=Limits.queue,
+                        help="requests waiting before 429")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0 = library default)")
+    parser.add_argument("--no-image-queries", action="store_true",
+                        help="refuse uploads (no detector is loaded)")
+    parser.add_argument("--detector-config", help="detector config for uploads")
+    parser.add_argument("--detector-weights", help="detector weights for uploads")
+    args = parser.parse_args(argv)
+    if not 0 < args.port < 65536:
+        parser.error(f"--port must be in 1..65535, got {args.port}")
+    if args.workers < 1 or args.queue < 0 or args.threads < 0:
+        parser.error("--workers must be >= 1, --queue and --threads >= 0")
+    import torch
+    import uvicorn
+
+    from pipelines.retrieve import UsageError, build_detector, open_searcher
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        searcher = open_searcher(args.index, args.checkpoint, args.device)
+    except (UsageError, OSError, ValueError) as e:
+        return cli.fail(e)
+    factory = None if args.no_image_queries else functools.partial(
+        build_detector, searcher.index, args.detector_config, args.detector_weights,
+        args.device)
+    limits = Limits(workers=args.workers, queue=args.queue)
+    app = create_app(searcher, limits=limits, detector_factory=factory)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    searcher.text_to_images("warm up", 1)  # the first query should not pay for lazy set-up
+    print(f"serving {searcher.index.path} ({searcher.index.count} images) on "
+          f"http://{args.host}:{args.port}/", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
