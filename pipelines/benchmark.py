@@ -1,6 +1,7 @@
 """``python -m pipelines.benchmark NAME [options]``: performance figures.
 
-NAME: score, extract, retrieve, eval (COCO 5K at paper scale), data (store -> batches).
+NAME: score, extract, retrieve, eval (COCO 5K at paper scale), data (store -> batches),
+serve (search latency through HTTP).
 
 Each benchmark lives in its own module (``pipelines/bench_*.py``) and prints a markdown table;
 the README quotes the figures with the command that produced them.
@@ -17,6 +18,7 @@ BENCHMARKS = {
     "retrieve": "pipelines.bench_retrieve",
     "eval": "pipelines.bench_paper_scale",
     "data": "pipelines.bench_paper_scale",
+    "serve": "pipelines.bench_serve",
 }
 PASS_NAME = {"eval", "data"}  # modules that serve several benchmarks take the name too
 

@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
           f"t2i R@1 {metrics['t2i']['r1']:.1f})")
     print(f"  stage times: {json.dumps(timings)}; total {time.time() - started:.0f} s")
     print(f'  try:         python -m pipelines.retrieve --query "{args.query}"')
+    serve = "python -m pipelines.serve" + ("" if idx == Path("runs/demo/index")
+                                          else f" --index {idx}")
+    print(f"  serve it:    {serve}   (then open http://127.0.0.1:8000/)")
     return status
 
 

@@ -15,6 +15,7 @@ def test_quick_demo_end_to_end_then_retrieve_and_rerun(quick_demo, capsys):
                   "evaluate", "build index"):
         assert f"[demo] {stage}: done" in text, stage
     assert "rank" in text and "score" in text  # the example query's table
+    assert f"serve it:    python -m pipelines.serve --index {out / 'index'}" in text
     metrics = json.loads((out / "cpfean" / "test_metrics.json").read_text())
     assert 0 <= metrics["rsum"] <= 600
 
