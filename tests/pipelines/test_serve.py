@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import shutil
 import socket
 import threading
@@ -25,8 +26,10 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
 @pytest.fixture(scope="module")
-def served(quick_demo):
-    out, _ = quick_demo
+def served(request):
+    # CPFEAN_SERVE_DEMO=runs/demo serves the full demo instead (for the README's screenshot)
+    full = os.environ.get("CPFEAN_SERVE_DEMO")
+    out = Path(full) if full else request.getfixturevalue("quick_demo")[0]
     searcher = open_searcher(str(out / "index"), None, "cpu")
     factory = lambda: build_detector(searcher.index, device="cpu")  # noqa: E731
     limits = Limits(max_upload_bytes=2_000_000, max_upload_pixels=4_000_000)
@@ -267,6 +270,15 @@ def test_page_in_headless_chromium(live, served, tmp_path):
         assert driver.find_elements(By.CSS_SELECTOR, "#query-words mark")  # prominent words
         first_id = cards[0].get_attribute("data-id")
         driver.save_screenshot(str(tmp_path / "page.png"))
+        if os.environ.get("CPFEAN_SCREENSHOT"):  # the README's picture of the page
+            driver.get(f"{live}/?q=a+large+red+ball+to+the+left+of+a+blue+box&k=10")
+            wait.until(lambda d: "results in" in d.find_element(By.ID, "status").text)
+            wait.until(lambda d: d.execute_script(
+                "return [...document.querySelectorAll('#grid img')].every(i => i.complete)"))
+            driver.save_screenshot(os.environ["CPFEAN_SCREENSHOT"])
+            driver.get(f"{live}/?q=a+blue+box")
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .result")) > 0)
+            cards = driver.find_elements(By.CSS_SELECTOR, "#grid .result")
         cards[0].click()
         wait.until(ec.visibility_of_element_located((By.ID, "detail")))
         captions = driver.find_elements(By.CSS_SELECTOR, "#captions li")
