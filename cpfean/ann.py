@@ -5,20 +5,18 @@ against every image costs O(gallery) full model evaluations. For large galleries
 stage over one pooled, L2-normalised vector per image (inner product = cosine) picks
 ``n_candidates`` images and CPFEAN re-ranks only those.
 
-Choice of faiss index (measured by ``python -m pipelines.benchmark retrieve --threads 1``:
-synthetic galleries, d=1024, 40 queries, one thread of a shared 2-core CPU):
+Choice of faiss index (the figures: ``python -m pipelines.benchmark retrieve``,
+docs/benchmarks.md):
 
-- ``flat`` (``IndexFlatIP``): exact inner product, no training. The first stage of choice up to
-  ``FLAT_MAX`` = 1M images: ~30 ms per query at 100K, ~270 ms at 1M (a 4 GB scan). With 500
-  candidates the two-stage path kept 100% of the exhaustive top-10 at 100K (200: 95.5%,
-  100: 89%), at p50 107 ms / p95 116 ms per query including the CPFEAN re-rank.
+- ``flat`` (``IndexFlatIP``): exact inner product, no training. The first stage up to
+  ``FLAT_MAX`` = 1M images; with ``DEFAULT_CANDIDATES`` re-ranked it keeps the exhaustive
+  top-10 on the synthetic galleries.
 - ``ivf`` (``IndexIVFFlat``, inner product, k-means with ``nlist`` ~ N / 1000 lists, ``nprobe``
-  lists scanned): used above ``FLAT_MAX``. At 1M it answers in 10-40 ms, but text queries are
-  not distributed like the pooled image vectors, so their neighbours straddle many lists: with
-  nprobe 32-128 of 1000 the final top-10 kept only 84-88% of the exact-first-stage result.
-  Hence flat up to 1M. The trained index is cached next to the pooled matrix (faiss' own
-  binary format, never pickle). HNSW was not tried: its graph build for 1M x 1024 on two
-  cores takes far longer than the IVF's ~1-2 minutes.
+  lists scanned): used above ``FLAT_MAX``. Text queries are not distributed like the pooled
+  image vectors, so their neighbours straddle many lists and IVF loses recall a flat scan
+  keeps: hence flat up to 1M. The trained index is cached next to the pooled matrix (faiss'
+  own binary format, never pickle). HNSW was not tried: its graph build for 1M x 1024 on two
+  cores takes far longer than the IVF's.
 """
 
 from __future__ import annotations

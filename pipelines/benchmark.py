@@ -4,7 +4,7 @@ NAME: score, extract, retrieve, eval (COCO 5K at paper scale), data (store -> ba
 serve (search latency through HTTP).
 
 Each benchmark lives in its own module (``pipelines/bench_*.py``) and prints a markdown table;
-the README quotes the figures with the command that produced them.
+docs/benchmarks.md quotes the figures with the command that produced them.
 """
 
 from __future__ import annotations

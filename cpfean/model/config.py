@@ -34,8 +34,8 @@ class ModelConfig:
     use_fusion: bool = True  # gated cross-modal semantic fusion; off = plain cross attention
     use_prominence: bool = True  # learned word prominence pooling; off = uniform (x word gates)
     topk: int = 3  # regions each word aligns to; 0 = all regions with softmax attention
-    # also score regions -> words, pooled with the region gates (off: it did not help on the
-    # bundled scenes, README)
+    # also score regions -> words, pooled with the region gates (off: trained with it CPFEAN
+    # did not gain on the bundled scenes, docs/lab-notes.md)
     use_region_alignment: bool = False
     lambda_softmax: float = 9.0  # inverse temperature of the cross attention softmax (SCAN's λ)
     gate_cos_init: float = 5.0  # initial weight of cos(fragment, context) inside each gate

@@ -36,12 +36,10 @@ gate:
     s_l   = cos(w_l, sum_r a_lr v_r) = (a_l . S_l) / sqrt(a_l^T G_v a_l)
     score = sum_l p_l g_l s_l                                    (sum_l p_l = 1)
 
-(p uniform with prominence off; g = 1 with fusion off.) Two earlier forms of this word side
-scored worse. The mean of the top-k S_lr: re-scoring the trained SCAN-style baseline's
-embeddings on the validation scenes gives rSum 419.6 for that mean, 450.8 for attention over
-all 36 regions and 455.0 for this form with k = 3 (455.8 and 456.2 with k = 5, 10). And
-pooling with p_l g_l renormalised over the words let the few words a wrong image does show
-carry that pair's score.
+(p uniform with prominence off; g = 1 with fusion off.) Attention over the top-k keeps a word
+from averaging in regions it has nothing to do with, and pooling without renormalising over
+the gated words keeps the few words a wrong image does show from carrying its score (the
+forms compared: docs/lab-notes.md).
 
 Region-to-word alignment (the other direction, where the region gates suppress): each region
 scores the cosine with its word context, and the regions are pooled with their gates over the
@@ -53,15 +51,10 @@ supports cannot lift its few supported ones):
     score   = (score_t + score_i) / 2          (score_t: the word-pooled score above)
 
 It costs nothing extra with fusion on (the gate terms already hold <v_r, ctx_r> and |ctx_r|);
-without fusion g = 1 and it is SCAN's i-t AVG. Re-scoring the validation scenes with the
-embeddings and gates of a CPFEAN trained without this term: word-pooled score alone rSum
-496.0, plus the region score pooled uniformly 495.6, pooled with the gates 507.6; the same
-uniform addition to the SCAN-style baseline 483.4 -> 486.8. The gates already knew which
-regions matter; only the word direction never used them to pool. Trained with the term,
-though, CPFEAN did not gain (6 epochs, seeds 0 / 1, rSum on 500 held-out scenes: 320.5 / 291.9
-against 319.2 / 326.7 without; image -> text R@1 rose, text -> image R@1 fell), so it is a
-switch, off by default (``ModelConfig.use_region_alignment``). Fusion, prominence, top-k and
-this term all off = SCAN t-i AVG exactly.
+without fusion g = 1 and it is SCAN's i-t AVG. It is a switch, off by default
+(``ModelConfig.use_region_alignment``): trained with it CPFEAN did not gain on the bundled
+scenes (docs/lab-notes.md). Fusion, prominence, top-k and this term all off = SCAN t-i AVG
+exactly.
 
 Implementation notes (all exact, tested against an explicit d-dim reference):
 - a block of bi images x bc captions keeps everything on (bi, bc, L, R) or smaller; S is one

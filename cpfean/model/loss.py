@@ -15,10 +15,8 @@ occurs in the captions of other images of the batch, is prominent:
     L_prom = sum over captions with sum t > 0 of  - sum_l (t_l / sum t) log p_l
 
 summed over the batch like the triplet loss, so that ``train.prominence_weight`` keeps its
-meaning at any batch size. A mean (an earlier version) was ~100x smaller than the summed
-triplet loss: under AdamW the prominence MLP then followed the triplet gradient alone and its
-weights stayed uniform over the words; summed with weight 1, on the bundled scenes, colours and
-nouns take most of the weight ("green:0.34 umbrella:0.30", function words ~0.05).
+meaning at any batch size: as a mean it was too small beside the summed triplet loss to move
+the prominence MLP at all (docs/lab-notes.md).
 
 where p is the caption's prominence distribution (``TextEmbeddings.log_prominence``).
 """
