@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import math
 import re
 import types
@@ -54,8 +55,8 @@ class TrainConfig:
     lr_warmup_steps: int = 0  # steps of linear learning-rate warm-up from lr/100 (0 = none)
     grad_clip: float = 2.0  # max global gradient norm (0 = no clipping)
     margin: float = 0.2  # triplet ranking margin
-    warmup_epochs: int = 1  # epochs that sum over all negatives before hardest-negative mining
-    prominence_weight: float = 1.0  # weight of the word-recurrence prominence loss (0 = off)
+    all_negatives_epochs: int = 1  # epochs that sum over all negatives before the hardest one
+    recurrence_weight: float = 1.0  # weight of the word-recurrence supervision (0 = off)
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     seed: int = 0  # seeds Python, NumPy and torch
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
@@ -117,10 +118,31 @@ def _unknown(key: str, prefix: str, known: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{prefix}{key}'{hint}; known: {', '.join(known)}")
 
 
+# Keys that were renamed: still read (from configs and checkpoints), with a one-line note.
+RENAMED = {"train.warmup_epochs": "train.all_negatives_epochs",
+           "train.prominence_weight": "train.recurrence_weight"}
+log = logging.getLogger("cpfean.config")
+
+
+def _renamed(data: dict[str, Any], prefix: str) -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        new = RENAMED.get(f"{prefix}{key}")
+        if new is not None:
+            new_key = new[len(prefix):]
+            if new_key in data:
+                raise ConfigError(f"config sets both {prefix}{key} and its new name {new}")
+            log.warning("note: config key '%s%s' is now '%s'", prefix, key, new)
+            key = new_key
+        out[key] = value
+    return out
+
+
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from a (possibly partial) nested dict, checking keys and types."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    data = _renamed(data, prefix)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
@@ -197,8 +219,8 @@ _RANGES = (
     ("train.epochs", 1, False), ("train.batch_size", 2, False), ("train.lr", 0, True),
     ("train.text_lr", 0, False), ("train.weight_decay", 0, False),
     ("train.lr_warmup_steps", 0, False), ("train.grad_clip", 0, False),
-    ("train.margin", 0, False), ("train.warmup_epochs", 0, False),
-    ("train.prominence_weight", 0, False), ("train.eval_batch_size", 1, False),
+    ("train.margin", 0, False), ("train.all_negatives_epochs", 0, False),
+    ("train.recurrence_weight", 0, False), ("train.eval_batch_size", 1, False),
     ("train.log_every", 1, False), ("data.num_workers", 0, False), ("data.val_limit", 0, False),
     ("train.ddp_timeout_minutes", 1, False),
     ("model.feature_dim", 1, False), ("model.embed_dim", 1, False),

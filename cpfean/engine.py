@@ -207,7 +207,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
             if is_main:
                 log.info("resumed from %s at epoch %d", run_dir / "last.pt", start_epoch)
 
-        use_prominence_loss = cfg.train.prominence_weight > 0 and cfg.model.use_prominence
+        use_prominence_loss = cfg.train.recurrence_weight > 0 and cfg.model.use_prominence
         dataset = CaptionPairDataset(store, train_caps.image_ids, train_caps.captions)
         sampler = (DistributedSampler(dataset, world, rank, seed=cfg.train.seed) if world > 1
                    else RandomSampler(dataset))
@@ -227,7 +227,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
         for epoch in range(start_epoch, cfg.train.epochs):
             if isinstance(sampler, DistributedSampler):
                 sampler.set_epoch(epoch)
-            loss_fn.max_violation = epoch >= cfg.train.warmup_epochs
+            loss_fn.max_violation = epoch >= cfg.train.all_negatives_epochs
             model.train()
             started = time.time()
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
@@ -245,7 +245,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
                     if use_prominence_loss:
                         targets = sibling_targets(txt.token_ids, txt.mask,
                                                   batch["sibling_ids"].to(device), image_index)
-                        prominence = cfg.train.prominence_weight * prominence_loss(
+                        prominence = cfg.train.recurrence_weight * prominence_loss(
                             txt.log_prominence.float(), targets)
                         loss = triplet + prominence
                 if not torch.isfinite(loss):

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"data.regions={regions}", f"data.captions={data / 'captions.json'}",
                   f"train.device={args.device}"]
     if epochs:  # as configs/demo.yaml: hardest negatives only after 6 epochs, for the last 4
-        train_args += [f"train.epochs={epochs}", f"train.warmup_epochs={max(6, epochs - 4)}"]
+        train_args += [f"train.epochs={epochs}", f"train.all_negatives_epochs={max(6, epochs - 4)}"]
     if args.quick:
         train_args += ["train.batch_size=16", "train.lr_decay_epochs=[]"]
     if (run / "last.pt").is_file():

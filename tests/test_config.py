@@ -106,3 +106,23 @@ def test_base_chain_and_bad_yaml(tmp_path):
     (tmp_path / "bad.yaml").write_text("count: [1,\n")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
         load_config(tmp_path / "bad.yaml", cls=Outer)
+
+
+def test_renamed_keys_are_still_read_with_one_note(tmp_path, caplog):
+    """Old names (in existing configs and checkpoints) map to the new ones."""
+    import logging
+
+    from cpfean.config import Config, from_dict, load_config
+
+    old = tmp_path / "old.yaml"
+    old.write_text("train:\n  warmup_epochs: 4\n  prominence_weight: 0.5\n")
+    with caplog.at_level(logging.WARNING, logger="cpfean.config"):
+        cfg = load_config(old)
+    assert cfg.train.all_negatives_epochs == 4 and cfg.train.recurrence_weight == 0.5
+    notes = [r.getMessage() for r in caplog.records]
+    assert notes == ["note: config key 'train.warmup_epochs' is now 'train.all_negatives_epochs'",
+                     "note: config key 'train.prominence_weight' is now "
+                     "'train.recurrence_weight'"]
+    assert from_dict(Config, {"train": {"warmup_epochs": 2}}).train.all_negatives_epochs == 2
+    with pytest.raises(ConfigError, match="both train.warmup_epochs and its new name"):
+        load_config(None, ["train.warmup_epochs=1", "train.all_negatives_epochs=2"])

@@ -14,7 +14,7 @@ occurs in the captions of other images of the batch, is prominent:
             - rate(token_l in the captions of other images) ]_+
     L_prom = sum over captions with sum t > 0 of  - sum_l (t_l / sum t) log p_l
 
-summed over the batch like the triplet loss, so that ``train.prominence_weight`` keeps its
+summed over the batch like the triplet loss, so that ``train.recurrence_weight`` keeps its
 meaning at any batch size: as a mean it was too small beside the summed triplet loss to move
 the prominence MLP at all (docs/lab-notes.md).
 
