@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
-from tqdm import tqdm
 
 from cpfean.checkpoint import (
     load_checkpoint,
@@ -42,6 +41,7 @@ from cpfean.evaluation import evaluate_split
 from cpfean.fileio import WriterLock, atomic_output, atomic_write_json
 from cpfean.model import ContrastiveLoss, build_model
 from cpfean.model.loss import prominence_loss
+from cpfean.progress import progress as progress_of
 from cpfean.recurrence import sibling_targets
 
 log = logging.getLogger("cpfean.train")
@@ -230,8 +230,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
             loss_fn.max_violation = epoch >= cfg.train.all_negatives_epochs
             model.train()
             started = time.time()
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                       disable=not (progress and is_main), leave=False)
+            bar = progress_of(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                              unit="step", enabled=progress and is_main, leave=False)
             for batch in bar:
                 regions = batch["regions"].to(device, non_blocking=True)
                 input_ids = batch["input_ids"].to(device)

@@ -7,12 +7,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from cpfean.data.captions import CaptionSet
 from cpfean.data.dataset import ImageDataset, collate_regions
 from cpfean.data.region_store import RegionStore
 from cpfean.metrics import evaluate_protocol
+from cpfean.progress import progress as progress_of
 
 
 @torch.no_grad()
@@ -26,7 +26,8 @@ def encode_images(
         num_workers=num_workers, collate_fn=collate_regions,
     )
     parts = []
-    for batch in tqdm(loader, desc="encode images", disable=not progress, leave=False):
+    for batch in progress_of(loader, desc="encode images", unit="batch", enabled=progress,
+                             leave=False):
         parts.append(model.encode_images(*batch.to(device).as_tuple()))
     return type(parts[0]).cat(parts)
 
@@ -39,7 +40,8 @@ def encode_texts(
     """Encode ``captions`` (in order) -> the model's TextEmbeddings."""
     parts = []
     steps = range(0, len(captions), batch_size)
-    for start in tqdm(steps, desc="encode captions", disable=not progress, leave=False):
+    for start in progress_of(steps, desc="encode captions", unit="batch", enabled=progress,
+                             leave=False):
         tokens = model.tokenize(list(captions[start:start + batch_size]))
         parts.append(model.encode_texts(tokens["input_ids"].to(device),
                                         tokens["attention_mask"].to(device)))

@@ -40,12 +40,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from cpfean import ann
 from cpfean.data.dataset import collate_regions, record_arrays
 from cpfean.evaluation import encode_texts
 from cpfean.fileio import WriterLock, atomic_path, atomic_write_json, fsync_dir
+from cpfean.progress import progress as progress_of
 
 FORMAT = "cpfean-index"
 VERSION = 1
@@ -294,7 +294,7 @@ def _build_locked(model: Any, store: Any, out: Path, ids: list[str], *,
     if len(todo) < len(shards):
         log(f"resuming: {len(shards) - len(todo)} of {len(shards)} shards already whole")
     emb_class = None
-    for k in tqdm(todo, desc="encode gallery", unit="shard", disable=not progress):
+    for k in progress_of(todo, desc="encode gallery", unit="shard", enabled=progress):
         emb, geometry = _encode_shard(model, store, ids[k * shard_size:(k + 1) * shard_size],
                                       batch_size, device)
         emb_class = type(emb)

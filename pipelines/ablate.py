@@ -34,15 +34,14 @@ from cpfean.engine import train
 from cpfean.evaluation import evaluate_split
 from cpfean.fileio import atomic_write, atomic_write_json
 from cpfean.metrics import format_table
+from cpfean.model.config import ModelConfig
 from pipelines import cli
 
 ROWS: dict[str, tuple[str, list[str]]] = {
     "full": ("CPFEAN", []),
-    "scan": ("SCAN-style baseline", [
-        "model.use_gcn=false", "model.use_spatial=false", "model.use_label_prior=false",
-        "model.use_region_transformer=false", "model.use_fusion=false",
-        "model.use_prominence=false", "model.topk=0", "model.use_region_alignment=false",
-        "train.recurrence_weight=0"]),
+    "scan": ("SCAN-style baseline", [f"model.{k}={str(v).lower()}" for k, v in
+                                     ModelConfig.SCAN_BASELINE.items()]
+             + ["train.recurrence_weight=0"]),
     "no_fusion": ("w/o cross-modal fusion", ["model.use_fusion=false"]),
     "no_prominence": ("w/o word prominence", ["model.use_prominence=false",
                                               "train.recurrence_weight=0"]),

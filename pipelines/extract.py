@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from cpfean.data.region_store import RegionStore, RegionStoreError, RegionWriter, merge_stores
 from cpfean.fileio import atomic_output, atomic_write
+from cpfean.progress import progress as progress_of
 from detector.config import get_region_cfg
 from detector.data import ImageFolder, list_images, shard
 from detector.extractor import RegionExtractor, check_weights_file
@@ -136,8 +136,7 @@ def extract_shard(extractor: RegionExtractor, root: Path, ids: list[str], store:
         counts["present"] = len(ids) - len(todo)
         loader = DataLoader(ImageFolder(root, todo, max_pixels), batch_size=batch_size,
                             num_workers=workers, collate_fn=list)
-        bar = tqdm(total=len(todo), unit="img", desc=desc, disable=not progress,
-                   dynamic_ncols=True)
+        bar = progress_of(total=len(todo), unit="img", desc=desc, enabled=progress)
 
         def skip(image_id: str, reason: str) -> None:
             rep.write(json.dumps({"image_id": image_id, "path": str(root / image_id),

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from cpfean.data.region_store import NUM_REGIONS, RegionRecord, RegionStoreError, RegionWriter
 from cpfean.fileio import atomic_output
+from cpfean.progress import progress as progress_of
 from pipelines import cli
 
 PUBLISHED_SPLITS = ("train", "dev", "test", "testall")
@@ -177,8 +177,8 @@ def import_precomp(src: Path, splits: list[str], out: Path, captions_out: Path, 
                                        f"{value!r}; choose another --out")
         for part in parts:
             written = 0
-            for k in tqdm(range(len(part.ids)), unit="img", desc=f"import {part.name}",
-                          disable=not progress, dynamic_ncols=True, mininterval=2.0):
+            for k in progress_of(range(len(part.ids)), unit="img", desc=f"import {part.name}",
+                                 enabled=progress):
                 image_id, row = part.ids[k], part.rows[k]
                 if image_id in written_from:  # listed by an earlier split of this run
                     other, other_row = written_from[image_id]

@@ -14,9 +14,8 @@ import os
 import sys
 import time
 
-from tqdm import tqdm
-
 from cpfean.data.scenes import generate_dataset, split_sizes
+from cpfean.progress import progress as progress_of
 from pipelines import cli
 
 
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     workers = min(workers, max(1, args.images // 16))  # a pool is not worth it for tiny runs
     width, height = args.size
     start = time.perf_counter()
-    with tqdm(total=args.images, desc="scenes", unit="img", disable=args.quiet) as bar:
+    with progress_of(total=args.images, desc="scenes", unit="img", enabled=not args.quiet) as bar:
         generate_dataset(args.out, args.images, args.seed, width=width, height=height,
                          workers=workers, ext=args.format, on_image=bar.update)
     seconds = time.perf_counter() - start

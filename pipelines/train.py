@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -40,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         best = train(cfg, resume=args.resume, progress=not args.quiet)
     except (OSError, ValueError, MissingImagesError, LockedError, FloatingPointError) as exc:
         return cli.fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
-    print(f"best validation rSum {best['rsum']:.2f} (epoch {best.get('epoch')}); "
-          f"checkpoints in {cfg.run_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun the other ranks hold no result
+        print(f"best validation rSum {best['rsum']:.2f} (epoch {best.get('epoch')}); "
+              f"checkpoints in {cfg.run_dir}")
     return 0
 
 

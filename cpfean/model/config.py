@@ -40,17 +40,15 @@ class ModelConfig:
     lambda_softmax: float = 9.0  # inverse temperature of the cross attention softmax (SCAN's λ)
     gate_cos_init: float = 5.0  # initial weight of cos(fragment, context) inside each gate
 
+    # The SCAN-style baseline (t-i AVG) as switch values: every CPFEAN component off, softmax
+    # cross attention over all regions, the word -> region direction only. The one definition
+    # that `scan_baseline` and `pipelines.ablate`'s "scan" row both use.
+    SCAN_BASELINE = {"use_gcn": False, "use_spatial": False, "use_label_prior": False,
+                     "use_region_transformer": False, "use_fusion": False,
+                     "use_prominence": False, "topk": 0, "use_region_alignment": False}
+
     @classmethod
     def scan_baseline(cls, **overrides: object) -> ModelConfig:
         """SCAN t-i AVG: every CPFEAN component off, softmax cross attention over all regions
         (the word -> region direction only, SCAN's single-model form)."""
-        base = cls(
-            use_gcn=False,
-            use_spatial=False,
-            use_label_prior=False,
-            use_region_transformer=False,
-            use_fusion=False,
-            use_prominence=False,
-            topk=0,
-        )
-        return replace(base, **overrides)
+        return replace(cls(**cls.SCAN_BASELINE), **overrides)
