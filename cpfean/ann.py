@@ -59,9 +59,17 @@ class FirstStage:
         chunk: rows added to faiss per step (bounds the float32 copy of a memory map).
     """
 
-    def __init__(self, pooled: np.ndarray, *, kind: str = "auto", nlist: int | None = None,
-                 nprobe: int = 128, cache: str | os.PathLike | None = None,
-                 chunk: int = 65536, seed: int = 0):
+    def __init__(
+        self,
+        pooled: np.ndarray,
+        *,
+        kind: str = "auto",
+        nlist: int | None = None,
+        nprobe: int = 128,
+        cache: str | os.PathLike | None = None,
+        chunk: int = 65536,
+        seed: int = 0,
+    ):
         faiss = _faiss()
         n, d = pooled.shape
         if kind == "auto":
@@ -99,7 +107,7 @@ class FirstStage:
 
     def _add(self, pooled: np.ndarray, chunk: int) -> None:
         for start in range(0, pooled.shape[0], chunk):
-            self.index.add(normalise(pooled[start:start + chunk]))
+            self.index.add(normalise(pooled[start : start + chunk]))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` rows for each query.
@@ -125,8 +133,9 @@ def top_k(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.
     return rows[order], scores[order]
 
 
-def exhaustive(score_rows: Callable[[np.ndarray], np.ndarray], size: int, k: int, *,
-               chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def exhaustive(
+    score_rows: Callable[[np.ndarray], np.ndarray], size: int, k: int, *, chunk: int = 4096
+) -> tuple[np.ndarray, np.ndarray]:
     """Score every row with the full model, in chunks; keep the best ``k``.
 
     Args:
@@ -140,14 +149,19 @@ def exhaustive(score_rows: Callable[[np.ndarray], np.ndarray], size: int, k: int
     for start in range(0, size, chunk):
         rows = np.arange(start, min(start + chunk, size), dtype=np.int64)
         scores = np.asarray(score_rows(rows), dtype=np.float32)
-        best_rows, best_scores = top_k(np.concatenate([best_scores, scores]),
-                                       np.concatenate([best_rows, rows]), k)
+        best_rows, best_scores = top_k(
+            np.concatenate([best_scores, scores]), np.concatenate([best_rows, rows]), k
+        )
     return best_rows, best_scores
 
 
-def two_stage(query_pooled: np.ndarray, first: FirstStage,
-              score_rows: Callable[[np.ndarray], np.ndarray], k: int,
-              n_candidates: int = DEFAULT_CANDIDATES) -> tuple[np.ndarray, np.ndarray]:
+def two_stage(
+    query_pooled: np.ndarray,
+    first: FirstStage,
+    score_rows: Callable[[np.ndarray], np.ndarray],
+    k: int,
+    n_candidates: int = DEFAULT_CANDIDATES,
+) -> tuple[np.ndarray, np.ndarray]:
     """First stage picks ``n_candidates`` rows, the full model re-ranks them; best ``k``.
 
     Args:

@@ -119,8 +119,10 @@ def _unknown(key: str, prefix: str, known: list[str]) -> ConfigError:
 
 
 # Keys that were renamed: still read (from configs and checkpoints), with a one-line note.
-RENAMED = {"train.warmup_epochs": "train.all_negatives_epochs",
-           "train.prominence_weight": "train.recurrence_weight"}
+RENAMED = {
+    "train.warmup_epochs": "train.all_negatives_epochs",
+    "train.prominence_weight": "train.recurrence_weight",
+}
 log = logging.getLogger("cpfean.config")
 
 
@@ -129,7 +131,7 @@ def _renamed(data: dict[str, Any], prefix: str) -> dict[str, Any]:
     for key, value in data.items():
         new = RENAMED.get(f"{prefix}{key}")
         if new is not None:
-            new_key = new[len(prefix):]
+            new_key = new[len(prefix) :]
             if new_key in data:
                 raise ConfigError(f"config sets both {prefix}{key} and its new name {new}")
             log.warning("note: config key '%s%s' is now '%s'", prefix, key, new)
@@ -216,17 +218,30 @@ def load_config(
 
 # (key, lowest allowed value, whether the lowest is excluded); every float must also be finite
 _RANGES = (
-    ("train.epochs", 1, False), ("train.batch_size", 2, False), ("train.lr", 0, True),
-    ("train.text_lr", 0, False), ("train.weight_decay", 0, False),
-    ("train.lr_warmup_steps", 0, False), ("train.grad_clip", 0, False),
-    ("train.margin", 0, False), ("train.all_negatives_epochs", 0, False),
-    ("train.recurrence_weight", 0, False), ("train.eval_batch_size", 1, False),
-    ("train.log_every", 1, False), ("data.num_workers", 0, False), ("data.val_limit", 0, False),
+    ("train.epochs", 1, False),
+    ("train.batch_size", 2, False),
+    ("train.lr", 0, True),
+    ("train.text_lr", 0, False),
+    ("train.weight_decay", 0, False),
+    ("train.lr_warmup_steps", 0, False),
+    ("train.grad_clip", 0, False),
+    ("train.margin", 0, False),
+    ("train.all_negatives_epochs", 0, False),
+    ("train.recurrence_weight", 0, False),
+    ("train.eval_batch_size", 1, False),
+    ("train.log_every", 1, False),
+    ("data.num_workers", 0, False),
+    ("data.val_limit", 0, False),
     ("train.ddp_timeout_minutes", 1, False),
-    ("model.feature_dim", 1, False), ("model.embed_dim", 1, False),
-    ("model.max_words", 1, False), ("model.region_layers", 1, False),
-    ("model.region_heads", 1, False), ("model.region_ff_dim", 1, False),
-    ("model.dropout", 0, False), ("model.topk", 0, False), ("model.lambda_softmax", 0, True),
+    ("model.feature_dim", 1, False),
+    ("model.embed_dim", 1, False),
+    ("model.max_words", 1, False),
+    ("model.region_layers", 1, False),
+    ("model.region_heads", 1, False),
+    ("model.region_ff_dim", 1, False),
+    ("model.dropout", 0, False),
+    ("model.topk", 0, False),
+    ("model.lambda_softmax", 0, True),
 )
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
@@ -247,17 +262,21 @@ def check_values(cfg: Config) -> None:
     if cfg.model.dropout >= 1:
         raise ConfigError(f"model.dropout: must be < 1, got {cfg.model.dropout!r}")
     if cfg.model.embed_dim % cfg.model.region_heads:
-        raise ConfigError(f"model.region_heads: {cfg.model.region_heads} does not divide "
-                          f"model.embed_dim {cfg.model.embed_dim}")
+        raise ConfigError(
+            f"model.region_heads: {cfg.model.region_heads} does not divide "
+            f"model.embed_dim {cfg.model.embed_dim}"
+        )
     if any(e < 1 for e in cfg.train.lr_decay_epochs):
-        raise ConfigError(f"train.lr_decay_epochs: epochs are >= 1, got "
-                          f"{cfg.train.lr_decay_epochs}")
+        raise ConfigError(
+            f"train.lr_decay_epochs: epochs are >= 1, got {cfg.train.lr_decay_epochs}"
+        )
     for key in ("train_split", "val_split", "test_split", "regions", "captions"):
         if not getattr(cfg.data, key).strip():
             raise ConfigError(f"data.{key}: must not be empty")
     if not _DEVICE.fullmatch(cfg.train.device):
-        raise ConfigError(f"train.device: 'auto', 'cpu', 'cuda' or 'cuda:N', got "
-                          f"{cfg.train.device!r}")
+        raise ConfigError(
+            f"train.device: 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.train.device!r}"
+        )
     if not cfg.run_dir.strip():
         raise ConfigError("run_dir: must not be empty")
 

@@ -73,22 +73,28 @@ def fit_to_store(cfg: Config, store_meta: dict, logger: logging.Logger | None) -
     Raises ValueError when the store's features are not of ``model.feature_dim``."""
     dim = store_meta.get("feature_dim")
     if dim != cfg.model.feature_dim:
-        raise ValueError(f"model.feature_dim is {cfg.model.feature_dim} but the region store "
-                         f"{cfg.data.regions} holds {dim}-d features; set "
-                         f"model.feature_dim={dim}")
+        raise ValueError(
+            f"model.feature_dim is {cfg.model.feature_dim} but the region store "
+            f"{cfg.data.regions} holds {dim}-d features; set "
+            f"model.feature_dim={dim}"
+        )
     missing, off = [], []
     if cfg.model.use_spatial and store_meta.get("has_boxes") is False:
         missing.append("boxes")
         off.append("use_spatial")
-    if cfg.model.use_label_prior and (store_meta.get("has_labels") is False
-                                      or not store_meta.get("label_names")):
+    if cfg.model.use_label_prior and (
+        store_meta.get("has_labels") is False or not store_meta.get("label_names")
+    ):
         missing.append("labels")
         off.append("use_label_prior")
     if not off:
         return cfg
     if logger is not None:
-        logger.info("the region store has no %s: %s off for this run", " and no ".join(missing),
-                    " and ".join(f"model.{k}" for k in off))
+        logger.info(
+            "the region store has no %s: %s off for this run",
+            " and no ".join(missing),
+            " and ".join(f"model.{k}" for k in off),
+        )
     model = dataclasses.replace(cfg.model, **dict.fromkeys(off, False))
     return dataclasses.replace(cfg, model=model)
 
@@ -119,7 +125,7 @@ class MetricsLog:
         """Header and whole rows; a last row cut short by a kill (no newline) is left out."""
         text = self.path.read_text(encoding="utf-8")
         if text and not text.endswith("\n"):
-            text = text[:text.rfind("\n") + 1]
+            text = text[: text.rfind("\n") + 1]
         reader = csv.DictReader(io.StringIO(text, newline=""))
         return list(reader.fieldnames or []), list(reader)
 
@@ -158,8 +164,10 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(minutes=cfg.train.ddp_timeout_minutes))
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            timeout=timedelta(minutes=cfg.train.ddp_timeout_minutes),
+        )
     is_main = rank == 0
     run_dir = Path(cfg.run_dir)
     # the data are checked before the run folder is made or touched
@@ -169,8 +177,12 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
     val_caps = load_split(cfg, store, cfg.data.val_split)
     if cfg.data.val_limit and len(val_caps) > cfg.data.val_limit:
         keep = slice(0, cfg.data.val_limit)
-        val_caps = CaptionSet(val_caps.image_ids[keep], val_caps.captions[keep],
-                              val_caps.splits[keep], val_caps.source)
+        val_caps = CaptionSet(
+            val_caps.image_ids[keep],
+            val_caps.captions[keep],
+            val_caps.splits[keep],
+            val_caps.source,
+        )
     cfg = fit_to_store(cfg, store.meta, log if is_main else None)
     lock = WriterLock(run_dir / "train.lock", f"run folder {run_dir}")
     if is_main:
@@ -184,9 +196,13 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
         optimizer = build_optimizer(model, cfg)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.train.lr_decay_epochs, 0.1)
         # per-step linear warm-up, chained with the per-epoch decay (both scale the current lr)
-        warmup = (torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01,
-                                                    total_iters=cfg.train.lr_warmup_steps)
-                  if cfg.train.lr_warmup_steps > 0 else None)
+        warmup = (
+            torch.optim.lr_scheduler.LinearLR(
+                optimizer, start_factor=0.01, total_iters=cfg.train.lr_warmup_steps
+            )
+            if cfg.train.lr_warmup_steps > 0
+            else None
+        )
         use_amp = cfg.train.amp and device.type == "cuda"
         scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
 
@@ -198,8 +214,10 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
             scheduler.load_state_dict(ckpt["scheduler"])
             if warmup is not None:
                 if ckpt.get("warmup") is None:
-                    raise ValueError(f"{run_dir / 'last.pt'} was trained without "
-                                     "train.lr_warmup_steps: resume with the run's own config")
+                    raise ValueError(
+                        f"{run_dir / 'last.pt'} was trained without "
+                        "train.lr_warmup_steps: resume with the run's own config"
+                    )
                 warmup.load_state_dict(ckpt["warmup"])
             scaler.load_state_dict(ckpt["scaler"])
             start_epoch, step, best = ckpt["epoch"] + 1, ckpt["step"], ckpt["best"]
@@ -209,20 +227,28 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
 
         use_prominence_loss = cfg.train.recurrence_weight > 0 and cfg.model.use_prominence
         dataset = CaptionPairDataset(store, train_caps.image_ids, train_caps.captions)
-        sampler = (DistributedSampler(dataset, world, rank, seed=cfg.train.seed) if world > 1
-                   else RandomSampler(dataset))
+        sampler = (
+            DistributedSampler(dataset, world, rank, seed=cfg.train.seed)
+            if world > 1
+            else RandomSampler(dataset)
+        )
         loader = DataLoader(
-            dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=len(dataset) >
-            cfg.train.batch_size * world, num_workers=cfg.data.num_workers,
+            dataset,
+            batch_size=cfg.train.batch_size,
+            sampler=sampler,
+            drop_last=len(dataset) > cfg.train.batch_size * world,
+            num_workers=cfg.data.num_workers,
             collate_fn=PairCollator(model.tokenize, with_siblings=use_prominence_loss),
-            pin_memory=device.type == "cuda", persistent_workers=False,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
         )
         net = DistributedDataParallel(model, find_unused_parameters=False) if world > 1 else model
         metrics_log = MetricsLog(run_dir / "metrics.csv")
         if is_main:  # rows a crash logged past the checkpoint (or a fresh run's: all) go
             metrics_log.truncate_after(step)
-        autocast = (lambda: torch.autocast(device.type, dtype=torch.float16)) if use_amp \
-            else nullcontext
+        autocast = (
+            (lambda: torch.autocast(device.type, dtype=torch.float16)) if use_amp else nullcontext
+        )
 
         for epoch in range(start_epoch, cfg.train.epochs):
             if isinstance(sampler, DistributedSampler):
@@ -230,23 +256,31 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
             loss_fn.max_violation = epoch >= cfg.train.all_negatives_epochs
             model.train()
             started = time.time()
-            bar = progress_of(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                              unit="step", enabled=progress and is_main, leave=False)
+            bar = progress_of(
+                loader,
+                desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                unit="step",
+                enabled=progress and is_main,
+                leave=False,
+            )
             for batch in bar:
                 regions = batch["regions"].to(device, non_blocking=True)
                 input_ids = batch["input_ids"].to(device)
                 attention_mask = batch["attention_mask"].to(device)
                 image_index = batch["image_index"].to(device)
                 with autocast():
-                    sims, txt = net(*regions.as_tuple(), input_ids, attention_mask,
-                                    return_text=True)
+                    sims, txt = net(
+                        *regions.as_tuple(), input_ids, attention_mask, return_text=True
+                    )
                     triplet = loss_fn(sims.float(), image_ids=image_index)
                     loss = triplet
                     if use_prominence_loss:
-                        targets = sibling_targets(txt.token_ids, txt.mask,
-                                                  batch["sibling_ids"].to(device), image_index)
+                        targets = sibling_targets(
+                            txt.token_ids, txt.mask, batch["sibling_ids"].to(device), image_index
+                        )
                         prominence = cfg.train.recurrence_weight * prominence_loss(
-                            txt.log_prominence.float(), targets)
+                            txt.log_prominence.float(), targets
+                        )
                         loss = triplet + prominence
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
@@ -268,34 +302,53 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
                 if is_main and step % cfg.train.log_every == 0:
                     # loss = triplet + prominence (the weighted recurrence term; blank when off)
                     metrics_log.write(
-                        epoch=epoch + 1, step=step, loss=round(loss.item(), 5),
-                        lr=optimizer.param_groups[0]["lr"], rsum="",
+                        epoch=epoch + 1,
+                        step=step,
+                        loss=round(loss.item(), 5),
+                        lr=optimizer.param_groups[0]["lr"],
+                        rsum="",
                         triplet=round(triplet.item(), 5),
-                        prominence=round(prominence.item(), 5) if use_prominence_loss else "")
+                        prominence=round(prominence.item(), 5) if use_prominence_loss else "",
+                    )
             scheduler.step()
 
             if not is_main:
                 dist.barrier()
                 continue
-            val, _ = evaluate_split(model, store, val_caps, batch_size=cfg.train.eval_batch_size,
-                                    device=device)
-            metrics_log.write(epoch=epoch + 1, step=step, loss=round(loss.item(), 5),
-                              lr=optimizer.param_groups[0]["lr"], rsum=round(val["rsum"], 3),
-                              triplet="", prominence="")
+            val, _ = evaluate_split(
+                model, store, val_caps, batch_size=cfg.train.eval_batch_size, device=device
+            )
+            metrics_log.write(
+                epoch=epoch + 1,
+                step=step,
+                loss=round(loss.item(), 5),
+                lr=optimizer.param_groups[0]["lr"],
+                rsum=round(val["rsum"], 3),
+                triplet="",
+                prominence="",
+            )
             payload = model_payload(model, cfg, label_names)
             if val["rsum"] > best["rsum"]:
                 best = {"rsum": val["rsum"], "epoch": epoch + 1, "metrics": val}
                 save_checkpoint(run_dir / "best.pt", **payload, epoch=epoch, best=best)
             save_checkpoint(
-                run_dir / "last.pt", **payload, optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
+                run_dir / "last.pt",
+                **payload,
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict(),
+                epoch=epoch,
                 step=step,
                 warmup=warmup.state_dict() if warmup is not None else None,
-                best=best, rng=rng_state(),
+                best=best,
+                rng=rng_state(),
             )
             if progress:
-                print(f"epoch {epoch + 1}: loss {loss.item():.4f}  val rSum {val['rsum']:.1f}  "
-                      f"best {best['rsum']:.1f}  ({time.time() - started:.0f} s)", flush=True)
+                print(
+                    f"epoch {epoch + 1}: loss {loss.item():.4f}  val rSum {val['rsum']:.1f}  "
+                    f"best {best['rsum']:.1f}  ({time.time() - started:.0f} s)",
+                    flush=True,
+                )
             if world > 1:
                 dist.barrier()
 

@@ -17,51 +17,72 @@ from cpfean.progress import progress as progress_of
 
 @torch.no_grad()
 def encode_images(
-    model, store: RegionStore, image_ids: Sequence[str], *, batch_size: int = 128,
-    device: torch.device | str = "cpu", num_workers: int = 0, progress: bool = False,
+    model,
+    store: RegionStore,
+    image_ids: Sequence[str],
+    *,
+    batch_size: int = 128,
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+    progress: bool = False,
 ):
     """Encode the regions of ``image_ids`` (in order) -> the model's ImageEmbeddings."""
     loader = DataLoader(
-        ImageDataset(store, image_ids), batch_size=batch_size, shuffle=False,
-        num_workers=num_workers, collate_fn=collate_regions,
+        ImageDataset(store, image_ids),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_regions,
     )
     parts = []
-    for batch in progress_of(loader, desc="encode images", unit="batch", enabled=progress,
-                             leave=False):
+    for batch in progress_of(
+        loader, desc="encode images", unit="batch", enabled=progress, leave=False
+    ):
         parts.append(model.encode_images(*batch.to(device).as_tuple()))
     return type(parts[0]).cat(parts)
 
 
 @torch.no_grad()
 def encode_texts(
-    model, captions: Sequence[str], *, batch_size: int = 128,
-    device: torch.device | str = "cpu", progress: bool = False,
+    model,
+    captions: Sequence[str],
+    *,
+    batch_size: int = 128,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
 ):
     """Encode ``captions`` (in order) -> the model's TextEmbeddings."""
     parts = []
     steps = range(0, len(captions), batch_size)
-    for start in progress_of(steps, desc="encode captions", unit="batch", enabled=progress,
-                             leave=False):
-        tokens = model.tokenize(list(captions[start:start + batch_size]))
-        parts.append(model.encode_texts(tokens["input_ids"].to(device),
-                                        tokens["attention_mask"].to(device)))
+    for start in progress_of(
+        steps, desc="encode captions", unit="batch", enabled=progress, leave=False
+    ):
+        tokens = model.tokenize(list(captions[start : start + batch_size]))
+        parts.append(
+            model.encode_texts(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+        )
     return type(parts[0]).cat(parts)
 
 
 @torch.no_grad()
 def similarity_matrix(
-    model, store: RegionStore, image_ids: Sequence[str], captions: Sequence[str], *,
-    batch_size: int = 128, device: torch.device | str = "cpu",
+    model,
+    store: RegionStore,
+    image_ids: Sequence[str],
+    captions: Sequence[str],
+    *,
+    batch_size: int = 128,
+    device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> np.ndarray:
     """sims [n_images, n_captions] of ``model`` over a split."""
     was_training = model.training
     model.eval()
     try:
-        img = encode_images(model, store, image_ids, batch_size=batch_size, device=device,
-                            progress=progress)
-        txt = encode_texts(model, captions, batch_size=batch_size,
-                           device=device, progress=progress)
+        img = encode_images(
+            model, store, image_ids, batch_size=batch_size, device=device, progress=progress
+        )
+        txt = encode_texts(model, captions, batch_size=batch_size, device=device, progress=progress)
         sims = model.score(img, txt)
     finally:
         model.train(was_training)
@@ -70,23 +91,31 @@ def similarity_matrix(
 
 @torch.no_grad()
 def similarity_blocks(
-    model, store: RegionStore, image_ids: Sequence[str], captions: Sequence[str], *,
-    fold_size: int, batch_size: int = 128, device: torch.device | str = "cpu",
+    model,
+    store: RegionStore,
+    image_ids: Sequence[str],
+    captions: Sequence[str],
+    *,
+    fold_size: int,
+    batch_size: int = 128,
+    device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> list[np.ndarray]:
     """The diagonal blocks ``[fold_size, 5 * fold_size]`` of the similarity matrix (COCO
     5-fold 1K): every item is encoded once, and only pairs inside a fold are scored."""
     n = len(image_ids)
     if fold_size < 1 or n % fold_size or len(captions) != 5 * n:
-        raise ValueError(f"{n} images and {len(captions)} captions do not split into folds of "
-                         f"{fold_size} images with 5 captions each")
+        raise ValueError(
+            f"{n} images and {len(captions)} captions do not split into folds of "
+            f"{fold_size} images with 5 captions each"
+        )
     was_training = model.training
     model.eval()
     try:
-        img = encode_images(model, store, image_ids, batch_size=batch_size, device=device,
-                            progress=progress)
-        txt = encode_texts(model, captions, batch_size=batch_size, device=device,
-                           progress=progress)
+        img = encode_images(
+            model, store, image_ids, batch_size=batch_size, device=device, progress=progress
+        )
+        txt = encode_texts(model, captions, batch_size=batch_size, device=device, progress=progress)
         blocks = []
         for k in range(n // fold_size):
             rows = slice(k * fold_size, (k + 1) * fold_size)
@@ -98,14 +127,27 @@ def similarity_blocks(
 
 
 def evaluate_split(
-    model, store: RegionStore, captions: CaptionSet, *, protocol: str = "all",
-    batch_size: int = 128, device: torch.device | str = "cpu", progress: bool = False,
+    model,
+    store: RegionStore,
+    captions: CaptionSet,
+    *,
+    protocol: str = "all",
+    batch_size: int = 128,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
 ) -> tuple[dict, np.ndarray]:
     """Metrics of ``model`` on one split under ``protocol``; also returns the sims matrix.
 
     The protocol needs exactly 5 captions per image (captions 5i..5i+4 belong to image i).
     """
     flat, _ = captions.flatten(5)
-    sims = similarity_matrix(model, store, captions.image_ids, flat, batch_size=batch_size,
-                             device=device, progress=progress)
+    sims = similarity_matrix(
+        model,
+        store,
+        captions.image_ids,
+        flat,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+    )
     return evaluate_protocol(sims, protocol), sims

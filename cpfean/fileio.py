@@ -23,8 +23,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["LockedError", "WriterLock", "atomic_output", "atomic_path", "atomic_write",
-           "atomic_write_json", "fsync_dir"]
+__all__ = [
+    "LockedError",
+    "WriterLock",
+    "atomic_output",
+    "atomic_path",
+    "atomic_write",
+    "atomic_write_json",
+    "fsync_dir",
+]
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -66,8 +73,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8",
-                  newline: str | None = None) -> Iterator[IO[Any]]:
+def atomic_output(
+    path: str | os.PathLike,
+    mode: str = "w",
+    encoding: str | None = "utf-8",
+    newline: str | None = None,
+) -> Iterator[IO[Any]]:
     """``with atomic_output(p) as f: f.write(...)`` replaces `p` whole or not at all."""
     binary = "b" in mode
     text = {} if binary else {"encoding": encoding, "newline": newline}
@@ -118,11 +129,15 @@ class WriterLock:
             os.close(fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise
-            raise LockedError(f"{self.what} is being written by {self.holder()}; wait for it "
-                              "to finish or stop it") from None
-        holder = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "command": shlex.join(sys.argv)[:300],
-                  "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            raise LockedError(
+                f"{self.what} is being written by {self.holder()}; wait for it to finish or stop it"
+            ) from None
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": shlex.join(sys.argv)[:300],
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         self._fd = fd
@@ -132,8 +147,7 @@ class WriterLock:
         """Who holds the lock, as recorded in the lock file."""
         try:
             info = json.loads(self.path.read_text(encoding="utf-8"))
-            return (f"pid {info['pid']} on {info['host']} ({info['command']}, since "
-                    f"{info['since']})")
+            return f"pid {info['pid']} on {info['host']} ({info['command']}, since {info['since']})"
         except (OSError, ValueError, KeyError, TypeError):
             return "another process"
 

@@ -30,16 +30,24 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")  # the decoders a file may reach
 MAX_IMAGE_PIXELS = 50_000_000
 
-__all__ = ["IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "PIL_FORMATS", "BadImage", "decode_image",
-           "decode_image_bytes", "list_images"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
+    "PIL_FORMATS",
+    "BadImage",
+    "decode_image",
+    "decode_image_bytes",
+    "list_images",
+]
 
 
 class BadImage(Exception):
     """An image that cannot be used; the message is the reason written to the skip report."""
 
 
-def list_images(root: str | os.PathLike,
-                rejected: list[tuple[str, str]] | None = None) -> list[str]:
+def list_images(
+    root: str | os.PathLike, rejected: list[tuple[str, str]] | None = None
+) -> list[str]:
     """Image ids under `root`: relative POSIX paths of files with an image extension
     (case-insensitive), recursively, sorted. Hidden files and folders are left out.
 
@@ -118,8 +126,10 @@ def _decode(path: Any, max_pixels: int) -> np.ndarray:
             with Image.open(path, formats=PIL_FORMATS) as im:
                 w, h = im.size
                 if w * h > max_pixels:
-                    raise BadImage(f"too large: {w}x{h} = {w * h} pixels > {max_pixels} "
-                                   "(REGIONS.MAX_IMAGE_PIXELS)")
+                    raise BadImage(
+                        f"too large: {w}x{h} = {w * h} pixels > {max_pixels} "
+                        "(REGIONS.MAX_IMAGE_PIXELS)"
+                    )
                 if w < 1 or h < 1:
                     raise BadImage(f"empty image: {w}x{h}")
                 im.load()  # raises on truncated or corrupt data
@@ -133,5 +143,3 @@ def _decode(path: Any, max_pixels: int) -> np.ndarray:
         raise BadImage(f"too large: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadImage(f"corrupt or truncated: {e}") from None
-
-

@@ -119,21 +119,38 @@ def check_replaceable(out: Path) -> None:
     foreign = sorted(entries - _INDEX_ENTRIES)
     if fmt != FORMAT or foreign:
         what = f"holds {foreign[0]!r}" if foreign else "has no cpfean index.json"
-        raise IndexError_(f"--out {out} is a folder that is not a cpfean index ({what}); "
-                          "an index build replaces only an index it wrote; choose another --out")
+        raise IndexError_(
+            f"--out {out} is a folder that is not a cpfean index ({what}); "
+            "an index build replaces only an index it wrote; choose another --out"
+        )
 
 
-def build_key(*, checkpoint_sha256: str, store: Any, image_ids: Sequence[str],
-              captions: Sequence[str] | None, caption_image_ids: Sequence[str] | None,
-              dtype: str, images_root: str | None) -> str:
+def build_key(
+    *,
+    checkpoint_sha256: str,
+    store: Any,
+    image_ids: Sequence[str],
+    captions: Sequence[str] | None,
+    caption_image_ids: Sequence[str] | None,
+    dtype: str,
+    images_root: str | None,
+) -> str:
     """A digest of everything that decides an index's content (see the module docstring)."""
     digest = hashlib.sha256()
     store_print = store.fingerprint() if hasattr(store, "fingerprint") else str(store.path)
-    for part in (checkpoint_sha256, store_print, ids_digest(image_ids), dtype,
-                 str(Path(images_root).absolute()) if images_root else ""):
+    for part in (
+        checkpoint_sha256,
+        store_print,
+        ids_digest(image_ids),
+        dtype,
+        str(Path(images_root).absolute()) if images_root else "",
+    ):
         digest.update(part.encode("utf-8") + b"\0")
-    digest.update(json.dumps([list(captions or []), list(caption_image_ids or [])],
-                             ensure_ascii=False).encode("utf-8"))
+    digest.update(
+        json.dumps(
+            [list(captions or []), list(caption_image_ids or [])], ensure_ascii=False
+        ).encode("utf-8")
+    )
     return digest.hexdigest()
 
 
@@ -179,21 +196,24 @@ def images_root_of(store_meta: dict, given: str | None = None) -> str | None:
 
 # ---------------------------------------------------------------------------------- building
 @torch.no_grad()
-def _encode_shard(model: Any, store: Any, ids: Sequence[str], batch_size: int,
-                  device: torch.device | str) -> tuple[Any, dict[str, np.ndarray]]:
+def _encode_shard(
+    model: Any, store: Any, ids: Sequence[str], batch_size: int, device: torch.device | str
+) -> tuple[Any, dict[str, np.ndarray]]:
     """ImageEmbeddings of ``ids`` plus their geometry arrays (boxes in pixels, labels, hw)."""
     parts, boxes, labels, hws = [], [], [], []
     for start in range(0, len(ids), batch_size):
-        records = [store[i] for i in ids[start:start + batch_size]]
+        records = [store[i] for i in ids[start : start + batch_size]]
         batch = collate_regions([record_arrays(r) for r in records]).to(device)
         parts.append(model.encode_images(*batch.as_tuple()))
         boxes += [r.boxes for r in records]
         labels += [r.labels for r in records]
         hws += [r.image_hw for r in records]
     emb = type(parts[0]).cat(parts) if len(parts) > 1 else parts[0]
-    geometry = {"boxes": np.stack(boxes).astype(np.float32),
-                "labels": np.stack(labels).astype(np.int32),
-                "hw": np.asarray(hws, dtype=np.int32)}
+    geometry = {
+        "boxes": np.stack(boxes).astype(np.float32),
+        "labels": np.stack(labels).astype(np.int32),
+        "hw": np.asarray(hws, dtype=np.int32),
+    }
     return emb, geometry
 
 
@@ -221,24 +241,34 @@ def _assemble(shards: list[Path], dest: Path, names: list[str], count: int) -> N
     for name in names:
         first = np.load(shards[0] / f"{name}.npy", mmap_mode="r")
         with atomic_path(dest / f"{name}.npy") as tmp:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=first.dtype,
-                                            shape=(count, *first.shape[1:]))
+            out = np.lib.format.open_memmap(
+                tmp, mode="w+", dtype=first.dtype, shape=(count, *first.shape[1:])
+            )
             row = 0
             for shard in shards:
                 part = np.load(shard / f"{name}.npy", mmap_mode="r")
-                out[row:row + len(part)] = part
+                out[row : row + len(part)] = part
                 row += len(part)
             out.flush()
             del out
 
 
 def build_index(
-    model: Any, store: Any, out: str | os.PathLike, *, checkpoint: dict[str, str],
-    config: dict[str, Any], image_ids: Sequence[str] | None = None,
-    images_root: str | None = None, captions: Sequence[str] | None = None,
-    caption_image_ids: Sequence[str] | None = None, shard_size: int = 1024,
-    batch_size: int = 64, dtype: str = "float16",
-    device: torch.device | str = "cpu", progress: bool = False,
+    model: Any,
+    store: Any,
+    out: str | os.PathLike,
+    *,
+    checkpoint: dict[str, str],
+    config: dict[str, Any],
+    image_ids: Sequence[str] | None = None,
+    images_root: str | None = None,
+    captions: Sequence[str] | None = None,
+    caption_image_ids: Sequence[str] | None = None,
+    shard_size: int = 1024,
+    batch_size: int = 64,
+    dtype: str = "float16",
+    device: torch.device | str = "cpu",
+    progress: bool = False,
     log: Callable[[str], None] = lambda s: None,
 ) -> Path:
     """Encode a gallery (and optionally a caption set) into an index directory at ``out``.
@@ -263,28 +293,60 @@ def build_index(
     check_replaceable(out)
     lock = WriterLock(out.with_name(f".{out.name}.lock"), f"index {out}")
     with lock:
-        return _build_locked(model, store, out, ids, checkpoint=checkpoint, config=config,
-                             images_root=images_root, captions=captions,
-                             caption_image_ids=caption_image_ids, shard_size=shard_size,
-                             batch_size=batch_size, dtype=dtype, device=device,
-                             progress=progress, log=log)
+        return _build_locked(
+            model,
+            store,
+            out,
+            ids,
+            checkpoint=checkpoint,
+            config=config,
+            images_root=images_root,
+            captions=captions,
+            caption_image_ids=caption_image_ids,
+            shard_size=shard_size,
+            batch_size=batch_size,
+            dtype=dtype,
+            device=device,
+            progress=progress,
+            log=log,
+        )
 
 
-def _build_locked(model: Any, store: Any, out: Path, ids: list[str], *,
-                  checkpoint: dict[str, str], config: dict[str, Any], images_root: str | None,
-                  captions: Sequence[str] | None, caption_image_ids: Sequence[str] | None,
-                  shard_size: int, batch_size: int, dtype: str, device: torch.device | str,
-                  progress: bool, log: Callable[[str], None]) -> Path:
+def _build_locked(
+    model: Any,
+    store: Any,
+    out: Path,
+    ids: list[str],
+    *,
+    checkpoint: dict[str, str],
+    config: dict[str, Any],
+    images_root: str | None,
+    captions: Sequence[str] | None,
+    caption_image_ids: Sequence[str] | None,
+    shard_size: int,
+    batch_size: int,
+    dtype: str,
+    device: torch.device | str,
+    progress: bool,
+    log: Callable[[str], None],
+) -> Path:
     check_replaceable(out)  # again, now that no other build can change it
     work = out.with_name(out.name + ".building")
-    plan = {"checkpoint_sha256": checkpoint["sha256"], "ids_sha256": ids_digest(ids),
-            "count": len(ids), "shard_size": shard_size, "dtype": dtype,
-            "store": str(Path(store.path).absolute()),
-            "store_content": store.fingerprint() if hasattr(store, "fingerprint") else None}
+    plan = {
+        "checkpoint_sha256": checkpoint["sha256"],
+        "ids_sha256": ids_digest(ids),
+        "count": len(ids),
+        "shard_size": shard_size,
+        "dtype": dtype,
+        "store": str(Path(store.path).absolute()),
+        "store_content": store.fingerprint() if hasattr(store, "fingerprint") else None,
+    }
     plan_path = work / "build.json"
     if work.exists() and _read_plan(plan_path) != plan:
-        log(f"note: {work} belongs to another build (different checkpoint, store or "
-            "images); starting over")
+        log(
+            f"note: {work} belongs to another build (different checkpoint, store or "
+            "images); starting over"
+        )
         shutil.rmtree(work)
     (work / "shards").mkdir(parents=True, exist_ok=True)
     _write_json(plan_path, plan)
@@ -295,8 +357,9 @@ def _build_locked(model: Any, store: Any, out: Path, ids: list[str], *,
         log(f"resuming: {len(shards) - len(todo)} of {len(shards)} shards already whole")
     emb_class = None
     for k in progress_of(todo, desc="encode gallery", unit="shard", enabled=progress):
-        emb, geometry = _encode_shard(model, store, ids[k * shard_size:(k + 1) * shard_size],
-                                      batch_size, device)
+        emb, geometry = _encode_shard(
+            model, store, ids[k * shard_size : (k + 1) * shard_size], batch_size, device
+        )
         emb_class = type(emb)
         _write_shard(shards[k], emb, geometry, dtype)
     field_names = sorted(p.name[4:-4] for p in shards[0].glob("emb.*.npy"))
@@ -307,31 +370,51 @@ def _build_locked(model: Any, store: Any, out: Path, ids: list[str], *,
         shutil.rmtree(stale, ignore_errors=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     (tmp / "images").mkdir(parents=True)
-    _assemble(shards, tmp / "images", [f"emb.{n}" for n in field_names]
-              + ["pooled", "boxes", "labels", "hw"], len(ids))
+    _assemble(
+        shards,
+        tmp / "images",
+        [f"emb.{n}" for n in field_names] + ["pooled", "boxes", "labels", "hw"],
+        len(ids),
+    )
     _write_json(tmp / "images" / "ids.json", ids)
     checkpoint = {**checkpoint, "path_from_index": _relative(checkpoint["path"], out)}
     info: dict[str, Any] = {
-        "format": FORMAT, "version": VERSION,
-        "checkpoint": checkpoint, "config": config,
-        "regions": str(store.path), "regions_from_index": _relative(store.path, out),
+        "format": FORMAT,
+        "version": VERSION,
+        "checkpoint": checkpoint,
+        "config": config,
+        "regions": str(store.path),
+        "regions_from_index": _relative(store.path, out),
         "images_root": images_root,
         "images_root_from_index": _relative(images_root, out) if images_root else None,
-        "count": len(ids), "ids_sha256": plan["ids_sha256"],
-        "build_key": build_key(checkpoint_sha256=checkpoint["sha256"], store=store,
-                               image_ids=ids, captions=captions,
-                               caption_image_ids=caption_image_ids, dtype=dtype,
-                               images_root=images_root),
+        "count": len(ids),
+        "ids_sha256": plan["ids_sha256"],
+        "build_key": build_key(
+            checkpoint_sha256=checkpoint["sha256"],
+            store=store,
+            image_ids=ids,
+            captions=captions,
+            caption_image_ids=caption_image_ids,
+            dtype=dtype,
+            images_root=images_root,
+        ),
         "label_names": list(store.meta.get("label_names", [])),
-        "dtype": dtype, "image_embeddings": {"class": _class_name(emb_class),
-                                             "fields": field_names},
+        "dtype": dtype,
+        "image_embeddings": {"class": _class_name(emb_class), "fields": field_names},
         "captions": None,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if captions:
-        info["captions"] = _index_captions(model, tmp / "captions", captions,
-                                           caption_image_ids, batch_size, dtype, device,
-                                           progress)
+        info["captions"] = _index_captions(
+            model,
+            tmp / "captions",
+            captions,
+            caption_image_ids,
+            batch_size,
+            dtype,
+            device,
+            progress,
+        )
     _write_json(tmp / "index.json", info)
     old = out.with_name(f".{out.name}.{os.getpid()}.old")
     if out.exists():
@@ -344,19 +427,30 @@ def _build_locked(model: Any, store: Any, out: Path, ids: list[str], *,
 
 
 @torch.no_grad()
-def _index_captions(model: Any, dest: Path, captions: Sequence[str],
-                    image_ids: Sequence[str] | None, batch_size: int,
-                    dtype: str, device: torch.device | str, progress: bool) -> dict:
+def _index_captions(
+    model: Any,
+    dest: Path,
+    captions: Sequence[str],
+    image_ids: Sequence[str] | None,
+    batch_size: int,
+    dtype: str,
+    device: torch.device | str,
+    progress: bool,
+) -> dict:
     dest.mkdir(parents=True)
-    txt = encode_texts(model, list(captions), batch_size=batch_size, device=device,
-                       progress=progress)
+    txt = encode_texts(
+        model, list(captions), batch_size=batch_size, device=device, progress=progress
+    )
     for name, t in _fields(txt).items():
         _save_npy(dest / f"emb.{name}.npy", _to_numpy(t, dtype))
     _save_npy(dest / "pooled.npy", pooled_texts(txt))
     owners = list(image_ids) if image_ids is not None else [""] * len(captions)
     _write_json(dest / "texts.json", {"captions": list(captions), "image_ids": owners})
-    return {"count": len(captions), "class": _class_name(type(txt)),
-            "fields": sorted(f.name for f in dataclasses.fields(txt))}
+    return {
+        "count": len(captions),
+        "class": _class_name(type(txt)),
+        "fields": sorted(f.name for f in dataclasses.fields(txt)),
+    }
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -367,8 +461,11 @@ class RetrievalIndex:
         self.path = Path(path)
         meta_path = self.path / "index.json"
         if not meta_path.is_file():
-            hint = " (an interrupted build? re-run pipelines.index)" if self.path.with_name(
-                self.path.name + ".building").exists() else ""
+            hint = (
+                " (an interrupted build? re-run pipelines.index)"
+                if self.path.with_name(self.path.name + ".building").exists()
+                else ""
+            )
             hint = hint or " (build one with python -m pipelines.index)"
             raise IndexError_(f"no index at {self.path}: {meta_path.name} not found{hint}")
         try:
@@ -376,24 +473,31 @@ class RetrievalIndex:
         except (ValueError, UnicodeDecodeError) as e:
             raise IndexError_(f"{meta_path} is not valid JSON: {e}") from None
         if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
-            raise IndexError_(f"{self.path} is not a {FORMAT} v{VERSION} index "
-                              f"(format {self.meta.get('format')!r}, "
-                              f"version {self.meta.get('version')!r})")
+            raise IndexError_(
+                f"{self.path} is not a {FORMAT} v{VERSION} index "
+                f"(format {self.meta.get('format')!r}, "
+                f"version {self.meta.get('version')!r})"
+            )
         self.count: int = self.meta["count"]
         self.label_names: list[str] = self.meta.get("label_names", [])
         self._image_cls = _resolve_class(self.meta["image_embeddings"]["class"])
-        self._image_fields = {n: _load_npy(self.path / "images" / f"emb.{n}.npy")
-                              for n in self.meta["image_embeddings"]["fields"]}
+        self._image_fields = {
+            n: _load_npy(self.path / "images" / f"emb.{n}.npy")
+            for n in self.meta["image_embeddings"]["fields"]
+        }
         self.pooled = _load_npy(self.path / "images" / "pooled.npy")  # [N, d]
         self.boxes = _load_npy(self.path / "images" / "boxes.npy")  # [N, R, 4] pixels
         self.labels = _load_npy(self.path / "images" / "labels.npy")  # [N, R]
         self.hw = _load_npy(self.path / "images" / "hw.npy")  # [N, 2]
         self.image_ids: list[str] = json.loads(
-            (self.path / "images" / "ids.json").read_text(encoding="utf-8"))
+            (self.path / "images" / "ids.json").read_text(encoding="utf-8")
+        )
         if len(self.image_ids) != self.count or len(self.pooled) != self.count:
-            raise IndexError_(f"{self.path} is inconsistent: index.json says {self.count} "
-                              f"images, ids.json {len(self.image_ids)}, pooled "
-                              f"{len(self.pooled)}")
+            raise IndexError_(
+                f"{self.path} is inconsistent: index.json says {self.count} "
+                f"images, ids.json {len(self.image_ids)}, pooled "
+                f"{len(self.pooled)}"
+            )
         self.captions: list[str] = []
         self.caption_image_ids: list[str] = []
         cap = self.meta.get("captions")
@@ -401,12 +505,14 @@ class RetrievalIndex:
             texts = json.loads((self.path / "captions" / "texts.json").read_text("utf-8"))
             self.captions, self.caption_image_ids = texts["captions"], texts["image_ids"]
             self._text_cls = _resolve_class(cap["class"])
-            self._text_fields = {n: _load_npy(self.path / "captions" / f"emb.{n}.npy")
-                                 for n in cap["fields"]}
+            self._text_fields = {
+                n: _load_npy(self.path / "captions" / f"emb.{n}.npy") for n in cap["fields"]
+            }
             self.caption_pooled = _load_npy(self.path / "captions" / "pooled.npy")
         self._first: dict[str, ann.FirstStage] = {}
-        self._images_root = self._locate(self.meta.get("images_root"),
-                                         self.meta.get("images_root_from_index"))
+        self._images_root = self._locate(
+            self.meta.get("images_root"), self.meta.get("images_root_from_index")
+        )
 
     def _locate(self, recorded: str | None, from_index: str | None) -> str | None:
         """A recorded path as given when it exists, else relative to the index directory."""
@@ -436,7 +542,8 @@ class RetrievalIndex:
                 f"index {self.path} was built with checkpoint {self.checkpoint_path} "
                 f"(sha256 {self.checkpoint_sha256[:12]}), not {path} (sha256 {sha256[:12]}); "
                 "rebuild the index with python -m pipelines.index --checkpoint "
-                f"{path}, or pass --checkpoint {self.checkpoint_path}")
+                f"{path}, or pass --checkpoint {self.checkpoint_path}"
+            )
 
     def image_path(self, row: int) -> str:
         """The image's path: images root / id (the id alone when no root is recorded)."""
@@ -445,8 +552,12 @@ class RetrievalIndex:
         return str(Path(root) / image_id) if root else image_id
 
     @staticmethod
-    def _rows(fields: dict[str, np.ndarray], cls: type, rows: np.ndarray | slice,
-              device: torch.device | str) -> Any:
+    def _rows(
+        fields: dict[str, np.ndarray],
+        cls: type,
+        rows: np.ndarray | slice,
+        device: torch.device | str,
+    ) -> Any:
         out = {}
         for name, arr in fields.items():
             part = arr[rows]
@@ -460,8 +571,9 @@ class RetrievalIndex:
         """The ImageEmbeddings of gallery ``rows`` (float32 on ``device``)."""
         return self._rows(self._image_fields, self._image_cls, rows, device)
 
-    def caption_embeddings(self, rows: np.ndarray | slice,
-                           device: torch.device | str = "cpu") -> Any:
+    def caption_embeddings(
+        self, rows: np.ndarray | slice, device: torch.device | str = "cpu"
+    ) -> Any:
         """The TextEmbeddings of indexed captions ``rows``."""
         if not self.captions:
             raise IndexError_(f"index {self.path} holds no captions (build it with --captions)")
@@ -473,16 +585,24 @@ class RetrievalIndex:
         if key not in self._first:
             pooled = self.pooled if which == "images" else self.caption_pooled
             self._first[key] = ann.FirstStage(
-                pooled, kind=kind, cache=self.path / which / f"first_stage_{kind}.faiss")
+                pooled, kind=kind, cache=self.path / which / f"first_stage_{kind}.faiss"
+            )
         return self._first[key]
 
 
 # ----------------------------------------------------------------------------------- search
 @torch.no_grad()
 def search(
-    model: Any, index: RetrievalIndex, query: Any, *, direction: str = "text2image",
-    top_k: int = 10, first_stage: int | None = None, exhaustive: bool = False,
-    chunk: int = 1024, device: torch.device | str = "cpu",
+    model: Any,
+    index: RetrievalIndex,
+    query: Any,
+    *,
+    direction: str = "text2image",
+    top_k: int = 10,
+    first_stage: int | None = None,
+    exhaustive: bool = False,
+    chunk: int = 1024,
+    device: torch.device | str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Rank the gallery (images, or indexed captions) for one encoded query.
 
@@ -500,16 +620,28 @@ def search(
         size, pooled_query = index.count, pooled_texts(query)[0]
 
         def score_rows(rows: np.ndarray) -> np.ndarray:
-            return model.score(index.images(rows, device), query, image_chunk=chunk,
-                               text_chunk=1)[:, 0].float().cpu().numpy()
+            return (
+                model.score(index.images(rows, device), query, image_chunk=chunk, text_chunk=1)[
+                    :, 0
+                ]
+                .float()
+                .cpu()
+                .numpy()
+            )
     elif direction == "image2text":
         size, pooled_query = len(index.captions), pooled_images(query)[0]
         if not size:
             raise IndexError_(f"index {index.path} holds no captions (build it with --captions)")
 
         def score_rows(rows: np.ndarray) -> np.ndarray:
-            return model.score(query, index.caption_embeddings(rows, device), image_chunk=1,
-                               text_chunk=chunk)[0].float().cpu().numpy()
+            return (
+                model.score(
+                    query, index.caption_embeddings(rows, device), image_chunk=1, text_chunk=chunk
+                )[0]
+                .float()
+                .cpu()
+                .numpy()
+            )
     else:
         raise ValueError(f"unknown direction {direction!r}")
     use_first = not exhaustive and (first_stage is not None or size > ann.TWO_STAGE_MIN)
@@ -519,5 +651,8 @@ def search(
     n = first_stage or ann.DEFAULT_CANDIDATES
     which = "images" if direction == "text2image" else "captions"
     rows, scores = ann.two_stage(pooled_query, index.first_stage(which), score_rows, top_k, n)
-    return rows, scores, {"path": "two-stage", "candidates": min(max(n, top_k), size),
-                          "gallery": size}
+    return (
+        rows,
+        scores,
+        {"path": "two-stage", "candidates": min(max(n, top_k), size), "gallery": size},
+    )

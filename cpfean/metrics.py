@@ -347,8 +347,13 @@ def paired_bootstrap(
     rsum_a, rsum_b = rsums
     low, high = np.percentile(diffs, [2.5, 97.5])
     return PairedComparison(
-        rsum_a=rsum_a, rsum_b=rsum_b, diff=rsum_a - rsum_b, ci_low=float(low),
-        ci_high=float(high), a_ahead=float(np.mean(diffs > 1e-9)), resamples=resamples,
+        rsum_a=rsum_a,
+        rsum_b=rsum_b,
+        diff=rsum_a - rsum_b,
+        ci_low=float(low),
+        ci_high=float(high),
+        a_ahead=float(np.mean(diffs > 1e-9)),
+        resamples=resamples,
     )
 
 
@@ -378,8 +383,9 @@ def average_folds(fold_results: Sequence[RecallResult]) -> RecallResult:
     return RecallResult(i2t=i2t, t2i=t2i, rsum=_rsum(i2t, t2i))
 
 
-def check_protocol_size(protocol: str, n_images: int, *, fold_size: int = 1000,
-                        strict: bool = True) -> None:
+def check_protocol_size(
+    protocol: str, n_images: int, *, fold_size: int = 1000, strict: bool = True
+) -> None:
     """Raise ValueError unless ``n_images`` fits ``protocol`` (see `evaluate_protocol`); call
     it before scoring, so that a wrong test set costs nothing."""
     if protocol not in PROTOCOLS:
@@ -447,8 +453,9 @@ def evaluate_fold_blocks(blocks: Sequence[npt.ArrayLike]) -> ProtocolResult:
     `evaluate_protocol` computes it from the whole matrix, at a fifth of the scoring work."""
     folds = [_recall_metrics(_check_sims(b)) for b in blocks]
     n_images = sum(np.shape(b)[0] for b in blocks)
-    return ProtocolResult(protocol="coco-5fold-1k", n_images=n_images, folds=folds,
-                          **average_folds(folds))
+    return ProtocolResult(
+        protocol="coco-5fold-1k", n_images=n_images, folds=folds, **average_folds(folds)
+    )
 
 
 def ensemble(sims_list: Sequence[npt.ArrayLike]) -> np.ndarray:

@@ -21,11 +21,20 @@ LOG_INTERVAL = 30.0  # seconds between progress lines when not on a terminal
 class _Lines:
     """tqdm's small interface (update, set_postfix, close, iteration) as periodic lines."""
 
-    def __init__(self, iterable: Iterable[Any] | None, total: int | None, desc: str, unit: str,
-                 interval: float):
+    def __init__(
+        self,
+        iterable: Iterable[Any] | None,
+        total: int | None,
+        desc: str,
+        unit: str,
+        interval: float,
+    ):
         self.iterable, self.desc, self.unit, self.interval = iterable, desc, unit, interval
-        self.total = total if total is not None else (
-            len(iterable) if hasattr(iterable, "__len__") else None)  # type: ignore[arg-type]
+        self.total = (
+            total
+            if total is not None
+            else (len(iterable) if hasattr(iterable, "__len__") else None)
+        )  # type: ignore[arg-type]
         self.n, self.postfix, self.start = 0, "", time.monotonic()
         self.last = self.start
 
@@ -34,8 +43,11 @@ class _Lines:
         of = f"/{self.total}" if self.total is not None else ""
         rate = f", {self.n / elapsed:.1f} {self.unit}/s" if elapsed > 0 else ""
         post = f", {self.postfix}" if self.postfix else ""
-        print(f"{self.desc}: {self.n}{of} {self.unit}{rate}{post} ({elapsed:.0f} s)",
-              file=sys.stderr, flush=True)
+        print(
+            f"{self.desc}: {self.n}{of} {self.unit}{rate}{post} ({elapsed:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -70,14 +82,20 @@ class _Off(_Lines):
         pass
 
 
-def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "",
-             unit: str = "it", enabled: bool = True, leave: bool = True,
-             interval: float = LOG_INTERVAL) -> Any:
+def progress(
+    iterable: Iterable[T] | None = None,
+    *,
+    total: int | None = None,
+    desc: str = "",
+    unit: str = "it",
+    enabled: bool = True,
+    leave: bool = True,
+    interval: float = LOG_INTERVAL,
+) -> Any:
     """A progress display over ``iterable`` (or driven by ``update``): a tqdm bar on a
     terminal, a line every ``interval`` seconds elsewhere, nothing when not ``enabled``."""
     if not enabled:
         return _Off(iterable, total, desc, unit, interval)
     if sys.stderr.isatty():
-        return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave,
-                    dynamic_ncols=True)
+        return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, dynamic_ncols=True)
     return _Lines(iterable, total, desc, unit, interval)

@@ -50,7 +50,9 @@ def sibling_token_ids(tokenize, siblings: list[list[str]], captions: list[str]) 
 
 
 def sibling_targets(
-    token_ids: torch.Tensor, mask: torch.Tensor, sibling_ids: torch.Tensor,
+    token_ids: torch.Tensor,
+    mask: torch.Tensor,
+    sibling_ids: torch.Tensor,
     image_index: torch.Tensor,
 ) -> torch.Tensor:
     """Args:

@@ -59,8 +59,7 @@ def region_weights(details: dict[str, torch.Tensor], b: int, c: int) -> torch.Te
     align, ww = details["alignment"][b, c], details["word_weights"][b, c].float()  # [L, k], [L]
     weight = torch.zeros_like(gates)
     valid = align >= 0
-    weight.index_add_(0, align[valid].long(),
-                      ww[:, None].expand_as(align)[valid].nan_to_num(0.0))
+    weight.index_add_(0, align[valid].long(), ww[:, None].expand_as(align)[valid].nan_to_num(0.0))
     return weight + 1e-3 * gates
 
 
@@ -76,8 +75,9 @@ def top_words(words: list[tuple[str, float]], n: int = 3) -> list[str]:
 class Searcher:
     """A model and the index it built, kept loaded; answers queries with explanations."""
 
-    def __init__(self, model: Any, index: RetrievalIndex, device: torch.device,
-                 checkpoint: str = ""):
+    def __init__(
+        self, model: Any, index: RetrievalIndex, device: torch.device, checkpoint: str = ""
+    ):
         self.model, self.index, self.device, self.checkpoint = model, index, device, checkpoint
         self.max_words = int(getattr(model, "max_words", 32))
         self._rows = {image_id: row for row, image_id in enumerate(index.image_ids)}
@@ -86,8 +86,12 @@ class Searcher:
             self._captions_of.setdefault(owner, []).append(caption)
 
     @classmethod
-    def open(cls, index: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
-             device: str = "auto") -> Searcher:
+    def open(
+        cls,
+        index: str | os.PathLike,
+        checkpoint: str | os.PathLike | None = None,
+        device: str = "auto",
+    ) -> Searcher:
         """Load an index and its checkpoint (refusing another one)."""
         idx = RetrievalIndex(index)
         path = str(checkpoint or idx.checkpoint_path)
@@ -119,8 +123,10 @@ class Searcher:
         full = int(self.model.tokenize([query], max_length=1 << 20)["attention_mask"].sum())
         cut = int(self.model.tokenize([query])["attention_mask"].sum())
         if full > cut:
-            notes.append(f"the query was truncated to its first {self.max_words} word pieces "
-                         f"(the model's limit); {full - cut} tokens were ignored")
+            notes.append(
+                f"the query was truncated to its first {self.max_words} word pieces "
+                f"(the model's limit); {full - cut} tokens were ignored"
+            )
         encoded = encode_texts(self.model, [query], device=self.device)
         if not bool(encoded.mask.any()):
             raise QueryError("the query has no words the model can read")
@@ -134,19 +140,42 @@ class Searcher:
 
     # ------------------------------------------------------------------------ queries
     @torch.no_grad()
-    def text_to_images(self, query: str, top_k: int = 10, *, first_stage: int | None = None,
-                       exhaustive: bool = False, explain: int = DETAILED) -> dict:
+    def text_to_images(
+        self,
+        query: str,
+        top_k: int = 10,
+        *,
+        first_stage: int | None = None,
+        exhaustive: bool = False,
+        explain: int = DETAILED,
+    ) -> dict:
         encoded, notes = self.encode_text(query)
-        return {**self._rank(encoded, "text2image", top_k, first_stage, exhaustive, explain),
-                "query": " ".join(query.split()), "notes": notes}
+        return {
+            **self._rank(encoded, "text2image", top_k, first_stage, exhaustive, explain),
+            "query": " ".join(query.split()),
+            "notes": notes,
+        }
 
     @torch.no_grad()
-    def image_to_captions(self, record: RegionRecord, top_k: int = 10, *,
-                          first_stage: int | None = None, exhaustive: bool = False,
-                          explain: int = DETAILED) -> dict:
+    def image_to_captions(
+        self,
+        record: RegionRecord,
+        top_k: int = 10,
+        *,
+        first_stage: int | None = None,
+        exhaustive: bool = False,
+        explain: int = DETAILED,
+    ) -> dict:
         encoded = self.encode_record(record)
-        answer = self._rank(encoded, "image2text", top_k, first_stage, exhaustive, explain,
-                            query_geometry=(record.boxes, record.labels))
+        answer = self._rank(
+            encoded,
+            "image2text",
+            top_k,
+            first_stage,
+            exhaustive,
+            explain,
+            query_geometry=(record.boxes, record.labels),
+        )
         return {**answer, "notes": []}
 
     @torch.no_grad()
@@ -159,21 +188,30 @@ class Searcher:
         sims[row] = -np.inf
         k = min(top_k, len(sims) - 1)
         order = np.argsort(-sims, kind="stable")[:k]
-        results = [self._image_result(rank, int(r), float(sims[r]))
-                   for rank, r in enumerate(order)]
-        return {"mode": "image2image", "query": image_id, "results": results,
-                "search": {"path": "pooled cosine", "candidates": len(sims) - 1,
-                           "gallery": len(sims)}, "notes": []}
+        results = [self._image_result(rank, int(r), float(sims[r])) for rank, r in enumerate(order)]
+        return {
+            "mode": "image2image",
+            "query": image_id,
+            "results": results,
+            "search": {"path": "pooled cosine", "candidates": len(sims) - 1, "gallery": len(sims)},
+            "notes": [],
+        }
 
     # ----------------------------------------------------------------------- internals
     def _image_result(self, rank: int, row: int, score: float) -> dict:
-        return {"rank": rank + 1, "score": round(score, 6), "row": row,
-                "id": self.index.image_ids[row], "image_id": self.index.image_ids[row],
-                "path": self.index.image_path(row),
-                "hw": [int(x) for x in self.index.hw[row]]}
+        return {
+            "rank": rank + 1,
+            "score": round(score, 6),
+            "row": row,
+            "id": self.index.image_ids[row],
+            "image_id": self.index.image_ids[row],
+            "path": self.index.image_path(row),
+            "hw": [int(x) for x in self.index.hw[row]],
+        }
 
-    def _regions(self, boxes: np.ndarray, labels: np.ndarray, weights: list[float],
-                 order: list[int]) -> list[dict]:
+    def _regions(
+        self, boxes: np.ndarray, labels: np.ndarray, weights: list[float], order: list[int]
+    ) -> list[dict]:
         floor = 0.05 * max(weights) if weights else 0.0  # no prominent word aligns: skip
         out = []
         for r in order:
@@ -183,46 +221,80 @@ class Searcher:
                 continue
             names = self.index.label_names
             label = names[labels[r]] if 0 <= labels[r] < len(names) else f"region {r}"
-            out.append({"box": [round(float(x), 1) for x in boxes[r]], "label": label,
-                        "weight": round(float(weights[r]), 4)})
+            out.append(
+                {
+                    "box": [round(float(x), 1) for x in boxes[r]],
+                    "label": label,
+                    "weight": round(float(weights[r]), 4),
+                }
+            )
         return out
 
-    def _rank(self, encoded: Any, direction: str, top_k: int, first_stage: int | None,
-              exhaustive: bool, explain: int, query_geometry: tuple | None = None) -> dict:
+    def _rank(
+        self,
+        encoded: Any,
+        direction: str,
+        top_k: int,
+        first_stage: int | None,
+        exhaustive: bool,
+        explain: int,
+        query_geometry: tuple | None = None,
+    ) -> dict:
         index, model, device = self.index, self.model, self.device
         if direction == "image2text" and not index.captions:
             raise IndexError_(f"index {index.path} holds no captions (build it with captions)")
-        rows, scores, info = search(model, index, encoded, direction=direction, top_k=top_k,
-                                    first_stage=first_stage, exhaustive=exhaustive,
-                                    device=device)
+        rows, scores, info = search(
+            model,
+            index,
+            encoded,
+            direction=direction,
+            top_k=top_k,
+            first_stage=first_stage,
+            exhaustive=exhaustive,
+            device=device,
+        )
         explained = rows[:explain]
         details: dict = {}
         if len(explained):
             if direction == "text2image":
-                _, details = model.score(index.images(explained, device), encoded,
-                                         return_details=True)
+                _, details = model.score(
+                    index.images(explained, device), encoded, return_details=True
+                )
             else:
-                _, details = model.score(encoded, index.caption_embeddings(explained, device),
-                                         return_details=True)
+                _, details = model.score(
+                    encoded, index.caption_embeddings(explained, device), return_details=True
+                )
         results = []
         for k, (row, score) in enumerate(zip(rows.tolist(), scores.tolist(), strict=True)):
             if direction == "text2image":
                 r = self._image_result(k, row, float(score))
             else:
-                r = {"rank": k + 1, "score": round(float(score), 6), "row": row,
-                     "caption": index.captions[row], "image_id": index.caption_image_ids[row]}
+                r = {
+                    "rank": k + 1,
+                    "score": round(float(score), 6),
+                    "row": row,
+                    "caption": index.captions[row],
+                    "image_id": index.caption_image_ids[row],
+                }
             if k < len(explained):
                 b, c = (k, 0) if direction == "text2image" else (0, k)
-                txt = encoded if direction == "text2image" else index.caption_embeddings(
-                    np.array([row]), device)
+                txt = (
+                    encoded
+                    if direction == "text2image"
+                    else index.caption_embeddings(np.array([row]), device)
+                )
                 words = words_of(model, txt, details["word_weights"][b, c])
                 weights = region_weights(details, b, c)
                 order = weights.argsort(descending=True).tolist()
-                boxes, labels = (index.boxes[row], index.labels[row]) \
-                    if direction == "text2image" else query_geometry
+                boxes, labels = (
+                    (index.boxes[row], index.labels[row])
+                    if direction == "text2image"
+                    else query_geometry
+                )
                 r["words"] = [[w, round(float(v), 4)] for w, v in words]
                 r["prominent_words"] = top_words(words)
-                r["regions"] = self._regions(np.asarray(boxes), np.asarray(labels),
-                                             weights.tolist(), order)
+                r["regions"] = self._regions(
+                    np.asarray(boxes), np.asarray(labels), weights.tolist(), order
+                )
             results.append(r)
         return {"mode": direction, "results": results, "search": info}

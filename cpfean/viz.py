@@ -15,8 +15,16 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw, ImageFont
 
-PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-           (70, 240, 240), (240, 50, 230), (210, 245, 60))
+PALETTE = (
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+)
 THUMB = 256
 PAD = 8
 
@@ -31,8 +39,7 @@ class Tile:
 
     image: Image.Image | None
     lines: list[str]
-    boxes: list[tuple[tuple[float, float, float, float], str, float]] = field(
-        default_factory=list)
+    boxes: list[tuple[tuple[float, float, float, float], str, float]] = field(default_factory=list)
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -75,8 +82,13 @@ def _thumbnail(tile: Tile, font: ImageFont.ImageFont) -> Image.Image:
     return canvas
 
 
-def _title(draw: ImageDraw.ImageDraw, words: list[tuple[str, float]], prefix: str,
-           width: int, font: ImageFont.ImageFont) -> int:
+def _title(
+    draw: ImageDraw.ImageDraw,
+    words: list[tuple[str, float]],
+    prefix: str,
+    width: int,
+    font: ImageFont.ImageFont,
+) -> int:
     """Draw ``prefix`` + the query words, marking the prominent ones; returns the height."""
     marked = prominent(words)
     x, y, line_h = PAD, PAD, 22
@@ -98,8 +110,14 @@ def _title(draw: ImageDraw.ImageDraw, words: list[tuple[str, float]], prefix: st
     return y + line_h + PAD
 
 
-def render_png(words: list[tuple[str, float]], tiles: list[Tile], *, prefix: str = "query:",
-               footer: list[str] | None = None, cols: int = 5) -> Image.Image:
+def render_png(
+    words: list[tuple[str, float]],
+    tiles: list[Tile],
+    *,
+    prefix: str = "query:",
+    footer: list[str] | None = None,
+    cols: int = 5,
+) -> Image.Image:
     """The results as one image: a title with the query, a grid of boxed thumbnails with
     their text lines, then optional ``footer`` lines (e.g. ranked captions)."""
     font, title_font = _font(12), _font(16)
@@ -128,13 +146,19 @@ def render_png(words: list[tuple[str, float]], tiles: list[Tile], *, prefix: str
     return out
 
 
-def render_html(words: list[tuple[str, float]], tiles: list[Tile], *, prefix: str = "query:",
-                footer: list[str] | None = None) -> str:
+def render_html(
+    words: list[tuple[str, float]],
+    tiles: list[Tile],
+    *,
+    prefix: str = "query:",
+    footer: list[str] | None = None,
+) -> str:
     """The results as one self-contained HTML page (thumbnails embedded as base64 PNG)."""
     marked = prominent(words)
     title = " ".join(
         f"<mark><b>{html.escape(w)}</b></mark>" if i in marked else html.escape(w)
-        for i, (w, _) in enumerate(words))
+        for i, (w, _) in enumerate(words)
+    )
     font = _font(12)
     cells = []
     for tile in tiles:
@@ -142,11 +166,15 @@ def render_html(words: list[tuple[str, float]], tiles: list[Tile], *, prefix: st
         _thumbnail(tile, font).save(buf, format="PNG")
         data = base64.b64encode(buf.getvalue()).decode("ascii")
         text = "<br>".join(html.escape(line) for line in tile.lines)
-        cells.append(f'<figure><img src="data:image/png;base64,{data}" width="{THUMB}">'
-                     f"<figcaption>{text}</figcaption></figure>")
+        cells.append(
+            f'<figure><img src="data:image/png;base64,{data}" width="{THUMB}">'
+            f"<figcaption>{text}</figcaption></figure>"
+        )
     items = "".join(f"<li>{html.escape(line)}</li>" for line in footer or [])
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>cpfean retrieval</title>"
-            "<style>body{font-family:sans-serif}figure{display:inline-block;margin:6px;"
-            "vertical-align:top}mark{background:#fdd;color:#c00}</style></head><body>"
-            f"<h2>{html.escape(prefix)} {title}</h2>{''.join(cells)}"
-            f"{'<ol>' + items + '</ol>' if items else ''}</body></html>")
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>cpfean retrieval</title>"
+        "<style>body{font-family:sans-serif}figure{display:inline-block;margin:6px;"
+        "vertical-align:top}mark{background:#fdd;color:#c00}</style></head><body>"
+        f"<h2>{html.escape(prefix)} {title}</h2>{''.join(cells)}"
+        f"{'<ol>' + items + '</ol>' if items else ''}</body></html>"
+    )

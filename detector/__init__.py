@@ -9,8 +9,10 @@ run and that no user can act on: ``torch.jit.script`` deprecation (its layers), 
 import logging
 import warnings
 
-warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
-                        category=FutureWarning)
-warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release",
-                        category=UserWarning)
+warnings.filterwarnings(
+    "ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning
+)
+warnings.filterwarnings(
+    "ignore", message=r"torch\.meshgrid: in an upcoming release", category=UserWarning
+)
 logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)

@@ -58,9 +58,15 @@ class Res5ROIHeadsDilated(Res5ROIHeads):
         r = cfg.MODEL.RESNETS
         out_channels = r.RES2_OUT_CHANNELS * 8
         blocks = ResNet.make_stage(
-            BottleneckBlock, 3, stride_per_block=[1, 1, 1],
+            BottleneckBlock,
+            3,
+            stride_per_block=[1, 1, 1],
             in_channels=out_channels // 2,
             bottleneck_channels=r.NUM_GROUPS * r.WIDTH_PER_GROUP * 8,
-            out_channels=out_channels, num_groups=r.NUM_GROUPS, norm=r.NORM,
-            stride_in_1x1=r.STRIDE_IN_1X1, dilation=2)
+            out_channels=out_channels,
+            num_groups=r.NUM_GROUPS,
+            norm=r.NORM,
+            stride_in_1x1=r.STRIDE_IN_1X1,
+            dilation=2,
+        )
         return nn.Sequential(*blocks), out_channels

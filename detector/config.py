@@ -108,18 +108,22 @@ def load_yaml_safely(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if base is None:
         return tree
     if not isinstance(base, str) or "://" in base or base.startswith("~"):
-        raise ValueError(f"config {path}: _BASE_ {base!r} must be a file beside the config or "
-                         "a bundled config name, not a URL")
+        raise ValueError(
+            f"config {path}: _BASE_ {base!r} must be a file beside the config or "
+            "a bundled config name, not a URL"
+        )
     local = path.parent / base
     if local.is_file():
         base_path = local
     else:
         try:
-            base_path = resolve_config_file(Path(base).name if base.endswith(".yaml")
-                                            else base, bundled_only=True)
+            base_path = resolve_config_file(
+                Path(base).name if base.endswith(".yaml") else base, bundled_only=True
+            )
         except FileNotFoundError:
-            raise ValueError(f"config {path}: _BASE_ {base!r} is neither a file beside it nor "
-                             "a bundled config") from None
+            raise ValueError(
+                f"config {path}: _BASE_ {base!r} is neither a file beside it nor a bundled config"
+            ) from None
     return _merge_trees(load_yaml_safely(base_path, seen + (path,)), tree)
 
 
@@ -128,8 +132,7 @@ def merge_config_file(cfg: CN, path: Path) -> None:
     loaded = CN(load_yaml_safely(path))
     version = loaded.pop("VERSION", cfg.VERSION)
     if version != cfg.VERSION:
-        raise ValueError(f"config {path}: VERSION {version}, this Detectron2 reads "
-                         f"{cfg.VERSION}")
+        raise ValueError(f"config {path}: VERSION {version}, this Detectron2 reads {cfg.VERSION}")
     try:
         cfg.merge_from_other_cfg(loaded)
     except KeyError as e:
@@ -171,8 +174,9 @@ def validate_region_cfg(cfg: CN) -> None:
     if r.IMAGES_PER_BATCH < 1:
         raise ValueError(f"REGIONS.IMAGES_PER_BATCH must be >= 1, got {r.IMAGES_PER_BATCH}")
     if not 0 < r.MIN_REGIONS <= r.NUM_REGIONS:
-        raise ValueError(f"need 0 < REGIONS.MIN_REGIONS <= NUM_REGIONS, got {r.MIN_REGIONS}, "
-                         f"{r.NUM_REGIONS}")
+        raise ValueError(
+            f"need 0 < REGIONS.MIN_REGIONS <= NUM_REGIONS, got {r.MIN_REGIONS}, {r.NUM_REGIONS}"
+        )
     if not 0.0 <= r.SCORE_THRESH <= 1.0 or not 0.0 < r.NMS_THRESH <= 1.0:
         raise ValueError("REGIONS.SCORE_THRESH must be in [0,1] and NMS_THRESH in (0,1]")
     if r.FEATURE_SOURCE not in FEATURE_SOURCES:
@@ -183,9 +187,7 @@ def validate_region_cfg(cfg: CN) -> None:
         raise ValueError("the region stage needs MODEL.META_ARCHITECTURE GeneralizedRCNN")
 
 
-def get_region_cfg(
-    config_file: str | Path, opts: Sequence[str] = (), freeze: bool = True
-) -> CN:
+def get_region_cfg(config_file: str | Path, opts: Sequence[str] = (), freeze: bool = True) -> CN:
     """Build, merge, resolve and (by default) freeze a region-stage config.
 
     Args:
@@ -229,6 +231,5 @@ def get_label_names(cfg: CN) -> list[str]:
     if not names:
         names = [f"class_{i}" for i in range(num_classes)]
     if len(names) != num_classes:
-        raise ValueError(f"{len(names)} label names for MODEL.ROI_HEADS.NUM_CLASSES="
-                         f"{num_classes}")
+        raise ValueError(f"{len(names)} label names for MODEL.ROI_HEADS.NUM_CLASSES={num_classes}")
     return names

@@ -15,8 +15,15 @@ from torch.utils.data import Dataset
 
 from cpfean.images import IMAGE_EXTENSIONS, BadImage, decode_image, list_images
 
-__all__ = ["IMAGE_EXTENSIONS", "BadImage", "DecodedImage", "ImageFolder", "decode_image",
-           "list_images", "shard"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "BadImage",
+    "DecodedImage",
+    "ImageFolder",
+    "decode_image",
+    "list_images",
+    "shard",
+]
 
 
 def shard(ids: Sequence[str], rank: int, world_size: int) -> list[str]:
@@ -41,8 +48,7 @@ class ImageFolder(Dataset):
     Use with ``DataLoader(..., collate_fn=list)``.
     """
 
-    def __init__(self, root: str | os.PathLike, ids: Sequence[str],
-                 max_pixels: int = 50_000_000):
+    def __init__(self, root: str | os.PathLike, ids: Sequence[str], max_pixels: int = 50_000_000):
         self.root = Path(root)
         self.ids = list(ids)
         self.max_pixels = max_pixels

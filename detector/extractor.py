@@ -53,23 +53,29 @@ def check_weights_file(path: str, expected_sha256: str | None = None) -> str:
     pickle, or a checksum other than `expected_sha256`.
     """
     if "://" in path:
-        raise ValueError(f"detector weights {path!r} must be a local file (nothing is "
-                         "downloaded at run time)")
+        raise ValueError(
+            f"detector weights {path!r} must be a local file (nothing is downloaded at run time)"
+        )
     if not os.path.isfile(path):
         raise ValueError(f"detector weights not found: {path}")
     if path.endswith((".pkl", ".pyth")):
-        raise ValueError(f"detector weights {path} are a Python pickle, which runs code when "
-                         f"loaded; convert them once with python -m pipelines.convert_weights "
-                         f"{path}, then use the .pth it writes")
+        raise ValueError(
+            f"detector weights {path} are a Python pickle, which runs code when "
+            f"loaded; convert them once with python -m pipelines.convert_weights "
+            f"{path}, then use the .pth it writes"
+        )
     sha256 = file_sha256(path)
     if expected_sha256 and sha256 != expected_sha256:
-        raise ValueError(f"detector weights {path} have sha256 {sha256[:12]}, expected "
-                         f"{expected_sha256[:12]}; refusing to load them")
+        raise ValueError(
+            f"detector weights {path} have sha256 {sha256[:12]}, expected "
+            f"{expected_sha256[:12]}; refusing to load them"
+        )
     return sha256
 
 
-def _max_conf_after_nms(boxes: torch.Tensor, scores: torch.Tensor, floor: float,
-                        nms_thresh: float) -> torch.Tensor:
+def _max_conf_after_nms(
+    boxes: torch.Tensor, scores: torch.Tensor, floor: float, nms_thresh: float
+) -> torch.Tensor:
     """Per proposal, the best class score among the classes where it survives per-class NMS.
 
     Args:
@@ -88,9 +94,15 @@ def _max_conf_after_nms(boxes: torch.Tensor, scores: torch.Tensor, floor: float,
     return conf.scatter_reduce(0, r_idx[keep], cand_scores[keep], reduce="amax")
 
 
-def select_regions(boxes: torch.Tensor, scores: torch.Tensor, *, score_thresh: float,
-                   nms_thresh: float, min_regions: int, max_regions: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def select_regions(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    *,
+    score_thresh: float,
+    nms_thresh: float,
+    min_regions: int,
+    max_regions: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Bottom-up-attention region selection over one image's proposals.
 
     Args:
@@ -121,17 +133,21 @@ class _RecordingCheckpointer(DetectionCheckpointer):
 
     def _load_file(self, filename):
         if filename.endswith((".pkl", ".pyth")):
-            raise ValueError(f"detector weights {filename} are a Python pickle, which runs code "
-                             "when loaded; convert them once with python -m "
-                             f"pipelines.convert_weights {filename}, then use the .pth it writes")
+            raise ValueError(
+                f"detector weights {filename} are a Python pickle, which runs code "
+                "when loaded; convert them once with python -m "
+                f"pipelines.convert_weights {filename}, then use the .pth it writes"
+            )
         return super()._load_file(filename)
 
     def _torch_load(self, f):
         try:
             return torch.load(f, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            raise ValueError(f"detector weights {f} hold more than tensors and plain "
-                             f"containers, refused: {str(e).splitlines()[0]}") from None
+            raise ValueError(
+                f"detector weights {f} hold more than tensors and plain "
+                f"containers, refused: {str(e).splitlines()[0]}"
+            ) from None
 
     def _load_model(self, checkpoint):
         self.incompatible = super()._load_model(checkpoint)
@@ -175,14 +191,16 @@ class RegionExtractor:
                     raise RuntimeError(
                         f"checkpoint {self.weights} does not fit the model: missing "
                         f"{incompatible.missing_keys[:5]}, wrong shapes "
-                        f"{[k for k, *_ in incompatible.incorrect_shapes][:5]}")
+                        f"{[k for k, *_ in incompatible.incorrect_shapes][:5]}"
+                    )
             self.weights_sha256 = sha256
         else:
             logger.warning("MODEL.WEIGHTS is empty: the detector is randomly initialised")
             self.weights_sha256 = "random-init"
         self.aug = T.ResizeShortestEdge(
             [self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MIN_SIZE_TEST],
-            self.cfg.INPUT.MAX_SIZE_TEST)
+            self.cfg.INPUT.MAX_SIZE_TEST,
+        )
         self.input_format = self.cfg.INPUT.FORMAT
         assert self.input_format in ("RGB", "BGR"), self.input_format
         self.label_names = get_label_names(self.cfg)
@@ -213,10 +231,18 @@ class RegionExtractor:
         return {
             "feature_dim": self.feature_dim,
             "label_names": list(self.label_names),
-            "detector": {"config": r.CONFIG_NAME, "weights_sha256": self.weights_sha256,
-                         "feature_source": r.FEATURE_SOURCE, "box_source": r.BOX_SOURCE},
-            "thresholds": {"score": r.SCORE_THRESH, "nms": r.NMS_THRESH,
-                           "min_regions": r.MIN_REGIONS, "max_regions": r.NUM_REGIONS},
+            "detector": {
+                "config": r.CONFIG_NAME,
+                "weights_sha256": self.weights_sha256,
+                "feature_source": r.FEATURE_SOURCE,
+                "box_source": r.BOX_SOURCE,
+            },
+            "thresholds": {
+                "score": r.SCORE_THRESH,
+                "nms": r.NMS_THRESH,
+                "min_regions": r.MIN_REGIONS,
+                "max_regions": r.NUM_REGIONS,
+            },
         }
 
     def _prepare(self, image: np.ndarray, image_format: str) -> dict:
@@ -230,8 +256,9 @@ class RegionExtractor:
         tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
         return {"image": tensor, "height": height, "width": width}
 
-    def _box_features(self, features: dict[str, torch.Tensor], boxes: list[Boxes]
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _box_features(
+        self, features: dict[str, torch.Tensor], boxes: list[Boxes]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """ROI pooling + box head for `boxes` (resized-image coordinates).
 
         Returns:
@@ -248,15 +275,17 @@ class RegionExtractor:
             return head, head
         return head, pooled.mean(dim=[2, 3])
 
-    def _preprocess(self, images: Sequence[np.ndarray], image_format: str
-                    ) -> tuple[list[dict], ImageList, dict[str, torch.Tensor]]:
+    def _preprocess(
+        self, images: Sequence[np.ndarray], image_format: str
+    ) -> tuple[list[dict], ImageList, dict[str, torch.Tensor]]:
         inputs = [self._prepare(img, image_format) for img in images]
         batch = self.model.preprocess_image(inputs)
         return inputs, batch, self.model.backbone(batch.tensor)
 
     @torch.no_grad()
-    def detect(self, images: Sequence[np.ndarray], image_format: str = "BGR"
-               ) -> list[dict[str, torch.Tensor]]:
+    def detect(
+        self, images: Sequence[np.ndarray], image_format: str = "BGR"
+    ) -> list[dict[str, torch.Tensor]]:
         """Regions of a batch of images (unpadded), in one forward pass.
 
         Args:
@@ -285,27 +314,41 @@ class RegionExtractor:
             cls_boxes = Boxes(class_boxes[i].reshape(-1, 4))
             cls_boxes.clip(resized_hw)
             cls_boxes = cls_boxes.tensor.view(len(props), num_reg, 4)  # (R, K or 1, 4)
-            nms_boxes = props.proposal_boxes.tensor if r.BOX_SOURCE == "proposal" else (
-                cls_boxes if cls_boxes.shape[1] > 1 else cls_boxes[:, 0])
+            nms_boxes = (
+                props.proposal_boxes.tensor
+                if r.BOX_SOURCE == "proposal"
+                else (cls_boxes if cls_boxes.shape[1] > 1 else cls_boxes[:, 0])
+            )
             keep, conf = select_regions(
-                nms_boxes, scores, score_thresh=r.SCORE_THRESH, nms_thresh=r.NMS_THRESH,
-                min_regions=r.MIN_REGIONS, max_regions=r.NUM_REGIONS)
+                nms_boxes,
+                scores,
+                score_thresh=r.SCORE_THRESH,
+                nms_thresh=r.NMS_THRESH,
+                min_regions=r.MIN_REGIONS,
+                max_regions=r.NUM_REGIONS,
+            )
             labels = scores[keep].argmax(dim=1) if len(keep) else keep.new_zeros(0)
             if r.BOX_SOURCE == "proposal":
                 boxes = props.proposal_boxes.tensor[keep]
             else:
                 boxes = cls_boxes[keep, labels if cls_boxes.shape[1] > 1 else 0]
             h, w = inp["height"], inp["width"]
-            out.append({
-                "boxes": self._to_original(boxes, resized_hw, (h, w)),
-                "labels": labels, "scores": conf, "features": region[i][keep],
-                "proposal_index": keep, "image_hw": (h, w),
-            })
+            out.append(
+                {
+                    "boxes": self._to_original(boxes, resized_hw, (h, w)),
+                    "labels": labels,
+                    "scores": conf,
+                    "features": region[i][keep],
+                    "proposal_index": keep,
+                    "image_hw": (h, w),
+                }
+            )
         return out
 
     @staticmethod
-    def _to_original(boxes: torch.Tensor, resized_hw: tuple[int, int],
-                     image_hw: tuple[int, int]) -> torch.Tensor:
+    def _to_original(
+        boxes: torch.Tensor, resized_hw: tuple[int, int], image_hw: tuple[int, int]
+    ) -> torch.Tensor:
         """[n, 4] resized-image boxes -> original-image pixels, clipped to the image."""
         b = Boxes(boxes.clone())
         b.scale(image_hw[1] / resized_hw[1], image_hw[0] / resized_hw[0])
@@ -313,8 +356,9 @@ class RegionExtractor:
         return b.tensor
 
     @torch.no_grad()
-    def features_for_boxes(self, image: np.ndarray, boxes: np.ndarray | torch.Tensor,
-                           image_format: str = "BGR") -> torch.Tensor:
+    def features_for_boxes(
+        self, image: np.ndarray, boxes: np.ndarray | torch.Tensor, image_format: str = "BGR"
+    ) -> torch.Tensor:
         """Region features of given boxes, by a separate full forward pass (two-pass baseline).
 
         Args:
@@ -332,12 +376,20 @@ class RegionExtractor:
 
     def to_records(self, detections: Sequence[dict[str, torch.Tensor]]) -> list[RegionRecord]:
         """`detect` outputs -> padded `RegionRecord`s."""
-        return [RegionRecord.from_detections(
-            d["features"].float().cpu(), d["boxes"].cpu(), d["labels"].cpu(),
-            d["scores"].float().cpu(), d["image_hw"], num_regions=self.num_regions)
-            for d in detections]
+        return [
+            RegionRecord.from_detections(
+                d["features"].float().cpu(),
+                d["boxes"].cpu(),
+                d["labels"].cpu(),
+                d["scores"].float().cpu(),
+                d["image_hw"],
+                num_regions=self.num_regions,
+            )
+            for d in detections
+        ]
 
-    def __call__(self, images: Sequence[np.ndarray], image_format: str = "BGR"
-                 ) -> list[RegionRecord]:
+    def __call__(
+        self, images: Sequence[np.ndarray], image_format: str = "BGR"
+    ) -> list[RegionRecord]:
         """Images (HxWx3 uint8, `image_format` order) -> one `RegionRecord` each."""
         return self.to_records(self.detect(images, image_format))

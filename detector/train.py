@@ -26,8 +26,14 @@ from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 
 from cpfean.fileio import atomic_path, atomic_write
 
-__all__ = ["RegionTrainer", "coco_category_names", "export_run", "register_coco_split",
-           "register_scenes", "scale_schedule"]
+__all__ = [
+    "RegionTrainer",
+    "coco_category_names",
+    "export_run",
+    "register_coco_split",
+    "register_scenes",
+    "scale_schedule",
+]
 
 
 def coco_category_names(json_file: str | os.PathLike) -> list[str]:
@@ -36,8 +42,9 @@ def coco_category_names(json_file: str | os.PathLike) -> list[str]:
     return [c["name"] for c in sorted(cats, key=lambda c: c["id"])]
 
 
-def register_coco_split(name: str, json_file: str | os.PathLike,
-                        image_root: str | os.PathLike) -> list[str]:
+def register_coco_split(
+    name: str, json_file: str | os.PathLike, image_root: str | os.PathLike
+) -> list[str]:
     """(Re-)register one COCO instances split; returns its category names."""
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
@@ -47,8 +54,9 @@ def register_coco_split(name: str, json_file: str | os.PathLike,
     return classes
 
 
-def register_scenes(data_dir: str | os.PathLike, splits: tuple[str, ...] = ("train", "val"),
-                    prefix: str = "scenes") -> tuple[dict[str, str], list[str]]:
+def register_scenes(
+    data_dir: str | os.PathLike, splits: tuple[str, ...] = ("train", "val"), prefix: str = "scenes"
+) -> tuple[dict[str, str], list[str]]:
     """Register `{prefix}_{split}` from `data_dir/instances_{split}.json`.
 
     Images are looked up under `data_dir/images` when it exists, else `data_dir`.
@@ -89,12 +97,15 @@ class RegionTrainer(DefaultTrainer):
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
         # the fast COCOeval needs detectron2's compiled _C, absent in the pure-Python install
-        return COCOEvaluator(dataset_name, tasks=("bbox",), output_dir=output_folder,
-                             use_fast_impl=False)
+        return COCOEvaluator(
+            dataset_name, tasks=("bbox",), output_dir=output_folder, use_fast_impl=False
+        )
 
     def build_writers(self):
-        return [CommonMetricPrinter(self.max_iter),
-                JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))]
+        return [
+            CommonMetricPrinter(self.max_iter),
+            JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json")),
+        ]
 
     @property
     def last_eval_results(self) -> dict[str, Any]:
@@ -102,8 +113,9 @@ class RegionTrainer(DefaultTrainer):
         return dict(getattr(self, "_last_eval_results", OrderedDict()))
 
 
-def export_run(cfg: CfgNode, model: torch.nn.Module, out_dir: str | os.PathLike,
-               metrics: dict[str, Any]) -> Path:
+def export_run(
+    cfg: CfgNode, model: torch.nn.Module, out_dir: str | os.PathLike, metrics: dict[str, Any]
+) -> Path:
     """Write `model_final.pth`, `config.yaml` and `metrics.json` into `out_dir`.
 
     Every file goes to a temporary name first and is renamed into place when whole.
@@ -120,7 +132,9 @@ def export_run(cfg: CfgNode, model: torch.nn.Module, out_dir: str | os.PathLike,
     saved.defrost()
     saved.MODEL.WEIGHTS = "model_final.pth"  # resolved against the config's folder on load
     saved.MODEL.DEVICE = "auto"
-    for name, text in (("config.yaml", saved.dump()),
-                       ("metrics.json", json.dumps(metrics, indent=2) + "\n")):
+    for name, text in (
+        ("config.yaml", saved.dump()),
+        ("metrics.json", json.dumps(metrics, indent=2) + "\n"),
+    ):
         atomic_write(out / name, text)
     return ckpt

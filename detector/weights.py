@@ -25,9 +25,13 @@ __all__ = ["UnsafePickleError", "convert_pickle", "read_array_pickle"]
 # (module, name) pairs the unpickler may build: numpy's array and scalar reconstructors under
 # both of their module names (numpy 1 and 2), dtypes, and OrderedDict.
 _ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("collections", "OrderedDict"),
 }
 
 
@@ -39,8 +43,10 @@ class _ArrayUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
-        raise UnsafePickleError(f"it asks for {module}.{name}, which a weights file has no need "
-                                "of; refused without running it")
+        raise UnsafePickleError(
+            f"it asks for {module}.{name}, which a weights file has no need "
+            "of; refused without running it"
+        )
 
 
 def read_array_pickle(path: str | os.PathLike) -> Any:
@@ -92,6 +98,11 @@ def convert_pickle(src: str | os.PathLike, dst: str | os.PathLike) -> dict[str, 
     tensors, extra = _state_dict(read_array_pickle(src), src)
     with atomic_path(dst) as tmp:
         torch.save({"model": tensors, **extra}, tmp)
-    return {"source": str(src), "source_sha256": source_sha, "output": str(dst),
-            "sha256": file_sha256(dst), "tensors": len(tensors),
-            "parameters": int(sum(t.numel() for t in tensors.values()))}
+    return {
+        "source": str(src),
+        "source_sha256": source_sha,
+        "output": str(dst),
+        "sha256": file_sha256(dst),
+        "tensors": len(tensors),
+        "parameters": int(sum(t.numel() for t in tensors.values())),
+    }

@@ -39,12 +39,16 @@ from pipelines import cli
 
 ROWS: dict[str, tuple[str, list[str]]] = {
     "full": ("CPFEAN", []),
-    "scan": ("SCAN-style baseline", [f"model.{k}={str(v).lower()}" for k, v in
-                                     ModelConfig.SCAN_BASELINE.items()]
-             + ["train.recurrence_weight=0"]),
+    "scan": (
+        "SCAN-style baseline",
+        [f"model.{k}={str(v).lower()}" for k, v in ModelConfig.SCAN_BASELINE.items()]
+        + ["train.recurrence_weight=0"],
+    ),
     "no_fusion": ("w/o cross-modal fusion", ["model.use_fusion=false"]),
-    "no_prominence": ("w/o word prominence", ["model.use_prominence=false",
-                                              "train.recurrence_weight=0"]),
+    "no_prominence": (
+        "w/o word prominence",
+        ["model.use_prominence=false", "train.recurrence_weight=0"],
+    ),
     "no_prominence_loss": ("w/o recurrence supervision", ["train.recurrence_weight=0"]),
     "prominence_loss": ("with recurrence supervision", ["train.recurrence_weight=1"]),
     "no_label_prior": ("w/o label prior", ["model.use_label_prior=false"]),
@@ -79,8 +83,11 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(prog="python -m pipelines.ablate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(
+        prog="python -m pipelines.ablate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"from {', '.join(ROWS)}")
     parser.add_argument("--out", default="runs/demo/ablations")
@@ -112,25 +119,31 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ValueError, KeyError) as exc:
             print(f"error: held-out set: {exc}", file=sys.stderr)
             return 2
-        source = {"regions": str(Path(args.heldout_regions).resolve()),
-                  "captions": str(Path(args.heldout_captions).resolve())}
+        source = {
+            "regions": str(Path(args.heldout_regions).resolve()),
+            "captions": str(Path(args.heldout_captions).resolve()),
+        }
     planned = []  # (row, name, cfg), all checked before anything trains
     for row in rows:
         name, switches = ROWS[row]
         try:
-            cfg = load_config(args.config, [*args.overrides, *switches,
-                                             f"run_dir={out / row}"])
+            cfg = load_config(args.config, [*args.overrides, *switches, f"run_dir={out / row}"])
             if row != "full" and replace(cfg, run_dir=full_cfg.run_dir) == full_cfg:
-                print(f"[ablate] skipping {row}: the same model as 'full' under this config",
-                      flush=True)
+                print(
+                    f"[ablate] skipping {row}: the same model as 'full' under this config",
+                    flush=True,
+                )
                 continue
             stale = _changed_keys(out / row / "config.yaml", cfg)
         except ConfigError as exc:
             print(f"error: {out / row}: {exc}", file=sys.stderr)
             return 2
         if stale:
-            print(f"error: {out / row} was trained with a different config ({', '.join(stale)}); "
-                  "use another --out or remove that folder", file=sys.stderr)
+            print(
+                f"error: {out / row} was trained with a different config ({', '.join(stale)}); "
+                "use another --out or remove that folder",
+                file=sys.stderr,
+            )
             return 2
         planned.append((row, name, cfg))
     results: dict[str, dict] = {}
@@ -139,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics_path = out / row / "test_metrics.json"
         held_path = out / row / "heldout_metrics.json"
         need_held = heldout is not None and (
-            not held_path.is_file()
-            or json.loads(held_path.read_text()).get("source") != source)
+            not held_path.is_file() or json.loads(held_path.read_text()).get("source") != source
+        )
         if not metrics_path.is_file() or need_held:
             if not (out / row / "best.json").is_file():
                 print(f"[ablate] training {row}: {name}", flush=True)
@@ -149,12 +162,18 @@ def main(argv: list[str] | None = None) -> int:
             model, _, _ = load_model(out / row / "best.pt", device)
         if not metrics_path.is_file():
             test = load_captions(cfg.data.captions, split=cfg.data.test_split)
-            metrics, _ = evaluate_split(model, RegionStore(cfg.data.regions), test,
-                                        batch_size=cfg.train.eval_batch_size, device=device)
+            metrics, _ = evaluate_split(
+                model,
+                RegionStore(cfg.data.regions),
+                test,
+                batch_size=cfg.train.eval_batch_size,
+                device=device,
+            )
             atomic_write_json(metrics_path, metrics, indent=2)
         if need_held:
-            metrics, _ = evaluate_split(model, *heldout, batch_size=cfg.train.eval_batch_size,
-                                        device=device)
+            metrics, _ = evaluate_split(
+                model, *heldout, batch_size=cfg.train.eval_batch_size, device=device
+            )
             atomic_write_json(held_path, {**metrics, "source": source}, indent=2)
         results[name] = json.loads(metrics_path.read_text())
         print(format_table({name: results[name]}), flush=True)

@@ -33,11 +33,17 @@ TRAINED = Path("weights/scenes_r18_fpn/config.yaml")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = cli.ArgumentParser(prog="python -m pipelines.benchmark extract",
-                                description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=Path, default=None,
-                   help="images folder (default: generate --num scenes in a temp folder)")
+    p = cli.ArgumentParser(
+        prog="python -m pipelines.benchmark extract",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        help="images folder (default: generate --num scenes in a temp folder)",
+    )
     p.add_argument("--num", type=int, default=64, help="images to use")
     p.add_argument("--config", default=None, help="detector config (see module doc)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -72,10 +78,20 @@ def _run_cpfean(args: argparse.Namespace, ids: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "bench.lmdb"
         start = time.perf_counter()
-        counts = extract_shard(extractor, args.images, ids, store, Path(tmp) / "skipped.jsonl",
-                               already=set(), batch_size=args.batch_size, workers=args.workers,
-                               commit_every=64, max_pixels=extractor.cfg.REGIONS.MAX_IMAGE_PIXELS,
-                               progress=False, desc="bench")
+        counts = extract_shard(
+            extractor,
+            args.images,
+            ids,
+            store,
+            Path(tmp) / "skipped.jsonl",
+            already=set(),
+            batch_size=args.batch_size,
+            workers=args.workers,
+            commit_every=64,
+            max_pixels=extractor.cfg.REGIONS.MAX_IMAGE_PIXELS,
+            progress=False,
+            desc="bench",
+        )
         seconds = time.perf_counter() - start
     return {"images": counts["written"], "seconds": seconds}
 
@@ -147,10 +163,25 @@ def main(argv: list[str] | None = None) -> int:
         images = args.images or _generate(Path(tmp) / "scenes", args.num)
         rows = []
         for variant in ("cpfean", "naive"):
-            cmd = [sys.executable, "-m", "pipelines.bench_extract", "--run", variant,
-                   "--images", str(images), "--num", str(args.num),
-                   "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-                   "--threads", str(args.threads), "--device", args.device]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pipelines.bench_extract",
+                "--run",
+                variant,
+                "--images",
+                str(images),
+                "--num",
+                str(args.num),
+                "--batch-size",
+                str(args.batch_size),
+                "--workers",
+                str(args.workers),
+                "--threads",
+                str(args.threads),
+                "--device",
+                args.device,
+            ]
             if args.config:
                 cmd += ["--config", args.config]
             env = dict(os.environ, PYTHONWARNINGS="ignore")
@@ -163,17 +194,23 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(res)
     batch = {"cpfean": f"{args.batch_size}", "naive": "1"}
     workers = {"cpfean": f"{args.workers}", "naive": "0 (main)"}
-    print(f"\nRegion extraction, {rows[0]['images']} images, device {args.device}, "
-          f"{args.threads} torch threads\n")
-    print("| pipeline | batch | decode workers | images/s | ms/image | peak RSS main (MB) "
-          "| peak RSS worker (MB) |")
+    print(
+        f"\nRegion extraction, {rows[0]['images']} images, device {args.device}, "
+        f"{args.threads} torch threads\n"
+    )
+    print(
+        "| pipeline | batch | decode workers | images/s | ms/image | peak RSS main (MB) "
+        "| peak RSS worker (MB) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         v = r["variant"]
         # the naive run starts no workers; a child RSS there would be a short-lived fork
         worker_rss = f"{r['peak_worker_rss_mb']:.0f}" if v == "cpfean" and args.workers else "-"
-        print(f"| {v} | {batch[v]} | {workers[v]} | {r['images_per_s']:.2f} | "
-              f"{1000 / r['images_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {worker_rss} |")
+        print(
+            f"| {v} | {batch[v]} | {workers[v]} | {r['images_per_s']:.2f} | "
+            f"{1000 / r['images_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {worker_rss} |"
+        )
     speedup = rows[0]["images_per_s"] / rows[1]["images_per_s"]
     print(f"\nspeed-up of the batched one-pass pipeline: {speedup:.2f}x")
     if args.json:

@@ -29,8 +29,28 @@ from cpfean.data.region_store import NUM_REGIONS, RegionRecord, RegionStore, Reg
 from cpfean.model import ModelConfig, build_model
 from pipelines import cli
 
-WORDS = ["a", "man", "woman", "dog", "riding", "red", "bike", "on", "the", "street", "with",
-         "two", "people", "sitting", "table", "near", "window", "green", "grass", "field"]
+WORDS = [
+    "a",
+    "man",
+    "woman",
+    "dog",
+    "riding",
+    "red",
+    "bike",
+    "on",
+    "the",
+    "street",
+    "with",
+    "two",
+    "people",
+    "sitting",
+    "table",
+    "near",
+    "window",
+    "green",
+    "grass",
+    "field",
+]
 
 
 def _captions(n: int, seed: int) -> list[str]:
@@ -42,9 +62,14 @@ def _record(rng: np.random.Generator, dim: int, labels: int) -> RegionRecord:
     xy = rng.uniform(0, 400, size=(NUM_REGIONS, 2))
     boxes = np.concatenate([xy, xy + rng.uniform(20, 200, size=(NUM_REGIONS, 2))], 1)
     feats = np.maximum(rng.normal(size=(NUM_REGIONS, dim)), 0).astype(np.float32)
-    return RegionRecord(feats, boxes.astype(np.float32),
-                        rng.integers(0, labels, NUM_REGIONS), rng.uniform(0.2, 1, NUM_REGIONS),
-                        (480, 640), NUM_REGIONS)
+    return RegionRecord(
+        feats,
+        boxes.astype(np.float32),
+        rng.integers(0, labels, NUM_REGIONS),
+        rng.uniform(0.2, 1, NUM_REGIONS),
+        (480, 640),
+        NUM_REGIONS,
+    )
 
 
 def _butd_model(labels: int) -> torch.nn.Module:
@@ -73,8 +98,9 @@ def bench_eval(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     parts = []
     for i in range(0, args.images, 128):  # reuse the first records' features for the rest
-        batch = collate_regions([record_arrays(records[j % len(records)])
-                                 for j in range(i, min(i + 128, args.images))])
+        batch = collate_regions(
+            [record_arrays(records[j % len(records)]) for j in range(i, min(i + 128, args.images))]
+        )
         parts.append(model.encode_images(*batch.as_tuple()))
     img = ImageEmbeddings.cat(parts)
     t_img = time.perf_counter() - start
@@ -82,24 +108,29 @@ def bench_eval(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     txt_parts = []
     for i in range(0, len(caps), 256):
-        tok = model.tokenize(caps[i:i + 256])
+        tok = model.tokenize(caps[i : i + 256])
         txt_parts.append(model.encode_texts(tok["input_ids"], tok["attention_mask"]))
     txt = type(txt_parts[0]).cat(txt_parts)
     t_txt = time.perf_counter() - start
     fold = args.images // 5
-    t_blocks, f_blocks = _flops(lambda: [model.score(img[k * fold:(k + 1) * fold],
-                                                     txt[5 * k * fold:5 * (k + 1) * fold])
-                                         for k in range(5)])
-    rows = [("encode images (36 x 2048 -> 1024, region Transformer)", args.images, t_img, None),
-            ("encode captions (MiniLM, 8-15 words)", len(caps), t_txt, None),
-            ("score 5 diagonal blocks (COCO 5-fold 1K)", 5 * fold * 5 * fold, t_blocks,
-             f_blocks)]
+    t_blocks, f_blocks = _flops(
+        lambda: [
+            model.score(img[k * fold : (k + 1) * fold], txt[5 * k * fold : 5 * (k + 1) * fold])
+            for k in range(5)
+        ]
+    )
+    rows = [
+        ("encode images (36 x 2048 -> 1024, region Transformer)", args.images, t_img, None),
+        ("encode captions (MiniLM, 8-15 words)", len(caps), t_txt, None),
+        ("score 5 diagonal blocks (COCO 5-fold 1K)", 5 * fold * 5 * fold, t_blocks, f_blocks),
+    ]
     if not args.blocks_only:
         t_full, f_full = _flops(lambda: model.score(img, txt))
-        rows.append(("score the whole matrix (COCO 5K)", args.images * len(caps), t_full,
-                     f_full))
-    print(f"images={args.images}, captions={len(caps)}, d=1024, threads={args.threads}, "
-          f"torch {torch.__version__}\n")
+        rows.append(("score the whole matrix (COCO 5K)", args.images * len(caps), t_full, f_full))
+    print(
+        f"images={args.images}, captions={len(caps)}, d=1024, threads={args.threads}, "
+        f"torch {torch.__version__}\n"
+    )
     print("| stage | items or pairs | seconds | per second | GFLOP | GFLOP/s |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, n, sec, flops in rows:
@@ -126,18 +157,24 @@ def bench_data(args: argparse.Namespace) -> None:
     from cpfean.data.dataset import CaptionPairDataset, PairCollator
 
     start = time.perf_counter()
-    store = _build_store(Path(args.workdir) / f"butd_{args.images}.lmdb", args.images,
-                         args.seed, args.labels)
+    store = _build_store(
+        Path(args.workdir) / f"butd_{args.images}.lmdb", args.images, args.seed, args.labels
+    )
     t_build = time.perf_counter() - start
-    ids = store.ids()[:args.images]
+    ids = store.ids()[: args.images]
     caps = _captions(5 * len(ids), args.seed)
     model = _butd_model(args.labels)
-    dataset = CaptionPairDataset(store, ids, [caps[5 * i:5 * i + 5] for i in range(len(ids))])
+    dataset = CaptionPairDataset(store, ids, [caps[5 * i : 5 * i + 5] for i in range(len(ids))])
     generator = torch.Generator().manual_seed(args.seed)
-    loader = DataLoader(dataset, batch_size=args.batch_size,
-                        sampler=RandomSampler(dataset, generator=generator),
-                        num_workers=args.workers, collate_fn=PairCollator(model.tokenize),
-                        drop_last=True, persistent_workers=False)
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        sampler=RandomSampler(dataset, generator=generator),
+        num_workers=args.workers,
+        collate_fn=PairCollator(model.tokenize),
+        drop_last=True,
+        persistent_workers=False,
+    )
     it = iter(loader)
     next(it)  # workers started, first batch out
     start = time.perf_counter()
@@ -162,22 +199,33 @@ def bench_data(args: argparse.Namespace) -> None:
 
     step()  # warm-up
     t_step, flops = _flops(step)
-    print(f"store: {len(ids):,} images x 36 x 2048 float16 ({t_build:.0f} s to build or "
-          f"open), batch {args.batch_size}, workers {args.workers}, threads {args.threads}\n")
+    print(
+        f"store: {len(ids):,} images x 36 x 2048 float16 ({t_build:.0f} s to build or "
+        f"open), batch {args.batch_size}, workers {args.workers}, threads {args.threads}\n"
+    )
     print("| what | images/s | seconds | GFLOP per step |")
     print("|---|---:|---:|---:|")
-    print(f"| data path: store -> {args.workers} workers -> tokenised batches | "
-          f"{loaded / t_load:,.0f} | {t_load:.1f} for {loaded:,} | - |")
-    print(f"| one training step, BUTD shapes, MiniLM, this CPU | {args.batch_size / t_step:,.1f} "
-          f"| {t_step:.2f} | {flops / 1e9:,.0f} |")
+    print(
+        f"| data path: store -> {args.workers} workers -> tokenised batches | "
+        f"{loaded / t_load:,.0f} | {t_load:.1f} for {loaded:,} | - |"
+    )
+    print(
+        f"| one training step, BUTD shapes, MiniLM, this CPU | {args.batch_size / t_step:,.1f} "
+        f"| {t_step:.2f} | {flops / 1e9:,.0f} |"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = cli.ArgumentParser(prog="python -m pipelines.benchmark {eval,data}",
-                           description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(
+        prog="python -m pipelines.benchmark {eval,data}", description=__doc__.split("\n")[0]
+    )
     p.add_argument("what", choices=["eval", "data"])
-    p.add_argument("--images", type=int, default=None,
-                   help="eval: test images (5000); data: store size (20000)")
+    p.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        help="eval: test images (5000); data: store size (20000)",
+    )
     p.add_argument("--workdir", help="data: where the benchmark store goes (an existing folder)")
     p.add_argument("--workers", type=int, default=4, help="data: DataLoader workers")
     p.add_argument("--batch-size", type=int, default=128)

@@ -55,8 +55,17 @@ class SyntheticGallery:
     exactly ``pooled_raw(i)``.
     """
 
-    def __init__(self, n: int, d: int, *, seed: int = 0, n_concepts: int = 1000,
-                 per_template: int = 50, sigma: float = 1.0, chunk: int = 20000):
+    def __init__(
+        self,
+        n: int,
+        d: int,
+        *,
+        seed: int = 0,
+        n_concepts: int = 1000,
+        per_template: int = 50,
+        sigma: float = 1.0,
+        chunk: int = 20000,
+    ):
         self.n, self.d, self.seed, self.sigma = n, d, seed, sigma
         rng = np.random.default_rng([seed, 1])
         self.concepts = ann.normalise(rng.normal(size=(n_concepts, d)))
@@ -86,8 +95,9 @@ class SyntheticGallery:
             stop = min(start + chunk, n)
             g = np.random.default_rng([seed, 2, start])
             scale = 1.0 / np.sqrt(d * n_valid[start:stop, None])
-            self.noise_mean[start:stop] = g.standard_normal((stop - start, d),
-                                                            dtype=np.float32) * scale
+            self.noise_mean[start:stop] = (
+                g.standard_normal((stop - start, d), dtype=np.float32) * scale
+            )
 
     def _slot_concepts(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         slot = self.slot[rows].astype(np.int64)
@@ -112,7 +122,8 @@ class SyntheticGallery:
         for k, i in enumerate(rows):
             m = int(mask[k].sum())
             z = np.random.default_rng([self.seed, 3, int(i)]).standard_normal(
-                (m, self.d), dtype=np.float32) / np.sqrt(self.d)
+                (m, self.d), dtype=np.float32
+            ) / np.sqrt(self.d)
             noise = self.noise_mean[i].astype(np.float32) + (z - z.mean(0))
             out[k, :m] += self.sigma * noise
             out[k, m:] = 0.0
@@ -125,8 +136,11 @@ class SyntheticGallery:
         for _ in range(q):
             main = self.templates[self.template[int(rng.integers(self.n))]]
             picked = rng.choice(main, size=int(rng.integers(2, 4)), replace=False)
-            words = [self.concepts[c] + rng.normal(0, 0.7 / np.sqrt(self.d), self.d)
-                     for c in picked for _ in range(2)]
+            words = [
+                self.concepts[c] + rng.normal(0, 0.7 / np.sqrt(self.d), self.d)
+                for c in picked
+                for _ in range(2)
+            ]
             words += list(rng.normal(size=(2, self.d)))
             out.append(ann.normalise(np.array(words)))
         return out
@@ -138,8 +152,13 @@ def image_embeddings(model, regions: np.ndarray, mask: np.ndarray):
 
     v = torch.from_numpy(regions)
     gate_self, gate_ctx = model.gates.image_terms(v)
-    return ImageEmbeddings(regions=v, mask=torch.from_numpy(mask), gram=v @ v.transpose(1, 2),
-                           gate_self=gate_self, gate_ctx=gate_ctx)
+    return ImageEmbeddings(
+        regions=v,
+        mask=torch.from_numpy(mask),
+        gram=v @ v.transpose(1, 2),
+        gate_self=gate_self,
+        gate_ctx=gate_ctx,
+    )
 
 
 def text_embeddings(model, words: list[np.ndarray]):
@@ -150,28 +169,37 @@ def text_embeddings(model, words: list[np.ndarray]):
     w = torch.zeros(len(words), size, words[0].shape[1])
     mask = torch.zeros(len(words), size, dtype=torch.bool)
     for k, x in enumerate(words):
-        w[k, :len(x)], mask[k, :len(x)] = torch.from_numpy(x), True
+        w[k, : len(x)], mask[k, : len(x)] = torch.from_numpy(x), True
     gate_self, gate_ctx = model.gates.text_terms(w)
     logp = model.prominence(w).squeeze(-1).masked_fill(~mask, float("-inf")).log_softmax(-1)
-    return TextEmbeddings(words=w, mask=mask, gram=w @ w.transpose(1, 2), gate_self=gate_self,
-                          gate_ctx=gate_ctx, log_prominence=logp,
-                          token_ids=torch.zeros_like(mask, dtype=torch.long))
+    return TextEmbeddings(
+        words=w,
+        mask=mask,
+        gram=w @ w.transpose(1, 2),
+        gate_self=gate_self,
+        gate_ctx=gate_ctx,
+        log_prominence=logp,
+        token_ids=torch.zeros_like(mask, dtype=torch.long),
+    )
 
 
 @torch.no_grad()
-def write_index(model, gal: SyntheticGallery, out: Path, txt, top_k: int,
-                block: int = 1000) -> tuple[np.ndarray, float]:
+def write_index(
+    model, gal: SyntheticGallery, out: Path, txt, top_k: int, block: int = 1000
+) -> tuple[np.ndarray, float]:
     """Write ``gal`` as a cpfean index at ``out``; returns the exhaustive top-k rows [Q, k] of
     the queries ``txt`` (scored on the same float16 values) and the scoring seconds."""
     from cpfean.index import FORMAT, VERSION, _class_name, pooled_images
 
     (out / "images").mkdir(parents=True)
     n, d = gal.n, gal.d
-    specs = {"regions": (R, d), "mask": (R,), "gram": (R, R), "gate_self": (R,),
-             "gate_ctx": (R,)}
-    files = {k: np.lib.format.open_memmap(out / "images" / f"emb.{k}.npy", "w+",
-                                          np.bool_ if k == "mask" else np.float16, (n, *s))
-             for k, s in specs.items()}
+    specs = {"regions": (R, d), "mask": (R,), "gram": (R, R), "gate_self": (R,), "gate_ctx": (R,)}
+    files = {
+        k: np.lib.format.open_memmap(
+            out / "images" / f"emb.{k}.npy", "w+", np.bool_ if k == "mask" else np.float16, (n, *s)
+        )
+        for k, s in specs.items()
+    }
     pooled = np.lib.format.open_memmap(out / "images" / "pooled.npy", "w+", np.float32, (n, d))
     best = [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in range(len(txt))]
     score_s = 0.0
@@ -182,30 +210,44 @@ def write_index(model, gal: SyntheticGallery, out: Path, txt, top_k: int,
         for k in specs:
             files[k][rows] = getattr(emb, k).numpy()
         pooled[rows] = pooled_images(emb)
-        stored = type(emb)(**{k: torch.from_numpy(np.asarray(files[k][rows], np.float32)
-                                                  if k != "mask" else files[k][rows])
-                              for k in specs})
+        stored = type(emb)(
+            **{
+                k: torch.from_numpy(
+                    np.asarray(files[k][rows], np.float32) if k != "mask" else files[k][rows]
+                )
+                for k in specs
+            }
+        )
         t = time.perf_counter()
         sims = model.score(stored, txt, image_chunk=block, text_chunk=len(txt)).numpy()
         score_s += time.perf_counter() - t
         for q in range(len(txt)):
             r, s = best[q]
-            best[q] = ann.top_k(np.concatenate([s, sims[:, q]]), np.concatenate([r, rows]),
-                                top_k)
+            best[q] = ann.top_k(np.concatenate([s, sims[:, q]]), np.concatenate([r, rows]), top_k)
     for f in (*files.values(), pooled):
         f.flush()
-    for name, arr in (("boxes", np.zeros((n, R, 4), np.float32)),
-                      ("labels", np.full((n, R), -1, np.int32)),
-                      ("hw", np.zeros((n, 2), np.int32))):
+    for name, arr in (
+        ("boxes", np.zeros((n, R, 4), np.float32)),
+        ("labels", np.full((n, R), -1, np.int32)),
+        ("hw", np.zeros((n, 2), np.int32)),
+    ):
         np.save(out / "images" / f"{name}.npy", arr, allow_pickle=False)
     (out / "images" / "ids.json").write_text(json.dumps([f"{i:07d}" for i in range(n)]))
     from cpfean.model import ImageEmbeddings
 
-    meta = {"format": FORMAT, "version": VERSION, "checkpoint": {"path": "synthetic",
-            "sha256": "0" * 64}, "config": {}, "regions": "synthetic", "images_root": None,
-            "count": n, "label_names": [], "dtype": "float16", "captions": None,
-            "image_embeddings": {"class": _class_name(ImageEmbeddings),
-                                 "fields": sorted(specs)}}
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "checkpoint": {"path": "synthetic", "sha256": "0" * 64},
+        "config": {},
+        "regions": "synthetic",
+        "images_root": None,
+        "count": n,
+        "label_names": [],
+        "dtype": "float16",
+        "captions": None,
+        "image_embeddings": {"class": _class_name(ImageEmbeddings), "fields": sorted(specs)},
+    }
     (out / "index.json").write_text(json.dumps(meta))
     return np.stack([r for r, _ in best]), score_s
 
@@ -238,20 +280,34 @@ def bench_indexed(model, n: int, args, rows_out: list[dict]) -> None:
         index.first_stage("images")
         fs_build = time.perf_counter() - t
         size_gb = sum(f.stat().st_size for f in (work / "index").rglob("*")) / 2**30
-        print(f"[{n}] index written in {build_s:.0f} s ({size_gb:.2f} GB on disk); exhaustive "
-              f"scoring of {len(words)} queries took {score_s:.0f} s; flat first stage built in "
-              f"{fs_build:.1f} s", file=sys.stderr)
+        print(
+            f"[{n}] index written in {build_s:.0f} s ({size_gb:.2f} GB on disk); exhaustive "
+            f"scoring of {len(words)} queries took {score_s:.0f} s; flat first stage built in "
+            f"{fs_build:.1f} s",
+            file=sys.stderr,
+        )
         ex_times = []
         for q in range(min(args.exhaustive_queries, len(words)) if n <= 20000 else 1):
             t = time.perf_counter()
             rows, _, _ = search(model, index, txt[q], top_k=args.top_k, exhaustive=True)
             ex_times.append(time.perf_counter() - t)
             if ann.recall_at(truth[q], rows) < 1.0:  # only float summation order differs
-                print(f"[{n}] note: query {q}: exhaustive search differs from the ground "
-                      "truth pass (near-tie)", file=sys.stderr)
-        rows_out.append({"gallery": n, "path": "exhaustive", "first_stage": "-",
-                         "candidates": n, "p50_p95_ms": _ms(ex_times),
-                         "recall@10": 1.0, "queries": len(ex_times)})
+                print(
+                    f"[{n}] note: query {q}: exhaustive search differs from the ground "
+                    "truth pass (near-tie)",
+                    file=sys.stderr,
+                )
+        rows_out.append(
+            {
+                "gallery": n,
+                "path": "exhaustive",
+                "first_stage": "-",
+                "candidates": n,
+                "p50_p95_ms": _ms(ex_times),
+                "recall@10": 1.0,
+                "queries": len(ex_times),
+            }
+        )
         for k in args.candidates:
             times, recalls = [], []
             for q in range(len(words)):
@@ -259,9 +315,17 @@ def bench_indexed(model, n: int, args, rows_out: list[dict]) -> None:
                 rows, _, _ = search(model, index, txt[q], top_k=args.top_k, first_stage=k)
                 times.append(time.perf_counter() - t)
                 recalls.append(ann.recall_at(truth[q], rows))
-            rows_out.append({"gallery": n, "path": "two-stage", "first_stage": "flat",
-                             "candidates": k, "p50_p95_ms": _ms(times),
-                             "recall@10": float(np.mean(recalls)), "queries": len(words)})
+            rows_out.append(
+                {
+                    "gallery": n,
+                    "path": "two-stage",
+                    "first_stage": "flat",
+                    "candidates": k,
+                    "p50_p95_ms": _ms(times),
+                    "recall@10": float(np.mean(recalls)),
+                    "queries": len(words),
+                }
+            )
             print(f"[{n}] {rows_out[-1]}", file=sys.stderr)
         rows_out[-1]["rss_gb"] = round(_rss_gb(), 2)
     finally:
@@ -292,8 +356,10 @@ def bench_generated(model, n: int, args, rows_out: list[dict]) -> None:
     qpool = np.stack(_pooled_queries(txt))
     kmax = max(args.candidates_1m)
     flat = ann.FirstStage(pooled, kind="flat")  # exact: the reference first stage
-    print(f"[{n}] gallery + flat first stage built in {time.perf_counter() - t0:.0f} s",
-          file=sys.stderr)
+    print(
+        f"[{n}] gallery + flat first stage built in {time.perf_counter() - t0:.0f} s",
+        file=sys.stderr,
+    )
     exact, flat_ms = [], []
     for q in range(len(words)):
         t = time.perf_counter()
@@ -302,8 +368,10 @@ def bench_generated(model, n: int, args, rows_out: list[dict]) -> None:
     del flat
     t = time.perf_counter()
     ivf = ann.FirstStage(pooled, kind="ivf")
-    print(f"[{n}] IVF (nlist {ivf.index.nlist}) built in {time.perf_counter() - t:.0f} s",
-          file=sys.stderr)
+    print(
+        f"[{n}] IVF (nlist {ivf.index.nlist}) built in {time.perf_counter() - t:.0f} s",
+        file=sys.stderr,
+    )
 
     def rerank(q: int, cand: np.ndarray, timing: dict) -> np.ndarray:
         t = time.perf_counter()
@@ -320,15 +388,22 @@ def bench_generated(model, n: int, args, rows_out: list[dict]) -> None:
         for q in range(len(words)):
             ref_cand = np.sort(exact[q][:k])
             timing: dict = {}
-            refs.append((ref_cand, ann.top_k(rerank(q, ref_cand, timing), ref_cand,
-                                             args.top_k)[0]))
+            refs.append((ref_cand, ann.top_k(rerank(q, ref_cand, timing), ref_cand, args.top_k)[0]))
             score_ms.append(timing["score"])
-        rows_out.append({"gallery": n, "path": "two-stage", "first_stage": "flat",
-                         "candidates": k, "queries": len(words), "recall@10": 1.0,
-                         "p50_p95_ms": _ms([a + b for a, b in zip(flat_ms, score_ms,
-                                                                  strict=True)]),
-                         "first_stage_ms": _ms(flat_ms), "score_ms": _ms(score_ms),
-                         "recall_vs": "itself (the reference)"})
+        rows_out.append(
+            {
+                "gallery": n,
+                "path": "two-stage",
+                "first_stage": "flat",
+                "candidates": k,
+                "queries": len(words),
+                "recall@10": 1.0,
+                "p50_p95_ms": _ms([a + b for a, b in zip(flat_ms, score_ms, strict=True)]),
+                "first_stage_ms": _ms(flat_ms),
+                "score_ms": _ms(score_ms),
+                "recall_vs": "itself (the reference)",
+            }
+        )
         print(f"[{n}] {rows_out[-1]}", file=sys.stderr)
         for nprobe in args.nprobe:
             ivf.index.nprobe = nprobe
@@ -345,13 +420,22 @@ def bench_generated(model, n: int, args, rows_out: list[dict]) -> None:
                 recalls.append(ann.recall_at(refs[q][1], rows))
                 fs_recall.append(ann.recall_at(refs[q][0], cand))
             total = [a + b for a, b in zip(fs, sc, strict=True)]
-            rows_out.append({"gallery": n, "path": "two-stage", "first_stage":
-                             f"ivf{ivf.index.nlist}/{nprobe}", "candidates": k,
-                             "p50_p95_ms": _ms(total), "recall@10": float(np.mean(recalls)),
-                             "queries": len(words), "first_stage_ms": _ms(fs),
-                             "score_ms": _ms(sc), "gather_ms(generated)": _ms(ga),
-                             "ivf_candidate_recall": float(np.mean(fs_recall)),
-                             "recall_vs": "two-stage with an exact first stage"})
+            rows_out.append(
+                {
+                    "gallery": n,
+                    "path": "two-stage",
+                    "first_stage": f"ivf{ivf.index.nlist}/{nprobe}",
+                    "candidates": k,
+                    "p50_p95_ms": _ms(total),
+                    "recall@10": float(np.mean(recalls)),
+                    "queries": len(words),
+                    "first_stage_ms": _ms(fs),
+                    "score_ms": _ms(sc),
+                    "gather_ms(generated)": _ms(ga),
+                    "ivf_candidate_recall": float(np.mean(fs_recall)),
+                    "recall_vs": "two-stage with an exact first stage",
+                }
+            )
             print(f"[{n}] {rows_out[-1]}", file=sys.stderr)
     rows_out[-1]["rss_gb"] = round(_rss_gb(), 2)
 
@@ -363,14 +447,20 @@ def _pooled_queries(txt) -> list[np.ndarray]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = cli.ArgumentParser(prog="python -m pipelines.benchmark retrieve",
-                                description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(
+        prog="python -m pipelines.benchmark retrieve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--sizes", default="5000,100000,1000000", help="gallery sizes")
     p.add_argument("--dim", type=int, default=1024, help="embedding size d")
     p.add_argument("--queries", type=int, default=40)
-    p.add_argument("--exhaustive-queries", type=int, default=10,
-                   help="queries timed on the exhaustive path (1 above 20K images)")
+    p.add_argument(
+        "--exhaustive-queries",
+        type=int,
+        default=10,
+        help="queries timed on the exhaustive path (1 above 20K images)",
+    )
     p.add_argument("--candidates", default="100,200,500,1000", help="first-stage sizes")
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--candidates-1m", default="200,500", help="first-stage sizes above 200K")
@@ -399,23 +489,33 @@ def main(argv: list[str] | None = None) -> int:
     from cpfean.model import ModelConfig, build_model
 
     torch.manual_seed(args.seed)
-    model = build_model(ModelConfig(text_encoder="tiny-random", feature_dim=16,
-                                    embed_dim=args.dim, region_heads=1), label_names=[]).eval()
+    model = build_model(
+        ModelConfig(text_encoder="tiny-random", feature_dim=16, embed_dim=args.dim, region_heads=1),
+        label_names=[],
+    ).eval()
     rows: list[dict] = []
     for n in sizes:
         (bench_indexed if n <= 200_000 else bench_generated)(model, n, args, rows)
-    print(f"\nretrieval, d={args.dim}, top-{args.top_k}, {args.threads} threads, "
-          f"{args.queries} queries (p50 / p95 per query, query text encoding excluded)\n")
-    print("| gallery | path | first stage | candidates | latency p50 / p95 ms | "
-          "recall@10 | recall of |")
+    print(
+        f"\nretrieval, d={args.dim}, top-{args.top_k}, {args.threads} threads, "
+        f"{args.queries} queries (p50 / p95 per query, query text encoding excluded)\n"
+    )
+    print(
+        "| gallery | path | first stage | candidates | latency p50 / p95 ms | "
+        "recall@10 | recall of |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['gallery']:,} | {r['path']} | {r['first_stage']} | {r['candidates']:,} | "
-              f"{r['p50_p95_ms']} | {r['recall@10']:.3f} | "
-              f"{r.get('recall_vs', 'exhaustive top-10')} |")
-    print("\nlatency = first stage + CPFEAN re-rank (+ reading candidates from the index's "
-          "memory maps up to 200K; above, candidates are generated, see gather_ms in --json); "
-          f"peak RSS {_rss_gb():.1f} GB")
+        print(
+            f"| {r['gallery']:,} | {r['path']} | {r['first_stage']} | {r['candidates']:,} | "
+            f"{r['p50_p95_ms']} | {r['recall@10']:.3f} | "
+            f"{r.get('recall_vs', 'exhaustive top-10')} |"
+        )
+    print(
+        "\nlatency = first stage + CPFEAN re-rank (+ reading candidates from the index's "
+        "memory maps up to 200K; above, candidates are generated, see gather_ms in --json); "
+        f"peak RSS {_rss_gb():.1f} GB"
+    )
     if args.json:
         atomic_write_json(args.json, rows, indent=1)
     return 0

@@ -41,19 +41,27 @@ def random_embeddings(
     lengths = torch.randint(8, 21, (captions,), generator=g)
     L = int(lengths.max())
     mask = torch.arange(L)[None, :] < lengths[:, None]  # (C, L)
-    W = torch.where(mask[..., None], F.normalize(torch.randn(captions, L, dim, generator=g),
-                                                 dim=-1), 0)
+    W = torch.where(
+        mask[..., None], F.normalize(torch.randn(captions, L, dim, generator=g), dim=-1), 0
+    )
     logits = torch.randn(captions, L, generator=g).masked_fill(~mask, float("-inf"))
     with torch.no_grad():
         gate_self, gate_ctx = gates.image_terms(V)
         img = ImageEmbeddings(
-            regions=V, mask=torch.ones(images, REGIONS, dtype=torch.bool),
-            gram=V @ V.transpose(1, 2), gate_self=gate_self, gate_ctx=gate_ctx,
+            regions=V,
+            mask=torch.ones(images, REGIONS, dtype=torch.bool),
+            gram=V @ V.transpose(1, 2),
+            gate_self=gate_self,
+            gate_ctx=gate_ctx,
         )
         gate_self, gate_ctx = gates.text_terms(W)
         txt = TextEmbeddings(
-            words=W, mask=mask, gram=W @ W.transpose(1, 2), gate_self=gate_self,
-            gate_ctx=gate_ctx, log_prominence=logits.log_softmax(-1),
+            words=W,
+            mask=mask,
+            gram=W @ W.transpose(1, 2),
+            gate_self=gate_self,
+            gate_ctx=gate_ctx,
+            log_prominence=logits.log_softmax(-1),
             token_ids=torch.zeros(captions, L, dtype=torch.long),
         )
     return img, txt, gates
@@ -106,8 +114,9 @@ def measure(fn: Callable[[], torch.Tensor]) -> tuple[float, float, torch.Tensor]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(prog="python -m pipelines.benchmark score",
-                                     description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(
+        prog="python -m pipelines.benchmark score", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--captions", type=int, default=5000)
     parser.add_argument("--dim", type=int, default=1024)
@@ -115,8 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-chunk", type=int, default=32)
     parser.add_argument("--text-chunk", type=int, default=128)
     parser.add_argument("--topk", type=int, default=3)
-    parser.add_argument("--naive-captions", type=int, default=100,
-                        help="captions the naive loop is timed on (then extrapolated)")
+    parser.add_argument(
+        "--naive-captions",
+        type=int,
+        default=100,
+        help="captions the naive loop is timed on (then extrapolated)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke test")
     args = parser.parse_args(argv)
@@ -133,26 +146,38 @@ def main(argv: list[str] | None = None) -> int:
     def add(name: str, n_pairs: int, seconds: float, peak: float, note: str = "") -> None:
         rows.append((name, n_pairs, seconds, n_pairs / seconds, peak, note))
 
-    sec, peak, cpfean = measure(lambda: score_chunked(
-        img, txt, gates=gates, lambda_softmax=9.0, topk=args.topk, use_prominence=True,
-        **chunks))
+    sec, peak, cpfean = measure(
+        lambda: score_chunked(
+            img, txt, gates=gates, lambda_softmax=9.0, topk=args.topk, use_prominence=True, **chunks
+        )
+    )
     add(f"CPFEAN score (fusion, top-{args.topk}, prominence)", pairs, sec, peak)
-    sec, peak, scan = measure(lambda: score_chunked(
-        img, txt, gates=None, lambda_softmax=9.0, topk=0, use_prominence=False, **chunks))
+    sec, peak, scan = measure(
+        lambda: score_chunked(
+            img, txt, gates=None, lambda_softmax=9.0, topk=0, use_prominence=False, **chunks
+        )
+    )
     add("SCAN-style baseline score (t-i AVG)", pairs, sec, peak)
     sec, peak, _ = measure(lambda: floor_scores(img, txt, **chunks))
     add("floor: S = W V^T + max/mean", pairs, sec, peak)
     n = min(args.naive_captions, args.captions)
     words = [txt.words[c][txt.mask[c]] for c in range(n)]
     sec, peak, naive = measure(lambda: scan_t2i_naive(img.regions, words, lambda_softmax=9.0))
-    add("naive SCAN loop (explicit d-dim contexts)", args.images * n, sec, peak,
-        f"extrapolated: {pairs * sec / (args.images * n):.1f} s for all pairs")
+    add(
+        "naive SCAN loop (explicit d-dim contexts)",
+        args.images * n,
+        sec,
+        peak,
+        f"extrapolated: {pairs * sec / (args.images * n):.1f} s for all pairs",
+    )
     agree = (naive - scan[:, :n]).abs().max().item()
     assert torch.isfinite(cpfean).all()
 
-    print(f"images={args.images} x {REGIONS} regions, captions={args.captions} (8-20 words), "
-          f"d={args.dim}, threads={args.threads}, chunks={args.image_chunk}x{args.text_chunk}, "
-          f"torch {torch.__version__}")
+    print(
+        f"images={args.images} x {REGIONS} regions, captions={args.captions} (8-20 words), "
+        f"d={args.dim}, threads={args.threads}, chunks={args.image_chunk}x{args.text_chunk}, "
+        f"torch {torch.__version__}"
+    )
     print()
     print("| method | pairs timed | seconds | pairs/s | peak MB | note |")
     print("|---|---:|---:|---:|---:|---|")

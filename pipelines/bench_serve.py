@@ -29,10 +29,18 @@ import torch
 
 from pipelines import cli
 
-QUERIES = ["a dog on grass", "a red car on the road", "a small blue ball left of a box",
-           "a green tree near a house", "a yellow cup on a table", "two stars and a moon",
-           "a large red ball to the left of a blue box", "a purple heart", "a white cloud",
-           "an orange fish below a flower"]
+QUERIES = [
+    "a dog on grass",
+    "a red car on the road",
+    "a small blue ball left of a box",
+    "a green tree near a house",
+    "a yellow cup on a table",
+    "two stars and a moon",
+    "a large red ball to the left of a blue box",
+    "a purple heart",
+    "a white cloud",
+    "an orange fish below a flower",
+]
 
 
 def _serve(app) -> tuple[object, threading.Thread, str]:
@@ -41,8 +49,7 @@ def _serve(app) -> tuple[object, threading.Thread, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -59,6 +66,7 @@ def measure(searcher, name: str, args: argparse.Namespace) -> dict:
     server, thread, base = _serve(app)
     try:
         with httpx.Client(base_url=base, timeout=60) as c:
+
             def get(i: int) -> float:
                 start = time.perf_counter()
                 r = c.get("/api/search", params={"q": QUERIES[i % len(QUERIES)], "k": 10})
@@ -88,10 +96,14 @@ def measure(searcher, name: str, args: argparse.Namespace) -> dict:
         server.should_exit = True
         thread.join(timeout=10)
     pct = lambda xs, p: 1e3 * float(np.percentile(xs, p))  # noqa: E731
-    return {"index": name, "images": searcher.index.count, "path": path,
-            "seq": f"{pct(sequential, 50):.0f} / {pct(sequential, 99):.0f}",
-            "rps": len(concurrent) / wall,
-            "conc": f"{pct(concurrent, 50):.0f} / {pct(concurrent, 99):.0f}"}
+    return {
+        "index": name,
+        "images": searcher.index.count,
+        "path": path,
+        "seq": f"{pct(sequential, 50):.0f} / {pct(sequential, 99):.0f}",
+        "rps": len(concurrent) / wall,
+        "conc": f"{pct(concurrent, 50):.0f} / {pct(concurrent, 99):.0f}",
+    }
 
 
 def synthetic_searcher(n: int, workdir: Path, seed: int):
@@ -111,8 +123,9 @@ def synthetic_searcher(n: int, workdir: Path, seed: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = cli.ArgumentParser(prog="python -m pipelines.benchmark serve",
-                           description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(
+        prog="python -m pipelines.benchmark serve", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--index", default="runs/demo/index", help="the demo index")
     p.add_argument("--synthetic", type=int, default=0, help="also a synthetic index of N images")
     p.add_argument("--workdir", help="where the synthetic index goes (an existing folder)")
@@ -136,17 +149,28 @@ def main(argv: list[str] | None = None) -> int:
         return cli.fail(e)
     if args.synthetic:
         work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_serve_"))
-        rows.append(measure(synthetic_searcher(args.synthetic, work, args.seed),
-                            f"synthetic {args.synthetic:,}", args))
-    print(f"text queries through HTTP on 127.0.0.1, k = 10, {args.threads} torch threads, "
-          f"one model worker; {args.requests} sequential requests, then {args.clients} clients "
-          f"x {args.per_client}\n")
-    print("| index | images | search | sequential p50 / p99 ms | "
-          f"{args.clients} clients: requests/s | p50 / p99 ms |")
+        rows.append(
+            measure(
+                synthetic_searcher(args.synthetic, work, args.seed),
+                f"synthetic {args.synthetic:,}",
+                args,
+            )
+        )
+    print(
+        f"text queries through HTTP on 127.0.0.1, k = 10, {args.threads} torch threads, "
+        f"one model worker; {args.requests} sequential requests, then {args.clients} clients "
+        f"x {args.per_client}\n"
+    )
+    print(
+        "| index | images | search | sequential p50 / p99 ms | "
+        f"{args.clients} clients: requests/s | p50 / p99 ms |"
+    )
     print("|---|---:|---|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['index']} | {r['images']:,} | {r['path']} | {r['seq']} | {r['rps']:.1f} "
-              f"| {r['conc']} |")
+        print(
+            f"| {r['index']} | {r['images']:,} | {r['path']} | {r['seq']} | {r['rps']:.1f} "
+            f"| {r['conc']} |"
+        )
     return 0
 
 

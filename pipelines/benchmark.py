@@ -26,8 +26,10 @@ PASS_NAME = {"eval", "data"}  # modules that serve several benchmarks take the n
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in BENCHMARKS:
-        print(f"error: usage: python -m pipelines.benchmark {{{','.join(BENCHMARKS)}}} [options]",
-              file=sys.stderr)
+        print(
+            f"error: usage: python -m pipelines.benchmark {{{','.join(BENCHMARKS)}}} [options]",
+            file=sys.stderr,
+        )
         return 2
     module = importlib.import_module(BENCHMARKS[argv[0]])
     return module.main(argv if argv[0] in PASS_NAME else argv[1:]) or 0

@@ -25,9 +25,11 @@ from pipelines import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(prog="python -m pipelines.convert_weights",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(
+        prog="python -m pipelines.convert_weights",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("source", type=Path, help="the weights pickle (.pkl)")
     parser.add_argument("--out", type=Path, help="the .pth to write (default: SOURCE.pth)")
     parser.add_argument("--sha256", help="expected sha256 of SOURCE, checked before reading")
@@ -44,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         if out.suffix != ".pth":
             raise ValueError(f"--out {out} must end in .pth (runs read .pth files as tensors)")
         if args.sha256 and file_sha256(src) != args.sha256.lower():
-            raise ValueError(f"{src} has sha256 {file_sha256(src)}, not the expected "
-                             f"{args.sha256}; refusing to read it")
+            raise ValueError(
+                f"{src} has sha256 {file_sha256(src)}, not the expected "
+                f"{args.sha256}; refusing to read it"
+            )
         if out.exists():
             raise ValueError(f"{out} exists; remove it or choose another --out")
         report = convert_pickle(src, out)

@@ -41,8 +41,11 @@ def _stage(name: str, done: bool, run: Callable[[], int | None], timings: dict) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(prog="python -m pipelines.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(
+        prog="python -m pipelines.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", default="runs/demo", help="where every stage writes")
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run")
     parser.add_argument("--images", type=int, help="number of generated scenes")
@@ -58,23 +61,58 @@ def main(argv: list[str] | None = None) -> int:
     images, iters = args.images or images, args.detector_iters or iters
     epochs = args.epochs or epochs
     out = Path(args.out)
-    data, det, regions, run, idx = (out / "data", out / "detector", out / "regions",
-                                    out / "cpfean", out / "index")
+    data, det, regions, run, idx = (
+        out / "data",
+        out / "detector",
+        out / "regions",
+        out / "cpfean",
+        out / "index",
+    )
     timings: dict[str, float] = {}
     started = time.time()
 
-    _stage("generate scenes", (data / "captions.json").is_file(), lambda: make_demo_data.main(
-        [str(data), "--images", str(images), "--seed", "0"]), timings)
-    _stage("train detector", (det / "model_final.pth").is_file(), lambda: train_detector.main(
-        ["--data", str(data), "--out", str(det), "--iters", str(iters)]), timings)
-    _stage("extract regions", (regions / "COMPLETE").is_file(), lambda: extract.main(
-        [str(data / "images"), "--out", str(regions), "--config", str(det / "config.yaml"),
-         "--weights", str(det / "model_final.pth"), "--device", args.device]), timings)
+    _stage(
+        "generate scenes",
+        (data / "captions.json").is_file(),
+        lambda: make_demo_data.main([str(data), "--images", str(images), "--seed", "0"]),
+        timings,
+    )
+    _stage(
+        "train detector",
+        (det / "model_final.pth").is_file(),
+        lambda: train_detector.main(
+            ["--data", str(data), "--out", str(det), "--iters", str(iters)]
+        ),
+        timings,
+    )
+    _stage(
+        "extract regions",
+        (regions / "COMPLETE").is_file(),
+        lambda: extract.main(
+            [
+                str(data / "images"),
+                "--out",
+                str(regions),
+                "--config",
+                str(det / "config.yaml"),
+                "--weights",
+                str(det / "model_final.pth"),
+                "--device",
+                args.device,
+            ]
+        ),
+        timings,
+    )
     (regions / "COMPLETE").touch()
 
-    train_args = ["--config", str(REPO / "configs" / "demo.yaml"), f"run_dir={run}",
-                  f"data.regions={regions}", f"data.captions={data / 'captions.json'}",
-                  f"train.device={args.device}"]
+    train_args = [
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        f"run_dir={run}",
+        f"data.regions={regions}",
+        f"data.captions={data / 'captions.json'}",
+        f"train.device={args.device}",
+    ]
     if epochs:  # as configs/demo.yaml: hardest negatives only after 6 epochs, for the last 4
         train_args += [f"train.epochs={epochs}", f"train.all_negatives_epochs={max(6, epochs - 4)}"]
     if args.quick:
@@ -83,13 +121,42 @@ def main(argv: list[str] | None = None) -> int:
         train_args.insert(0, "--resume")
     _stage("train CPFEAN", (run / "best.json").is_file(), lambda: train.main(train_args), timings)
     metrics_path = run / "test_metrics.json"
-    _stage("evaluate", metrics_path.is_file(), lambda: evaluate.main(
-        ["--checkpoint", str(run / "best.pt"), "--json", str(metrics_path), "--name", "CPFEAN",
-         "--device", args.device]), timings)
-    _stage("build index", (idx / "index.json").is_file(), lambda: index.main(
-        ["--checkpoint", str(run / "best.pt"), "--regions", str(regions),
-         "--captions", str(data / "captions.json"), "--split", "test", "--out", str(idx)]),
-        timings)
+    _stage(
+        "evaluate",
+        metrics_path.is_file(),
+        lambda: evaluate.main(
+            [
+                "--checkpoint",
+                str(run / "best.pt"),
+                "--json",
+                str(metrics_path),
+                "--name",
+                "CPFEAN",
+                "--device",
+                args.device,
+            ]
+        ),
+        timings,
+    )
+    _stage(
+        "build index",
+        (idx / "index.json").is_file(),
+        lambda: index.main(
+            [
+                "--checkpoint",
+                str(run / "best.pt"),
+                "--regions",
+                str(regions),
+                "--captions",
+                str(data / "captions.json"),
+                "--split",
+                "test",
+                "--out",
+                str(idx),
+            ]
+        ),
+        timings,
+    )
     print(f'[demo] example query: "{args.query}"', flush=True)
     status = retrieve.main(["--query", args.query, "--index", str(idx), "--top-k", "5"])
 
@@ -100,12 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  regions:     {regions}")
     print(f"  checkpoint:  {run / 'best.pt'}")
     print(f"  index:       {idx}")
-    print(f"  test rSum:   {metrics['rsum']:.1f}  (i2t R@1 {metrics['i2t']['r1']:.1f}, "
-          f"t2i R@1 {metrics['t2i']['r1']:.1f})")
+    print(
+        f"  test rSum:   {metrics['rsum']:.1f}  (i2t R@1 {metrics['i2t']['r1']:.1f}, "
+        f"t2i R@1 {metrics['t2i']['r1']:.1f})"
+    )
     print(f"  stage times: {json.dumps(timings)}; total {time.time() - started:.0f} s")
     print(f'  try:         python -m pipelines.retrieve --query "{args.query}"')
-    serve = "python -m pipelines.serve" + ("" if idx == Path("runs/demo/index")
-                                          else f" --index {idx}")
+    serve = "python -m pipelines.serve" + (
+        "" if idx == Path("runs/demo/index") else f" --index {idx}"
+    )
     print(f"  serve it:    {serve}   (then open http://127.0.0.1:8000/)")
     return status
 

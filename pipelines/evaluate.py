@@ -43,30 +43,49 @@ def _protocols(protocol: str, n_images: int, fold_size: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", action="append", required=True,
-                        help="checkpoint file; repeat for an ensemble")
-    parser.add_argument("--protocol", default="all",
-                        choices=["all", "f30k", "coco-5fold-1k", "coco-5k"],
-                        help="'all' on 5 folds of images (COCO 5K) prints both COCO tables")
-    parser.add_argument("--split", default=None,
-                        help="caption split (default: config's test); 'all' = every image of the "
-                             "caption file, e.g. a separately generated held-out set")
+    parser = cli.ArgumentParser(
+        prog="python -m pipelines.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        required=True,
+        help="checkpoint file; repeat for an ensemble",
+    )
+    parser.add_argument(
+        "--protocol",
+        default="all",
+        choices=["all", "f30k", "coco-5fold-1k", "coco-5k"],
+        help="'all' on 5 folds of images (COCO 5K) prints both COCO tables",
+    )
+    parser.add_argument(
+        "--split",
+        default=None,
+        help="caption split (default: config's test); 'all' = every image of the "
+        "caption file, e.g. a separately generated held-out set",
+    )
     parser.add_argument("--regions", help="region store (default: the checkpoint's)")
     parser.add_argument("--captions", help="caption source (default: the checkpoint's)")
-    parser.add_argument("--fold-size", type=int, default=1000,
-                        help="images per COCO fold (1000 as published)")
-    parser.add_argument("--any-size", action="store_true",
-                        help="run a protocol on a test set of another size (small fixtures)")
+    parser.add_argument(
+        "--fold-size", type=int, default=1000, help="images per COCO fold (1000 as published)"
+    )
+    parser.add_argument(
+        "--any-size",
+        action="store_true",
+        help="run a protocol on a test set of another size (small fixtures)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--name", default=None, help="row name in the printed table")
     parser.add_argument("--json", help="write the metrics here as JSON")
-    parser.add_argument("--against", action="append",
-                        help="a second model (repeat for an ensemble) to compare with")
-    parser.add_argument("--resamples", type=int, default=1000,
-                        help="bootstrap resamples for --against")
+    parser.add_argument(
+        "--against", action="append", help="a second model (repeat for an ensemble) to compare with"
+    )
+    parser.add_argument(
+        "--resamples", type=int, default=1000, help="bootstrap resamples for --against"
+    )
     args = parser.parse_args(argv)
     for name in ("resamples", "batch_size", "fold_size"):
         if getattr(args, name) < 1:
@@ -82,10 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         other = _similarities(args.against, args, device) if args.against else None
     except (OSError, ValueError, MissingImagesError) as exc:
         return cli.fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
-    if other is not None and (other[1].image_ids != caps.image_ids
-                              or other[1].flatten(5)[0] != caps.flatten(5)[0]):
-        return cli.fail("--against scored other images or captions than --checkpoint; "
-                        "give --regions and --captions")
+    if other is not None and (
+        other[1].image_ids != caps.image_ids or other[1].flatten(5)[0] != caps.flatten(5)[0]
+    ):
+        return cli.fail(
+            "--against scored other images or captions than --checkpoint; "
+            "give --regions and --captions"
+        )
     protocols = _protocols(args.protocol, len(caps.image_ids), args.fold_size)
     name = args.name or _name(args.checkpoint)
     other_name = _name(args.against) if other is not None else ""
@@ -105,13 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     payload: dict = results[protocols[0]] if len(protocols) == 1 else results
     if other is not None:
         comparison = paired_bootstrap(sims, other[0], resamples=args.resamples)
-        print(f"rSum difference on all {len(caps.image_ids)} images: {comparison['diff']:+.1f} "
-              f"(95% interval {comparison['ci_low']:+.1f} .. {comparison['ci_high']:+.1f}; "
-              f"ahead in {100 * comparison['a_ahead']:.1f}% of {comparison['resamples']} "
-              "resamples of the images)")
-        payload = {"model": payload,
-                   "against": against[protocols[0]] if len(protocols) == 1 else against,
-                   "comparison": comparison}
+        print(
+            f"rSum difference on all {len(caps.image_ids)} images: {comparison['diff']:+.1f} "
+            f"(95% interval {comparison['ci_low']:+.1f} .. {comparison['ci_high']:+.1f}; "
+            f"ahead in {100 * comparison['a_ahead']:.1f}% of {comparison['resamples']} "
+            "resamples of the images)"
+        )
+        payload = {
+            "model": payload,
+            "against": against[protocols[0]] if len(protocols) == 1 else against,
+            "comparison": comparison,
+        }
     if args.json:
         atomic_write_json(args.json, payload, indent=2)
     return 0
@@ -135,20 +161,30 @@ def _similarities(paths: list[str], args: argparse.Namespace, device):
     for path in paths:
         model, ckpt_cfg, _ = load_model(path, device)
         store = RegionStore(args.regions or ckpt_cfg.data.regions)
-        caps = load_captions(args.captions or ckpt_cfg.data.captions,
-                             split=None if args.split == "all"
-                             else args.split or ckpt_cfg.data.test_split)
+        caps = load_captions(
+            args.captions or ckpt_cfg.data.captions,
+            split=None if args.split == "all" else args.split or ckpt_cfg.data.test_split,
+        )
         check_ids(caps, store.ids())
         n = len(caps.image_ids)
         for protocol in _protocols(args.protocol, n, args.fold_size):  # before any scoring
             check_protocol_size(protocol, n, fold_size=args.fold_size, strict=not args.any_size)
         kwargs = dict(batch_size=args.batch_size, device=device, progress=True)
         if args.protocol == "coco-5fold-1k":
-            sims_list.append(similarity_blocks(model, store, caps.image_ids, caps.flatten(5)[0],
-                                               fold_size=args.fold_size, **kwargs))
+            sims_list.append(
+                similarity_blocks(
+                    model,
+                    store,
+                    caps.image_ids,
+                    caps.flatten(5)[0],
+                    fold_size=args.fold_size,
+                    **kwargs,
+                )
+            )
         else:
-            sims_list.append(similarity_matrix(model, store, caps.image_ids,
-                                               caps.flatten(5)[0], **kwargs))
+            sims_list.append(
+                similarity_matrix(model, store, caps.image_ids, caps.flatten(5)[0], **kwargs)
+            )
     if len(sims_list) == 1:
         return sims_list[0], caps
     if isinstance(sims_list[0], list):

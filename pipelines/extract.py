@@ -49,21 +49,39 @@ TRAINED_CONFIG = Path("weights/scenes_r18_fpn/config.yaml")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = cli.ArgumentParser(prog="python -m pipelines.extract", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(
+        prog="python -m pipelines.extract",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("images", type=Path, help="images root folder (walked recursively)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="region store to write (default: IMAGES_DIR + '_regions.lmdb')")
-    p.add_argument("--config", default=None,
-                   help=f"detector config: a YAML path or a bundled name (default: "
-                        f"{TRAINED_CONFIG} when present, else scenes_r18_fpn)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="region store to write (default: IMAGES_DIR + '_regions.lmdb')",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help=f"detector config: a YAML path or a bundled name (default: "
+        f"{TRAINED_CONFIG} when present, else scenes_r18_fpn)",
+    )
     p.add_argument("--weights", default=None, help="checkpoint (overrides MODEL.WEIGHTS)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="images per forward pass (default: the config's REGIONS.IMAGES_PER_BATCH)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per forward pass (default: the config's REGIONS.IMAGES_PER_BATCH)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--workers", type=int, default=2, help="DataLoader decoding processes")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads per process (0: cores / processes)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads per process (0: cores / processes)",
+    )
     p.add_argument("--commit-every", type=int, default=64, help="records per transaction")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument("opts", nargs="*", help="config overrides: KEY VALUE ... or KEY=VALUE ...")
@@ -71,8 +89,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _rank_world() -> tuple[int, int, int]:
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
+    return (
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+    )
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -87,8 +108,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def build_cfg(args: argparse.Namespace, local_rank: int, world: int):
     """The frozen region config from the command line."""
-    config = args.config or (str(TRAINED_CONFIG) if TRAINED_CONFIG.is_file()
-                             else "scenes_r18_fpn")
+    config = args.config or (str(TRAINED_CONFIG) if TRAINED_CONFIG.is_file() else "scenes_r18_fpn")
     opts = list(args.opts)
     if args.weights is not None:
         opts += ["MODEL.WEIGHTS", args.weights]
@@ -116,11 +136,22 @@ def _sibling(path: Path, suffix: str) -> Path:
     return path.with_name(path.name + suffix)
 
 
-def extract_shard(extractor: RegionExtractor, root: Path, ids: list[str], store: Path,
-                  report: Path, *, already: set[str], rejected: list[tuple[str, str]],
-                  batch_size: int, workers: int,
-                  commit_every: int, max_pixels: int, progress: bool, desc: str
-                  ) -> dict[str, int]:
+def extract_shard(
+    extractor: RegionExtractor,
+    root: Path,
+    ids: list[str],
+    store: Path,
+    report: Path,
+    *,
+    already: set[str],
+    rejected: list[tuple[str, str]],
+    batch_size: int,
+    workers: int,
+    commit_every: int,
+    max_pixels: int,
+    progress: bool,
+    desc: str,
+) -> dict[str, int]:
     """Extract `ids` (minus those already stored) into `store`; skipped ones go to `report`.
 
     Returns:
@@ -129,18 +160,26 @@ def extract_shard(extractor: RegionExtractor, root: Path, ids: list[str], store:
     counts = {"written": 0, "skipped": 0, "present": 0}
     # the images root lets the retrieval index find and draw the images later
     meta = {**extractor.meta, "images_root": str(root.resolve())}
-    with RegionWriter(store, meta, commit_every=commit_every) as writer, \
-            atomic_output(report) as rep:
+    with (
+        RegionWriter(store, meta, commit_every=commit_every) as writer,
+        atomic_output(report) as rep,
+    ):
         done = writer.done_ids() | already
         todo = [i for i in ids if i not in done]
         counts["present"] = len(ids) - len(todo)
-        loader = DataLoader(ImageFolder(root, todo, max_pixels), batch_size=batch_size,
-                            num_workers=workers, collate_fn=list)
+        loader = DataLoader(
+            ImageFolder(root, todo, max_pixels),
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=list,
+        )
         bar = progress_of(total=len(todo), unit="img", desc=desc, enabled=progress)
 
         def skip(image_id: str, reason: str) -> None:
-            rep.write(json.dumps({"image_id": image_id, "path": str(root / image_id),
-                                  "reason": reason}) + "\n")
+            rep.write(
+                json.dumps({"image_id": image_id, "path": str(root / image_id), "reason": reason})
+                + "\n"
+            )
             rep.flush()
             counts["skipped"] += 1
 
@@ -232,11 +271,20 @@ def main(argv: list[str] | None = None) -> int:
         report = _sibling(out, ".skipped.jsonl")
         try:
             counts = extract_shard(
-                extractor, root, mine, out, report, already=already,
+                extractor,
+                root,
+                mine,
+                out,
+                report,
+                already=already,
                 rejected=rejected if rank == 0 else [],
-                batch_size=args.batch_size or cfg.REGIONS.IMAGES_PER_BATCH, workers=args.workers,
-                commit_every=args.commit_every, max_pixels=cfg.REGIONS.MAX_IMAGE_PIXELS,
-                progress=not args.no_progress, desc=f"extract[{rank}]" if world > 1 else "extract")
+                batch_size=args.batch_size or cfg.REGIONS.IMAGES_PER_BATCH,
+                workers=args.workers,
+                commit_every=args.commit_every,
+                max_pixels=cfg.REGIONS.MAX_IMAGE_PIXELS,
+                progress=not args.no_progress,
+                desc=f"extract[{rank}]" if world > 1 else "extract",
+            )
         except RegionStoreError as e:
             if world > 1:
                 raise  # torchrun then stops every rank instead of leaving them at the barrier
@@ -246,18 +294,27 @@ def main(argv: list[str] | None = None) -> int:
             if rank != 0:
                 return EXIT_OK
             total = _merge(store, world)
-            skipped = len(_sibling(store, ".skipped.jsonl").read_text(encoding="utf-8")
-                          .splitlines())
+            skipped = len(
+                _sibling(store, ".skipped.jsonl").read_text(encoding="utf-8").splitlines()
+            )
         else:
             total, skipped = len(RegionStore(store)), counts["skipped"]
-        summary = {"store": str(store), "images": len(ids) + len(rejected), "in_store": total,
-                   "skipped": skipped, "seconds": round(time.time() - start, 1)}
+        summary = {
+            "store": str(store),
+            "images": len(ids) + len(rejected),
+            "in_store": total,
+            "skipped": skipped,
+            "seconds": round(time.time() - start, 1),
+        }
         if world == 1:
             summary.update(written=counts["written"], already_present=counts["present"])
         print(json.dumps(summary))
         if skipped:
-            print(f"extract: {skipped} image(s) skipped, reasons in "
-                  f"{_sibling(store, '.skipped.jsonl')}", file=sys.stderr)
+            print(
+                f"extract: {skipped} image(s) skipped, reasons in "
+                f"{_sibling(store, '.skipped.jsonl')}",
+                file=sys.stderr,
+            )
         return EXIT_SKIPPED if skipped and world == 1 else EXIT_OK
     finally:
         if world > 1 and dist.is_initialized():

@@ -80,12 +80,16 @@ def karpathy_id_map(path: Path) -> dict[str, str]:
 
 def read_split(src: Path, split: str, id_map: dict[str, str] | None = None) -> PrecompSplit:
     """Read and check one split (see the module docstring for the rules)."""
-    ims_path, caps_path, ids_path = (src / f"{split}_ims.npy", src / f"{split}_caps.txt",
-                                     src / f"{split}_ids.txt")
+    ims_path, caps_path, ids_path = (
+        src / f"{split}_ims.npy",
+        src / f"{split}_caps.txt",
+        src / f"{split}_ids.txt",
+    )
     for path in (ims_path, caps_path):
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found (SCAN precomp layout: "
-                                    "{split}_ims.npy and {split}_caps.txt)")
+            raise FileNotFoundError(
+                f"{path} not found (SCAN precomp layout: {{split}}_ims.npy and {{split}}_caps.txt)"
+            )
     try:
         ims = np.load(ims_path, mmap_mode="r", allow_pickle=False)
     except ValueError as e:
@@ -101,9 +105,11 @@ def read_split(src: Path, split: str, id_map: dict[str, str] | None = None) -> P
     elif n_caps == n_rows and n_rows % CAPTIONS_PER_IMAGE == 0:
         per_row = True  # one row per caption: five rows per image
     else:
-        raise ValueError(f"{caps_path}: {n_caps} captions for {n_rows} feature rows in "
-                         f"{ims_path.name}; expected 5 per row ({5 * n_rows}) or one per row "
-                         f"({n_rows}, a multiple of 5)")
+        raise ValueError(
+            f"{caps_path}: {n_caps} captions for {n_rows} feature rows in "
+            f"{ims_path.name}; expected 5 per row ({5 * n_rows}) or one per row "
+            f"({n_rows}, a multiple of 5)"
+        )
     if empty := [j for j, c in enumerate(captions) if not c]:
         raise ValueError(f"{caps_path}: line {empty[0] + 1} is an empty caption")
     n_images = n_caps // CAPTIONS_PER_IMAGE
@@ -116,16 +122,22 @@ def read_split(src: Path, split: str, id_map: dict[str, str] | None = None) -> P
             ids = raw[::CAPTIONS_PER_IMAGE]
             bad = next((j for j in range(n_rows) if raw[j] != ids[j // CAPTIONS_PER_IMAGE]), None)
             if bad is not None:
-                raise ValueError(f"{ids_path}: line {bad + 1} names {raw[bad]!r} inside the "
-                                 f"five rows of image {ids[bad // 5]!r}")
+                raise ValueError(
+                    f"{ids_path}: line {bad + 1} names {raw[bad]!r} inside the "
+                    f"five rows of image {ids[bad // 5]!r}"
+                )
         else:
-            raise ValueError(f"{ids_path}: {len(raw)} ids for {n_images} images ({n_rows} rows "
-                             f"in {ims_path.name}, {n_caps} captions)")
+            raise ValueError(
+                f"{ids_path}: {len(raw)} ids for {n_images} images ({n_rows} rows "
+                f"in {ims_path.name}, {n_caps} captions)"
+            )
         if id_map is not None:
             missing = [i for i in ids if i not in id_map]
             if missing:
-                raise ValueError(f"{ids_path}: {len(missing)} ids are not in the Karpathy JSON "
-                                 f"(first: {missing[0]!r})")
+                raise ValueError(
+                    f"{ids_path}: {len(missing)} ids are not in the Karpathy JSON "
+                    f"(first: {missing[0]!r})"
+                )
             ids = [id_map[i] for i in ids]
     else:
         ids = [f"{split}/{k:06d}" for k in range(n_images)]
@@ -138,17 +150,25 @@ def present_splits(src: Path) -> list[str]:
     """The splits with a features file in ``src``, published ones first, in their order."""
     if not src.is_dir():
         raise FileNotFoundError(f"precomp folder not found: {src}")
-    found = sorted(p.name[:-len("_ims.npy")] for p in src.glob("*_ims.npy"))
-    ordered = [s for s in PUBLISHED_SPLITS if s in found] + [s for s in found
-                                                              if s not in PUBLISHED_SPLITS]
+    found = sorted(p.name[: -len("_ims.npy")] for p in src.glob("*_ims.npy"))
+    ordered = [s for s in PUBLISHED_SPLITS if s in found] + [
+        s for s in found if s not in PUBLISHED_SPLITS
+    ]
     if not ordered:
         raise FileNotFoundError(f"{src} holds no {{split}}_ims.npy (SCAN precomp layout)")
     return ordered
 
 
-def import_precomp(src: Path, splits: list[str], out: Path, captions_out: Path, *,
-                   karpathy: Path | None = None, commit_every: int = 64,
-                   progress: bool = True) -> dict[str, dict[str, int]]:
+def import_precomp(
+    src: Path,
+    splits: list[str],
+    out: Path,
+    captions_out: Path,
+    *,
+    karpathy: Path | None = None,
+    commit_every: int = 64,
+    progress: bool = True,
+) -> dict[str, dict[str, int]]:
     """Import ``splits`` of the precomp folder ``src`` into one store and one caption file.
 
     Every split is read and checked before the store is opened. Returns, per split: images,
@@ -159,11 +179,18 @@ def import_precomp(src: Path, splits: list[str], out: Path, captions_out: Path, 
     dims = {p.ims.shape[2] for p in parts}
     if len(dims) > 1:
         raise ValueError(f"{src}: the splits have different feature sizes {sorted(dims)}")
-    source = {"source": str(src.resolve()),
-              "karpathy": str(karpathy.resolve()) if karpathy is not None else None}
-    meta = {"feature_dim": int(dims.pop()), "label_names": [], "has_boxes": False,
-            "has_labels": False, "detector": {"config": "precomputed", "weights_sha256": None},
-            **source}
+    source = {
+        "source": str(src.resolve()),
+        "karpathy": str(karpathy.resolve()) if karpathy is not None else None,
+    }
+    meta = {
+        "feature_dim": int(dims.pop()),
+        "label_names": [],
+        "has_boxes": False,
+        "has_labels": False,
+        "detector": {"config": "precomputed", "weights_sha256": None},
+        **source,
+    }
     boxes = np.zeros((NUM_REGIONS, 4), np.float32)
     labels = np.full(NUM_REGIONS, -1, np.int64)
     scores = np.ones(NUM_REGIONS, np.float32)
@@ -173,46 +200,72 @@ def import_precomp(src: Path, splits: list[str], out: Path, captions_out: Path, 
         stored = writer.meta
         for key, value in source.items():
             if stored.get(key) != value:
-                raise RegionStoreError(f"{out} was imported from {stored.get(key)!r}, not "
-                                       f"{value!r}; choose another --out")
+                raise RegionStoreError(
+                    f"{out} was imported from {stored.get(key)!r}, not "
+                    f"{value!r}; choose another --out"
+                )
         for part in parts:
             written = 0
-            for k in progress_of(range(len(part.ids)), unit="img", desc=f"import {part.name}",
-                                 enabled=progress):
+            for k in progress_of(
+                range(len(part.ids)), unit="img", desc=f"import {part.name}", enabled=progress
+            ):
                 image_id, row = part.ids[k], part.rows[k]
                 if image_id in written_from:  # listed by an earlier split of this run
                     other, other_row = written_from[image_id]
                     if not np.array_equal(other.ims[other_row], part.ims[row]):
-                        raise ValueError(f"image {image_id!r} has different features in "
-                                         f"{other.name}_ims.npy and {part.name}_ims.npy")
+                        raise ValueError(
+                            f"image {image_id!r} has different features in "
+                            f"{other.name}_ims.npy and {part.name}_ims.npy"
+                        )
                     continue
                 if image_id in writer:
                     continue
                 features = np.asarray(part.ims[row], dtype=np.float32)  # copied off the mmap
-                writer.put(image_id, RegionRecord(features, boxes, labels, scores, (0, 0),
-                                                  NUM_REGIONS))
+                writer.put(
+                    image_id, RegionRecord(features, boxes, labels, scores, (0, 0), NUM_REGIONS)
+                )
                 written_from[image_id] = (part, row)
                 written += 1
-            counts[part.name] = {"images": len(part.ids), "captions": len(part.captions),
-                                 "written": written, "present": len(part.ids) - written}
+            counts[part.name] = {
+                "images": len(part.ids),
+                "captions": len(part.captions),
+                "written": written,
+                "present": len(part.ids) - written,
+            }
     with atomic_output(captions_out) as f:
         for part in parts:
             for j, caption in enumerate(part.captions):
-                row = {"image": part.ids[j // CAPTIONS_PER_IMAGE], "caption": caption,
-                       "split": part.name}
+                row = {
+                    "image": part.ids[j // CAPTIONS_PER_IMAGE],
+                    "caption": caption,
+                    "split": part.name,
+                }
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return counts
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = cli.ArgumentParser(prog="python -m pipelines.import_precomp", description=__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dir", type=Path, help="folder holding {split}_ims.npy, {split}_caps.txt "
-                   "and {split}_ids.txt")
-    p.add_argument("--splits", "--split", dest="splits",
-                   help="comma-separated splits (default: every split present)")
-    p.add_argument("--karpathy", type=Path,
-                   help="dataset_flickr30k.json / dataset_coco.json: store Karpathy image ids")
+    p = cli.ArgumentParser(
+        prog="python -m pipelines.import_precomp",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "dir",
+        type=Path,
+        help="folder holding {split}_ims.npy, {split}_caps.txt and {split}_ids.txt",
+    )
+    p.add_argument(
+        "--splits",
+        "--split",
+        dest="splits",
+        help="comma-separated splits (default: every split present)",
+    )
+    p.add_argument(
+        "--karpathy",
+        type=Path,
+        help="dataset_flickr30k.json / dataset_coco.json: store Karpathy image ids",
+    )
     p.add_argument("--out", type=Path, help="region store (default DIR/regions.lmdb)")
     p.add_argument("--captions-out", type=Path, help="JSONL captions (default DIR/captions.jsonl)")
     p.add_argument("--commit-every", type=int, default=256, help="records per transaction")
@@ -227,17 +280,29 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.dir / "regions.lmdb"
     captions_out = args.captions_out or args.dir / "captions.jsonl"
     try:
-        splits = ([s.strip() for s in args.splits.split(",") if s.strip()] if args.splits
-                  else present_splits(args.dir))
+        splits = (
+            [s.strip() for s in args.splits.split(",") if s.strip()]
+            if args.splits
+            else present_splits(args.dir)
+        )
         if args.karpathy is not None and not args.karpathy.is_file():
             raise FileNotFoundError(f"--karpathy {args.karpathy} not found")
-        counts = import_precomp(args.dir, splits, out, captions_out, karpathy=args.karpathy,
-                                commit_every=args.commit_every, progress=not args.no_progress)
+        counts = import_precomp(
+            args.dir,
+            splits,
+            out,
+            captions_out,
+            karpathy=args.karpathy,
+            commit_every=args.commit_every,
+            progress=not args.no_progress,
+        )
     except (OSError, ValueError) as e:  # RegionStoreError is a ValueError
         return cli.fail(e)
     for split, c in counts.items():
-        print(f"{split:>8}: {c['images']} images, {c['captions']} captions "
-              f"({c['written']} written now, {c['present']} already there)")
+        print(
+            f"{split:>8}: {c['images']} images, {c['captions']} captions "
+            f"({c['written']} written now, {c['present']} already there)"
+        )
     print(f"regions:  {out}")
     print(f"captions: {captions_out}")
     return 0

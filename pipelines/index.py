@@ -70,53 +70,83 @@ def run(args: argparse.Namespace) -> int:
                 captions += group
                 owners += [image_id] * len(group)
         else:
-            print(f"note: caption file {caption_file} not found; indexing images only",
-                  file=sys.stderr)
+            print(
+                f"note: caption file {caption_file} not found; indexing images only",
+                file=sys.stderr,
+            )
             caption_file = None
 
     out = Path(args.out)
     sha256 = checkpoint_fingerprint(checkpoint)
     images_root = _images_root(args.images_root, store.meta, caption_file)
-    key = build_key(checkpoint_sha256=sha256, store=store, image_ids=image_ids,
-                    captions=captions, caption_image_ids=owners, dtype=args.dtype,
-                    images_root=images_root)
+    key = build_key(
+        checkpoint_sha256=sha256,
+        store=store,
+        image_ids=image_ids,
+        captions=captions,
+        caption_image_ids=owners,
+        dtype=args.dtype,
+        images_root=images_root,
+    )
     if not args.force and _up_to_date(out, key):
-        print(f"index {out} is up to date ({len(image_ids)} images, {len(captions)} captions); "
-              "--force rebuilds it")
+        print(
+            f"index {out} is up to date ({len(image_ids)} images, {len(captions)} captions); "
+            "--force rebuilds it"
+        )
         return 0
     check_replaceable(out)
     build_index(
-        model, store, out,
+        model,
+        store,
+        out,
         checkpoint={"path": str(checkpoint), "sha256": sha256},
-        config=to_dict(cfg), image_ids=image_ids,
+        config=to_dict(cfg),
+        image_ids=image_ids,
         images_root=images_root,
-        captions=captions, caption_image_ids=owners,
-        shard_size=args.shard_size, batch_size=args.batch_size, dtype=args.dtype,
-        device=device, progress=not args.quiet, log=lambda s: print(s, file=sys.stderr),
+        captions=captions,
+        caption_image_ids=owners,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        device=device,
+        progress=not args.quiet,
+        log=lambda s: print(s, file=sys.stderr),
     )
-    print(f"index {out}: {len(image_ids)} images, {len(captions)} captions, "
-          f"checkpoint {checkpoint} (sha256 {sha256[:12]})")
+    print(
+        f"index {out}: {len(image_ids)} images, {len(captions)} captions, "
+        f"checkpoint {checkpoint} (sha256 {sha256[:12]})"
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(prog="python -m pipelines.index", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(
+        prog="python -m pipelines.index",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="model checkpoint")
     parser.add_argument("--regions", help="region store (default: the checkpoint's)")
-    parser.add_argument("--captions", help="caption source to index for image queries "
-                        "(default: the checkpoint's)")
-    parser.add_argument("--split", help="caption split to index (default: the config's test; "
-                        "'all' = every caption)")
+    parser.add_argument(
+        "--captions", help="caption source to index for image queries (default: the checkpoint's)"
+    )
+    parser.add_argument(
+        "--split", help="caption split to index (default: the config's test; 'all' = every caption)"
+    )
     parser.add_argument("--no-captions", action="store_true", help="index images only")
     parser.add_argument("--out", default=DEFAULT_INDEX, help="index directory")
-    parser.add_argument("--images-root", help="folder the image ids are relative to "
-                        "(default: from the store's meta)")
-    parser.add_argument("--shard-size", type=int, default=1024,
-                        help="images per resumable shard")
+    parser.add_argument(
+        "--images-root",
+        help="folder the image ids are relative to (default: from the store's meta)",
+    )
+    parser.add_argument("--shard-size", type=int, default=1024, help="images per resumable shard")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--dtype", choices=["float16", "float32"], default="float16",
-                        help="on-disk dtype of the embeddings")
+    parser.add_argument(
+        "--dtype",
+        choices=["float16", "float32"],
+        default="float16",
+        help="on-disk dtype of the embeddings",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--force", action="store_true", help="rebuild an up-to-date index")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

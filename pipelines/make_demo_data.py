@@ -30,14 +30,18 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.ArgumentParser(prog="python -m pipelines.make_demo_data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(
+        prog="python -m pipelines.make_demo_data",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("out", help="output directory")
     p.add_argument("--images", type=int, default=500, help="number of images (>= 3)")
     p.add_argument("--seed", type=int, default=0, help="data set seed")
     p.add_argument("--size", type=_size, default=(320, 240), help="WIDTHxHEIGHT (320x240)")
-    p.add_argument("--workers", type=int, default=0,
-                   help="processes drawing images (0 = one per CPU core)")
+    p.add_argument(
+        "--workers", type=int, default=0, help="processes drawing images (0 = one per CPU core)"
+    )
     p.add_argument("--format", choices=("jpg", "png"), default="jpg", help="image file format")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -55,12 +59,22 @@ def main(argv: list[str] | None = None) -> int:
     width, height = args.size
     start = time.perf_counter()
     with progress_of(total=args.images, desc="scenes", unit="img", enabled=not args.quiet) as bar:
-        generate_dataset(args.out, args.images, args.seed, width=width, height=height,
-                         workers=workers, ext=args.format, on_image=bar.update)
+        generate_dataset(
+            args.out,
+            args.images,
+            args.seed,
+            width=width,
+            height=height,
+            workers=workers,
+            ext=args.format,
+            on_image=bar.update,
+        )
     seconds = time.perf_counter() - start
-    print(f"wrote {args.images} images ({sizes['train']} train / {sizes['val']} val / "
-          f"{sizes['test']} test, {width}x{height}) to {args.out} in {seconds:.1f} s "
-          f"with {workers} worker(s)")
+    print(
+        f"wrote {args.images} images ({sizes['train']} train / {sizes['val']} val / "
+        f"{sizes['test']} test, {width}x{height}) to {args.out} in {seconds:.1f} s "
+        f"with {workers} worker(s)"
+    )
     return 0
 
 

@@ -51,14 +51,18 @@ def region_quality(store: RegionStore, images: list[dict], iou: float = 0.5) -> 
                 counts[key][0] += 1
                 counts[key][1] += int(hit.any())
                 counts[key][2] += int(right)
-    return {role: {"objects": n, "found": found / max(n, 1), "labelled": lab / max(n, 1)}
-            for role, (n, found, lab) in counts.items()}
+    return {
+        role: {"objects": n, "found": found / max(n, 1), "labelled": lab / max(n, 1)}
+        for role, (n, found, lab) in counts.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(prog="python -m pipelines.region_quality",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(
+        prog="python -m pipelines.region_quality",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--regions", required=True)
     parser.add_argument("--captions", required=True, help="the generator's captions.json")
     parser.add_argument("--split", default="test")
@@ -71,12 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         data = json.loads(Path(args.captions).read_text(encoding="utf-8"))
         images = [im for im in data["images"] if args.split in ("all", im.get("split"))]
         if not images or not any(im.get("objects") for im in images):
-            raise ValueError(f"{args.captions} has no annotated objects in split "
-                             f"{args.split!r}")
+            raise ValueError(f"{args.captions} has no annotated objects in split {args.split!r}")
         result = region_quality(RegionStore(args.regions), images, args.iou)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-        what = f"{args.captions}: not the generator's captions.json (no {e})" if isinstance(
-            e, (KeyError, TypeError, AttributeError)) else e
+        what = (
+            f"{args.captions}: not the generator's captions.json (no {e})"
+            if isinstance(e, (KeyError, TypeError, AttributeError))
+            else e
+        )
         return cli.fail(what)
     print(f"{'role':<12}{'objects':>9}{'found':>9}{'labelled':>10}   (IoU >= {args.iou})")
     for role, r in sorted(result.items()):

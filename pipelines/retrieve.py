@@ -46,14 +46,16 @@ def check_query(query: str) -> str:
     """The query, stripped; UsageError when empty or not valid UTF-8."""
     bad = [ch for ch in query if "\udc80" <= ch <= "\udcff"]  # argv's surrogateescape
     if bad:
-        raise UsageError(f"the query is not valid UTF-8 (undecodable byte "
-                         f"0x{ord(bad[0]) - 0xDC00:02x}); pass UTF-8 text")
+        raise UsageError(
+            f"the query is not valid UTF-8 (undecodable byte "
+            f"0x{ord(bad[0]) - 0xDC00:02x}); pass UTF-8 text"
+        )
     try:
         query.encode("utf-8")
     except UnicodeEncodeError as e:
         raise UsageError(f"the query is not valid UTF-8 text ({e.reason})") from None
     if not query.strip():
-        raise UsageError("the query is empty; pass some words, e.g. --query \"a red ball\"")
+        raise UsageError('the query is empty; pass some words, e.g. --query "a red ball"')
     return " ".join(query.split())
 
 
@@ -79,8 +81,9 @@ def read_image(path: str) -> np.ndarray:
     return np.ascontiguousarray(rgb[:, :, ::-1])
 
 
-def _detector_files(index: RetrievalIndex, config: str | None, weights: str | None
-                    ) -> tuple[str, str, dict]:
+def _detector_files(
+    index: RetrievalIndex, config: str | None, weights: str | None
+) -> tuple[str, str, dict]:
     """Detector config and weights: given, else recorded in the region store's meta, else the
     demo layout (``detector/`` beside the store). Also returns the store's detector meta."""
     det: dict = {}
@@ -92,12 +95,22 @@ def _detector_files(index: RetrievalIndex, config: str | None, weights: str | No
     except (OSError, ValueError):
         pass
     config = config or next(
-        (c for c in (det.get("config_file"), det.get("config_path"),
-                     str(store.parent / "detector" / "config.yaml")) if c and Path(c).is_file()),
-        det.get("config"))
+        (
+            c
+            for c in (
+                det.get("config_file"),
+                det.get("config_path"),
+                str(store.parent / "detector" / "config.yaml"),
+            )
+            if c and Path(c).is_file()
+        ),
+        det.get("config"),
+    )
     if not config:
-        raise UsageError("cannot tell which detector made the index's regions; pass "
-                         "--detector-config and --detector-weights")
+        raise UsageError(
+            "cannot tell which detector made the index's regions; pass "
+            "--detector-config and --detector-weights"
+        )
     weights = weights or det.get("weights") or ""
     if not weights and Path(config).is_file():
         candidate = Path(config).parent / "model_final.pth"
@@ -105,8 +118,12 @@ def _detector_files(index: RetrievalIndex, config: str | None, weights: str | No
     return str(config), weights, det
 
 
-def build_detector(index: RetrievalIndex, config: str | None = None,
-                   weights: str | None = None, device: str = "auto") -> Any:
+def build_detector(
+    index: RetrievalIndex,
+    config: str | None = None,
+    weights: str | None = None,
+    device: str = "auto",
+) -> Any:
     """The RegionExtractor of the detector stage that built the index's region store (its
     weights checked against the store's checksum before they are read)."""
     config, weights, det = _detector_files(index, config, weights)
@@ -127,12 +144,15 @@ def build_detector(index: RetrievalIndex, config: str | None = None,
             known = want if want and want != "random-init" else None
             extractor = RegionExtractor(cfg, expected_sha256=known)
         except (FileNotFoundError, KeyError, ValueError, RuntimeError, OSError) as e:
-            raise UsageError(f"cannot build the detector from {config} with weights "
-                             f"{weights or '(none)'}: {e}") from None
+            raise UsageError(
+                f"cannot build the detector from {config} with weights {weights or '(none)'}: {e}"
+            ) from None
     if want and extractor.weights_sha256 != want:
-        raise UsageError(f"detector weights {weights or '(random init)'} (sha256 "
-                         f"{extractor.weights_sha256[:12]}) are not the ones that made the "
-                         f"index's regions (sha256 {want[:12]}); pass --detector-weights")
+        raise UsageError(
+            f"detector weights {weights or '(random init)'} (sha256 "
+            f"{extractor.weights_sha256[:12]}) are not the ones that made the "
+            f"index's regions (sha256 {want[:12]}); pass --detector-weights"
+        )
     return extractor
 
 
@@ -148,13 +168,17 @@ def print_table(payload: dict) -> None:
     text2image = payload["mode"] == "text2image"
     what = "image" if text2image else "caption"
     query = payload["query"] if len(payload["query"]) <= 80 else payload["query"][:77] + "..."
-    print(f"{payload['mode']}: {query!r} ({payload['search']['path']} search over "
-          f"{payload['search']['gallery']} items)")
+    print(
+        f"{payload['mode']}: {query!r} ({payload['search']['path']} search over "
+        f"{payload['search']['gallery']} items)"
+    )
     print(f"{'rank':>4}  {'score':>8}  {what}")
     for r in payload["results"]:
         extra = f"   [{', '.join(r['prominent_words'])}]" if r.get("prominent_words") else ""
-        print(f"{r['rank']:>4}  {r['score']:>8.4f}  {r['path'] if text2image else r['caption']}"
-              f"{extra}")
+        print(
+            f"{r['rank']:>4}  {r['score']:>8.4f}  {r['path'] if text2image else r['caption']}"
+            f"{extra}"
+        )
 
 
 def show(out: str, payload: dict, query_image: np.ndarray | None) -> None:
@@ -177,13 +201,13 @@ def show(out: str, payload: dict, query_image: np.ndarray | None) -> None:
                 image = Image.fromarray(decode_image(r["path"]))
             except BadImage:
                 image = None
-            tiles.append(Tile(image, [f"#{r['rank']}  {r['score']:.3f}", r["image_id"]],
-                              boxes(r)))
+            tiles.append(Tile(image, [f"#{r['rank']}  {r['score']:.3f}", r["image_id"]], boxes(r)))
         prefix = "query:"
     else:
         image = Image.fromarray(np.ascontiguousarray(query_image[:, :, ::-1]))
-        tiles.append(Tile(image, [Path(payload["query"]).name], boxes(results[0])
-                          if results else []))
+        tiles.append(
+            Tile(image, [Path(payload["query"]).name], boxes(results[0]) if results else [])
+        )
         footer = [f"#{r['rank']}  {r['score']:.3f}  {r['caption']}" for r in results]
         prefix = "best caption:"
     path = Path(out)
@@ -213,8 +237,7 @@ def run(args: argparse.Namespace) -> dict:
     if not 1 <= args.top_k <= MAX_TOP_K:
         raise UsageError(f"--top-k must be in 1..{MAX_TOP_K}, got {args.top_k}")
     if args.first_stage is not None and not 1 <= args.first_stage <= MAX_FIRST_STAGE:
-        raise UsageError(f"--first-stage must be in 1..{MAX_FIRST_STAGE}, got "
-                         f"{args.first_stage}")
+        raise UsageError(f"--first-stage must be in 1..{MAX_FIRST_STAGE}, got {args.first_stage}")
     if args.show and Path(args.show).suffix.lower() not in (".png", ".html", ".htm"):
         raise UsageError(f"--show writes a .png or .html file, got {args.show}")
     query = check_query(args.query) if args.query is not None else None
@@ -224,8 +247,9 @@ def run(args: argparse.Namespace) -> dict:
     if query is not None:
         payload = searcher.text_to_images(query, **options)
     else:
-        extractor = build_detector(searcher.index, args.detector_config,
-                                   args.detector_weights, args.device)
+        extractor = build_detector(
+            searcher.index, args.detector_config, args.detector_weights, args.device
+        )
         payload = searcher.image_to_captions(extract_regions(extractor, image), **options)
         payload["query"] = str(args.image)
     payload["notes"] = [f"note: {n}" for n in payload["notes"]]
@@ -238,8 +262,11 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(prog="python -m pipelines.retrieve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(
+        prog="python -m pipelines.retrieve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--query", help="text query -> ranked images")
     what.add_argument("--image", help="image file -> ranked captions of the index")
@@ -248,16 +275,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", help="checkpoint (default: the index's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--show", help="draw the results into OUT.png or OUT.html")
-    parser.add_argument("--exhaustive", action="store_true",
-                        help="score every item with CPFEAN (no first stage)")
-    parser.add_argument("--first-stage", type=int, help="re-rank this many first-stage "
-                        "candidates (two-stage search even on small galleries)")
+    parser.add_argument(
+        "--exhaustive", action="store_true", help="score every item with CPFEAN (no first stage)"
+    )
+    parser.add_argument(
+        "--first-stage",
+        type=int,
+        help="re-rank this many first-stage candidates (two-stage search even on small galleries)",
+    )
     parser.add_argument("--detector-config", help="detector config for --image")
     parser.add_argument("--detector-weights", help="detector weights for --image")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch and "
-                        "faiss (0 = library default; 1 is fastest on a CPU shared with other "
-                        "jobs, where spinning thread pools oversubscribe the cores)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for torch and "
+        "faiss (0 = library default; 1 is fastest on a CPU shared with other "
+        "jobs, where spinning thread pools oversubscribe the cores)",
+    )
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -269,14 +305,14 @@ def main(argv: list[str] | None = None) -> int:
             pass
     try:
         payload = run(args)
-    except (UsageError, IndexError_, QueryError, FileNotFoundError, ValueError,
-            KeyError) as exc:
+    except (UsageError, IndexError_, QueryError, FileNotFoundError, ValueError, KeyError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
         return 2
     except Exception as exc:  # one line, never a traceback, for the unexpected too
-        print(f"error: unexpected {type(exc).__name__}: {' '.join(str(exc).split())}",
-              file=sys.stderr)
+        print(
+            f"error: unexpected {type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr
+        )
         return 1
     if args.json:
         for r in payload["results"]:

@@ -102,8 +102,9 @@ def _thumbnail(path: str, size: int = 320) -> bytes:
     return out.getvalue()
 
 
-def create_app(searcher: Any, *, limits: Limits = Limits(),
-               detector_factory: Callable[[], Any] | None = None) -> Any:
+def create_app(
+    searcher: Any, *, limits: Limits = Limits(), detector_factory: Callable[[], Any] | None = None
+) -> Any:
     """The ASGI app over a loaded `cpfean.search.Searcher`.
 
     Args:
@@ -117,11 +118,16 @@ def create_app(searcher: Any, *, limits: Limits = Limits(),
     app = FastAPI(title="cpfean", docs_url=None, redoc_url=None, openapi_url=None)
     work = WorkQueue(limits.workers, limits.queue)
     registry = CollectorRegistry()
-    requests = Counter("cpfean_requests", "HTTP requests", ["endpoint", "status"],
-                       registry=registry)
-    latency = Histogram("cpfean_request_seconds", "request latency", ["endpoint"],
-                        registry=registry,
-                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+    requests = Counter(
+        "cpfean_requests", "HTTP requests", ["endpoint", "status"], registry=registry
+    )
+    latency = Histogram(
+        "cpfean_request_seconds",
+        "request latency",
+        ["endpoint"],
+        registry=registry,
+        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    )
     index = searcher.index
     detector: dict[str, Any] = {}
     thumbs = functools.lru_cache(maxsize=4096)(_thumbnail)
@@ -133,8 +139,9 @@ def create_app(searcher: Any, *, limits: Limits = Limits(),
     async def measure(request: Request, call_next):
         start = time.perf_counter()
         route = request.url.path.split("/")[1] or "page"
-        endpoint = "/" + "/".join(request.url.path.split("/")[1:3]) if route == "api" \
-            else f"/{route}"
+        endpoint = (
+            "/" + "/".join(request.url.path.split("/")[1:3]) if route == "api" else f"/{route}"
+        )
         try:
             response = await call_next(request)
         except Exception:  # noqa: BLE001 - reported as JSON, logged with its traceback here
@@ -192,8 +199,9 @@ def create_app(searcher: Any, *, limits: Limits = Limits(),
         if not q.strip():
             raise HTTPException(400, "the query is empty; pass q=some+words")
         if len(q) > limits.max_query_chars:
-            raise HTTPException(400, f"the query is {len(q)} characters; at most "
-                                     f"{limits.max_query_chars}")
+            raise HTTPException(
+                400, f"the query is {len(q)} characters; at most {limits.max_query_chars}"
+            )
         return await answer(lambda: searcher.text_to_images(q, k, explain=min(k, EXPLAINED)))
 
     @app.post("/api/search")
@@ -237,9 +245,12 @@ def create_app(searcher: Any, *, limits: Limits = Limits(),
     @app.get("/api/image/{image_id:path}")
     async def image_info(image_id: str):
         row = row_of(image_id)
-        return {"id": image_id, "hw": [int(x) for x in index.hw[row]],
-                "captions": searcher.captions_of(image_id),
-                "image_url": links({"image_id": image_id})["image_url"]}
+        return {
+            "id": image_id,
+            "hw": [int(x) for x in index.hw[row]],
+            "captions": searcher.captions_of(image_id),
+            "image_url": links({"image_id": image_id})["image_url"],
+        }
 
     @app.get("/images/{image_id:path}")
     async def full_image(image_id: str):
@@ -257,8 +268,7 @@ def create_app(searcher: Any, *, limits: Limits = Limits(),
             raise HTTPException(429, "the server is busy; try again shortly") from None
         except Exception:  # noqa: BLE001 - a missing or unreadable file is the same to a user
             raise HTTPException(404, "the image file is not readable on this server") from None
-        return Response(data, media_type="image/jpeg",
-                        headers={"Cache-Control": "max-age=3600"})
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/healthz")
     async def healthz():
@@ -282,21 +292,24 @@ def create_app(searcher: Any, *, limits: Limits = Limits(),
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(prog="python -m pipelines.serve", description=__doc__.split(
-        "\n\n")[0])
+    parser = cli.ArgumentParser(
+        prog="python -m pipelines.serve", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--index", help="index directory (default: the newest demo index)")
     parser.add_argument("--checkpoint", help="checkpoint (default: the index's)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--workers", type=int, default=Limits.workers,
-                        help="model calls at once")
-    parser.add_argument("--queue", type=int, default=Limits.queue,
-                        help="requests waiting before 429")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (0 = library default)")
-    parser.add_argument("--no-image-queries", action="store_true",
-                        help="refuse uploads (no detector is loaded)")
+    parser.add_argument("--workers", type=int, default=Limits.workers, help="model calls at once")
+    parser.add_argument(
+        "--queue", type=int, default=Limits.queue, help="requests waiting before 429"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0 = library default)"
+    )
+    parser.add_argument(
+        "--no-image-queries", action="store_true", help="refuse uploads (no detector is loaded)"
+    )
     parser.add_argument("--detector-config", help="detector config for uploads")
     parser.add_argument("--detector-weights", help="detector weights for uploads")
     args = parser.parse_args(argv)
@@ -315,15 +328,22 @@ def main(argv: list[str] | None = None) -> int:
         searcher = open_searcher(args.index, args.checkpoint, args.device)
     except (UsageError, OSError, ValueError) as e:
         return cli.fail(e)
-    factory = None if args.no_image_queries else functools.partial(
-        build_detector, searcher.index, args.detector_config, args.detector_weights,
-        args.device)
+    factory = (
+        None
+        if args.no_image_queries
+        else functools.partial(
+            build_detector, searcher.index, args.detector_config, args.detector_weights, args.device
+        )
+    )
     limits = Limits(workers=args.workers, queue=args.queue)
     app = create_app(searcher, limits=limits, detector_factory=factory)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     searcher.text_to_images("warm up", 1)  # the first query should not pay for lazy set-up
-    print(f"serving {searcher.index.path} ({searcher.index.count} images) on "
-          f"http://{args.host}:{args.port}/", flush=True)
+    print(
+        f"serving {searcher.index.path} ({searcher.index.count} images) on "
+        f"http://{args.host}:{args.port}/",
+        flush=True,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

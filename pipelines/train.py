@@ -23,8 +23,11 @@ from pipelines import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(prog="python -m pipelines.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(
+        prog="python -m pipelines.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", help="YAML config file (defaults apply to missing keys)")
     parser.add_argument("--resume", action="store_true", help="continue RUN_DIR/last.pt exactly")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -42,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, MissingImagesError, LockedError, FloatingPointError) as exc:
         return cli.fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun the other ranks hold no result
-        print(f"best validation rSum {best['rsum']:.2f} (epoch {best.get('epoch')}); "
-              f"checkpoints in {cfg.run_dir}")
+        print(
+            f"best validation rSum {best['rsum']:.2f} (epoch {best.get('epoch')}); "
+            f"checkpoints in {cfg.run_dir}"
+        )
     return 0
 
 

@@ -29,18 +29,29 @@ from pipelines import cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = cli.ArgumentParser(prog="python -m pipelines.train_detector", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True,
-                   help="folder with instances_{train,val}.json and images/")
+    p = cli.ArgumentParser(
+        prog="python -m pipelines.train_detector",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="folder with instances_{train,val}.json and images/",
+    )
     p.add_argument("--config", default="scenes_r18_fpn", help="YAML path or bundled name")
-    p.add_argument("--iters", type=int, default=None,
-                   help="training iterations (LR steps and warm-up scale with it)")
-    p.add_argument("--out", type=Path, default=Path("weights/scenes_r18_fpn"),
-                   help="output folder")
+    p.add_argument(
+        "--iters",
+        type=int,
+        default=None,
+        help="training iterations (LR steps and warm-up scale with it)",
+    )
+    p.add_argument("--out", type=Path, default=Path("weights/scenes_r18_fpn"), help="output folder")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
-    p.add_argument("--resume", action="store_true",
-                   help="resume from the last checkpoint in OUT/train")
+    p.add_argument(
+        "--resume", action="store_true", help="resume from the last checkpoint in OUT/train"
+    )
     p.add_argument("opts", nargs="*", help="config overrides: KEY VALUE ... or KEY=VALUE ...")
     return p.parse_intermixed_args(argv)
 
@@ -92,18 +103,33 @@ def main(argv: list[str] | None = None) -> int:
     bbox = trainer.last_eval_results.get("bbox", {})
     ap = bbox.get("AP", float("nan"))
     metrics = {
-        "AP": ap, "AP50": bbox.get("AP50", float("nan")), "AP75": bbox.get("AP75", float("nan")),
-        "bbox": bbox, "iterations": cfg.SOLVER.MAX_ITER, "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH,
-        "wall_seconds": round(wall, 1), "config": cfg.REGIONS.CONFIG_NAME,
-        "data": str(args.data), "num_classes": len(classes), "threads": torch.get_num_threads(),
-        "command": "python -m pipelines.train_detector " + " ".join(
-            sys.argv[1:] if argv is None else argv),
+        "AP": ap,
+        "AP50": bbox.get("AP50", float("nan")),
+        "AP75": bbox.get("AP75", float("nan")),
+        "bbox": bbox,
+        "iterations": cfg.SOLVER.MAX_ITER,
+        "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH,
+        "wall_seconds": round(wall, 1),
+        "config": cfg.REGIONS.CONFIG_NAME,
+        "data": str(args.data),
+        "num_classes": len(classes),
+        "threads": torch.get_num_threads(),
+        "command": "python -m pipelines.train_detector "
+        + " ".join(sys.argv[1:] if argv is None else argv),
     }
     metrics = _finite(metrics)
     ckpt = export_run(cfg, trainer.model, out, metrics)
-    print(json.dumps({"AP": metrics["AP"], "AP50": metrics["AP50"],
-                      "wall_seconds": metrics["wall_seconds"], "weights": str(ckpt),
-                      "config": str(out / "config.yaml")}))
+    print(
+        json.dumps(
+            {
+                "AP": metrics["AP"],
+                "AP50": metrics["AP50"],
+                "wall_seconds": metrics["wall_seconds"],
+                "weights": str(ckpt),
+                "config": str(out / "config.yaml"),
+            }
+        )
+    )
     return 0 if os.path.isfile(ckpt) else 1
 
 

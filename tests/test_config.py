@@ -50,8 +50,13 @@ def test_unknown_key_names_key_and_suggests():
 
 @pytest.mark.parametrize(
     "override, key",
-    [("count=1.5", "count"), ("flag=3", "flag"), ("inner.rate=fast", "inner.rate"),
-     ("inner.steps=[1, x]", r"inner.steps\[1\]"), ("count=true", "count")],
+    [
+        ("count=1.5", "count"),
+        ("flag=3", "flag"),
+        ("inner.rate=fast", "inner.rate"),
+        ("inner.steps=[1, x]", r"inner.steps\[1\]"),
+        ("count=true", "count"),
+    ],
 )
 def test_wrong_type_names_key(override, key):
     with pytest.raises(ConfigError, match=f"^{key}: expected"):
@@ -120,9 +125,10 @@ def test_renamed_keys_are_still_read_with_one_note(tmp_path, caplog):
         cfg = load_config(old)
     assert cfg.train.all_negatives_epochs == 4 and cfg.train.recurrence_weight == 0.5
     notes = [r.getMessage() for r in caplog.records]
-    assert notes == ["note: config key 'train.warmup_epochs' is now 'train.all_negatives_epochs'",
-                     "note: config key 'train.prominence_weight' is now "
-                     "'train.recurrence_weight'"]
+    assert notes == [
+        "note: config key 'train.warmup_epochs' is now 'train.all_negatives_epochs'",
+        "note: config key 'train.prominence_weight' is now 'train.recurrence_weight'",
+    ]
     assert from_dict(Config, {"train": {"warmup_epochs": 2}}).train.all_negatives_epochs == 2
     with pytest.raises(ConfigError, match="both train.warmup_epochs and its new name"):
         load_config(None, ["train.warmup_epochs=1", "train.all_negatives_epochs=2"])

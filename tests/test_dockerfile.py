@@ -15,8 +15,11 @@ UBUNTU_PYTHONS = {"20.04": {"3.8"}, "22.04": {"3.10", "3.11"}, "24.04": {"3.12"}
 def _lines() -> list[str]:
     text = (REPO / "Dockerfile").read_text()
     text = re.sub(r"\\\n\s*", " ", text)  # join continued lines
-    return [line.strip() for line in text.splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        line.strip()
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def test_sources_are_copied_before_the_install():

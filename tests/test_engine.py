@@ -19,16 +19,34 @@ from cpfean.model import build_model
 from tests.tiny_data import make_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_MODEL = ["model.text_encoder=tiny-random", "model.feature_dim=32", "model.embed_dim=32",
-              "model.region_ff_dim=64", "model.region_heads=4", "model.max_words=16"]
+TINY_MODEL = [
+    "model.text_encoder=tiny-random",
+    "model.feature_dim=32",
+    "model.embed_dim=32",
+    "model.region_ff_dim=64",
+    "model.region_heads=4",
+    "model.max_words=16",
+]
 
 
 def tiny_cfg(tmp_path, data, run="run", *extra):
     store, captions = data
-    return load_config(None, [*TINY_MODEL, f"data.regions={store}", f"data.captions={captions}",
-                              f"run_dir={tmp_path / run}", "train.batch_size=16",
-                              "train.lr=2e-3", "train.warmup_epochs=1", "train.log_every=1",
-                              "train.lr_decay_epochs=[3]", "train.eval_batch_size=16", *extra])
+    return load_config(
+        None,
+        [
+            *TINY_MODEL,
+            f"data.regions={store}",
+            f"data.captions={captions}",
+            f"run_dir={tmp_path / run}",
+            "train.batch_size=16",
+            "train.lr=2e-3",
+            "train.warmup_epochs=1",
+            "train.log_every=1",
+            "train.lr_decay_epochs=[3]",
+            "train.eval_batch_size=16",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +75,9 @@ def test_training_learns_and_writes_run_folder(tmp_path, data):
     # each step row splits the loss into its two terms; validation rows carry neither
     for r in steps:
         assert float(r["prominence"]) > 0
-        assert float(r["loss"]) == pytest.approx(float(r["triplet"]) + float(r["prominence"]),
-                                                 abs=2e-5)
+        assert float(r["loss"]) == pytest.approx(
+            float(r["triplet"]) + float(r["prominence"]), abs=2e-5
+        )
     assert all(r["triplet"] == r["prominence"] == "" for r in rows if r["rsum"])
     model, loaded_cfg, ckpt = load_model(run / "best.pt")
     assert loaded_cfg == cfg and ckpt["best"]["rsum"] == best["rsum"]
@@ -96,7 +115,8 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, data, warmup):
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)
     assert _rows(tmp_path / "straight" / "metrics.csv") == _rows(
-        tmp_path / "resumed" / "metrics.csv")
+        tmp_path / "resumed" / "metrics.csv"
+    )
 
 
 def test_lr_warmup_ramps_linearly_then_follows_the_epoch_decay(tmp_path, data):
@@ -160,29 +180,76 @@ def test_cli_train_then_evaluate(tmp_path, data, capsys):
     from pipelines import train as train_cli
 
     store, captions = data
-    args = [*TINY_MODEL, f"data.regions={store}", f"data.captions={captions}",
-            f"run_dir={tmp_path / 'cli'}", "train.epochs=1", "train.batch_size=16"]
+    args = [
+        *TINY_MODEL,
+        f"data.regions={store}",
+        f"data.captions={captions}",
+        f"run_dir={tmp_path / 'cli'}",
+        "train.epochs=1",
+        "train.batch_size=16",
+    ]
     assert train_cli.main(["--quiet", *args]) == 0
     assert train_cli.main(["--quiet", "train.lrr=1"]) == 2
     assert "unknown config key 'train.lrr'" in capsys.readouterr().err
     out = tmp_path / "m.json"
-    assert evaluate.main(["--checkpoint", str(tmp_path / "cli" / "best.pt"), "--json", str(out),
-                          "--device", "cpu"]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--checkpoint",
+                str(tmp_path / "cli" / "best.pt"),
+                "--json",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     import json
 
     metrics = json.loads(out.read_text())
     assert set(metrics) >= {"i2t", "t2i", "rsum"}
     assert f"{metrics['rsum']:.1f}" in capsys.readouterr().out
     # --split all: every image of the caption file (train + val + test of the tiny set)
-    assert evaluate.main(["--checkpoint", str(tmp_path / "cli" / "best.pt"), "--json", str(out),
-                          "--device", "cpu", "--split", "all"]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--checkpoint",
+                str(tmp_path / "cli" / "best.pt"),
+                "--json",
+                str(out),
+                "--device",
+                "cpu",
+                "--split",
+                "all",
+            ]
+        )
+        == 0
+    )
     every = json.loads(out.read_text())
     assert every["n_images"] == len(load_captions(captions).image_ids) > metrics["n_images"]
     assert evaluate.main(["--checkpoint", str(tmp_path / "nope.pt")]) == 2
     # --against: the same table for a second model plus the paired rSum difference
     ckpt = str(tmp_path / "cli" / "best.pt")
-    assert evaluate.main(["--checkpoint", ckpt, "--against", ckpt, "--json", str(out),
-                          "--device", "cpu", "--resamples", "50", "--name", "A"]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--checkpoint",
+                ckpt,
+                "--against",
+                ckpt,
+                "--json",
+                str(out),
+                "--device",
+                "cpu",
+                "--resamples",
+                "50",
+                "--name",
+                "A",
+            ]
+        )
+        == 0
+    )
     both = json.loads(out.read_text())
     assert both["model"] == both["against"] == metrics
     assert both["comparison"]["diff"] == 0 and both["comparison"]["resamples"] == 50
@@ -190,8 +257,12 @@ def test_cli_train_then_evaluate(tmp_path, data, capsys):
     assert "rSum difference on all 8 images: +0.0" in printed
     assert "A " in printed and "cli (--against)" not in printed
     # without --name both rows would be called "cli": the second is marked, not dropped
-    assert evaluate.main(["--checkpoint", ckpt, "--against", ckpt, "--device", "cpu",
-                          "--resamples", "20"]) == 0
+    assert (
+        evaluate.main(
+            ["--checkpoint", ckpt, "--against", ckpt, "--device", "cpu", "--resamples", "20"]
+        )
+        == 0
+    )
     assert "cli (--against)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         evaluate.main(["--checkpoint", ckpt, "--against", ckpt, "--resamples", "0"])
@@ -208,8 +279,9 @@ def test_cli_bad_inputs_give_one_line_errors(tmp_path, data, capsys):
     assert "no region store at" in capsys.readouterr().err
     other = tmp_path / "other.jsonl"
     other.write_text('{"image": "not-there.png", "caption": "a red ball", "split": "train"}\n')
-    assert train_cli.main(["--quiet", *base, f"data.regions={store}",
-                           f"data.captions={other}"]) == 2
+    assert (
+        train_cli.main(["--quiet", *base, f"data.regions={store}", f"data.captions={other}"]) == 2
+    )
     assert "'not-there.png'" in capsys.readouterr().err
     assert train_cli.main(["--quiet", "--resume", *base, f"data.regions={store}"]) == 2
     assert "no " in capsys.readouterr().err
@@ -238,8 +310,11 @@ def test_metrics_log_widens_an_older_header_without_shifting_columns(tmp_path):
     metrics.write(epoch=2, step=3, loss=2.0, lr=0.1, rsum="", triplet=1.5, prominence=0.5)
     metrics.write(epoch=2, step=4, loss=1.8, lr=0.1, rsum="", triplet=1.4, prominence=0.4)
     assert log.read_text().splitlines() == [
-        "epoch,step,loss,lr,rsum,triplet,prominence", "1,1,3.0,0.1,,,",
-        "2,3,2.0,0.1,,1.5,0.5", "2,4,1.8,0.1,,1.4,0.4"]
+        "epoch,step,loss,lr,rsum,triplet,prominence",
+        "1,1,3.0,0.1,,,",
+        "2,3,2.0,0.1,,1.5,0.5",
+        "2,4,1.8,0.1,,1.4,0.4",
+    ]
     assert not list(tmp_path.glob(".*.tmp"))
 
 
@@ -247,10 +322,23 @@ def test_metrics_log_widens_an_older_header_without_shifting_columns(tmp_path):
 def test_ddp_two_gloo_processes(tmp_path, data):
     store, captions = data
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29513", "-m",
-           "pipelines.train", "--quiet", *TINY_MODEL, f"data.regions={store}",
-           f"data.captions={captions}", f"run_dir={tmp_path / 'ddp'}", "train.epochs=1",
-           "train.batch_size=8", "train.device=cpu"]
+    cmd = [
+        str(torchrun),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29513",
+        "-m",
+        "pipelines.train",
+        "--quiet",
+        *TINY_MODEL,
+        f"data.regions={store}",
+        f"data.captions={captions}",
+        f"run_dir={tmp_path / 'ddp'}",
+        "train.epochs=1",
+        "train.batch_size=8",
+        "train.device=cpu",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -61,14 +61,24 @@ def run(capsys, module: str, *argv: str) -> tuple[int, str, str]:
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "PYTHONPATH": str(REPO)}
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONPATH": str(REPO),
+    }
 
 
 def run_process(module: str, *argv: str, timeout: float = 300) -> tuple[int, str, str]:
     """The same in a new process (for failures that would kill the test process)."""
-    done = subprocess.run([sys.executable, "-m", f"pipelines.{module}", *map(str, argv)],
-                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, "-m", f"pipelines.{module}", *map(str, argv)],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return done.returncode, done.stdout, done.stderr
 
 
@@ -95,15 +105,34 @@ def demo(quick_demo, tmp_path):
         index[key] = f"/elsewhere/{key}"
     index["checkpoint"]["path"] = "/elsewhere/best.pt"
     meta_path.write_text(json.dumps(index))
-    return {"root": out, "images": out / "data" / "images", "det": out / "detector",
-            "regions": out / "regions", "captions": out / "data" / "captions.json",
-            "ckpt": out / "cpfean" / "best.pt", "index": out / "index", "tmp": tmp_path}
+    return {
+        "root": out,
+        "images": out / "data" / "images",
+        "det": out / "detector",
+        "regions": out / "regions",
+        "captions": out / "data" / "captions.json",
+        "ckpt": out / "cpfean" / "best.pt",
+        "index": out / "index",
+        "tmp": tmp_path,
+    }
 
 
 def extract_args(d: dict, store: Path, *extra: str) -> list[str]:
-    return [str(d["images"]), "--out", str(store), "--config", str(d["det"] / "config.yaml"),
-            "--weights", str(d["det"] / "model_final.pth"), "--device", "cpu",
-            "--workers", "0", "--no-progress", *extra]
+    return [
+        str(d["images"]),
+        "--out",
+        str(store),
+        "--config",
+        str(d["det"] / "config.yaml"),
+        "--weights",
+        str(d["det"] / "model_final.pth"),
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--no-progress",
+        *extra,
+    ]
 
 
 # --------------------------------------------------------------------- nothing shared runs code
@@ -120,13 +149,15 @@ def test_detector_config_with_a_python_tag_is_refused(demo, capsys):
     assert not marker.exists() and not store.exists()
 
 
-@pytest.mark.parametrize("base", ["http://example.invalid/base.yaml", "~/base.yaml",
-                                  "nowhere.yaml"])
+@pytest.mark.parametrize(
+    "base", ["http://example.invalid/base.yaml", "~/base.yaml", "nowhere.yaml"]
+)
 def test_detector_config_base_is_local_or_bundled_only(demo, capsys, base):
     cfg = demo["tmp"] / "child.yaml"
     cfg.write_text(f"_BASE_: {base}\nMODEL:\n  DEVICE: cpu\n")
-    code, _, err = run(capsys, "extract", demo["images"], "--out", demo["tmp"] / "s",
-                       "--config", cfg)
+    code, _, err = run(
+        capsys, "extract", demo["images"], "--out", demo["tmp"] / "s", "--config", cfg
+    )
     one_error(code, err, "_BASE_")
     assert not (demo["tmp"] / "s").exists()
 
@@ -197,8 +228,7 @@ def test_convert_weights_refuses_code_and_converts_arrays(demo, capsys):
     state = torch.load(demo["det"] / "model_final.pth", weights_only=True)["model"]
     good = demo["tmp"] / "zoo.pkl"
     with open(good, "wb") as f:
-        pickle.dump({"model": {k: v.numpy() for k, v in state.items()},
-                     "__author__": "zoo"}, f)
+        pickle.dump({"model": {k: v.numpy() for k, v in state.items()}, "__author__": "zoo"}, f)
     code, out, err = run(capsys, "convert_weights", good, "--sha256", "0" * 64)
     one_error(code, err, "expected")
     code, out, err = run(capsys, "convert_weights", good)
@@ -225,8 +255,10 @@ def test_convert_weights_refuses_code_and_converts_arrays(demo, capsys):
 def test_pillow_opens_only_listed_formats(tmp_path):
     marker = tmp_path / "PWNED"
     eps = tmp_path / "photo.jpg"  # PostScript would reach Ghostscript through Pillow's EPS
-    eps.write_text(f"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"
-                   f"({marker}) (w) file closefile\nshowpage\n")
+    eps.write_text(
+        f"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"
+        f"({marker}) (w) file closefile\nshowpage\n"
+    )
     with pytest.raises(BadImage, match="not an image"):
         decode_image(eps)
     gif = tmp_path / "anim.png"
@@ -265,15 +297,25 @@ def test_index_out_never_replaces_a_folder_it_did_not_write(demo, capsys):
     # a file beside our own files in an index folder is foreign too
     (demo["index"] / "notes.txt").write_text("mine")
     before = digest(demo["index"])
-    code, _, err = run(capsys, "index", "--checkpoint", demo["ckpt"], "--out", demo["index"],
-                       "--force", "--quiet")
+    code, _, err = run(
+        capsys, "index", "--checkpoint", demo["ckpt"], "--out", demo["index"], "--force", "--quiet"
+    )
     one_error(code, err, "notes.txt")
     assert digest(demo["index"]) == before
 
 
 def test_stale_index_is_rebuilt(demo, capsys):
-    base = ["--checkpoint", demo["ckpt"], "--regions", demo["regions"], "--captions",
-            demo["captions"], "--out", demo["index"], "--quiet"]
+    base = [
+        "--checkpoint",
+        demo["ckpt"],
+        "--regions",
+        demo["regions"],
+        "--captions",
+        demo["captions"],
+        "--out",
+        demo["index"],
+        "--quiet",
+    ]
     code, out, _ = run(capsys, "index", *base, "--split", "test")
     assert code == 0 and "up to date" in out
     for changed in (["--split", "val"], ["--split", "val", "--dtype", "float32"]):
@@ -291,14 +333,19 @@ def test_stale_index_is_rebuilt(demo, capsys):
 def _hold(kind: str, path: Path) -> subprocess.Popen:
     """Another process holding a store's writer (or an index lock) until killed."""
     code = {
-        "store": ("from cpfean.data.region_store import RegionWriter, RegionStore\n"
-                  f"w = RegionWriter({str(path)!r}, RegionStore({str(path)!r}).meta)\n"),
-        "index": ("from cpfean.fileio import WriterLock\nfrom pathlib import Path\n"
-                  f"p = Path({str(path)!r})\n"
-                  "w = WriterLock(p.with_name(f'.{p.name}.lock'), 'index').acquire()\n"),
+        "store": (
+            "from cpfean.data.region_store import RegionWriter, RegionStore\n"
+            f"w = RegionWriter({str(path)!r}, RegionStore({str(path)!r}).meta)\n"
+        ),
+        "index": (
+            "from cpfean.fileio import WriterLock\nfrom pathlib import Path\n"
+            f"p = Path({str(path)!r})\n"
+            "w = WriterLock(p.with_name(f'.{p.name}.lock'), 'index').acquire()\n"
+        ),
     }[kind] + "print('holding', flush=True)\nimport time\ntime.sleep(120)\n"
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env(),
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, env=env(), stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "holding"
     return proc
 
@@ -316,8 +363,16 @@ def test_one_writer_at_a_time(demo, capsys):
     holder = _hold("index", demo["index"])
     try:
         before = digest(demo["index"])
-        code, _, err = run(capsys, "index", "--checkpoint", demo["ckpt"], "--out",
-                           demo["index"], "--force", "--quiet")
+        code, _, err = run(
+            capsys,
+            "index",
+            "--checkpoint",
+            demo["ckpt"],
+            "--out",
+            demo["index"],
+            "--force",
+            "--quiet",
+        )
         one_error(code, err, "being written by pid", str(holder.pid))
         assert digest(demo["index"]) == before
     finally:
@@ -331,21 +386,27 @@ def test_reader_follows_a_store_another_process_grows(tmp_path):
     rng = np.random.default_rng(0)
 
     def record():
-        return RegionRecord.from_detections(rng.normal(size=(36, 64)).astype(np.float32),
-                                            np.ones((36, 4), np.float32), np.zeros(36),
-                                            np.ones(36), (8, 8))
+        return RegionRecord.from_detections(
+            rng.normal(size=(36, 64)).astype(np.float32),
+            np.ones((36, 4), np.float32),
+            np.zeros(36),
+            np.ones(36),
+            (8, 8),
+        )
 
     with RegionWriter(store, meta) as w:
         w.put("first", record())
     reader = RegionStore(store)
     assert len(reader) == 1  # opened (and mapped) before the store grows
-    code = ("import numpy as np\nfrom cpfean.data.region_store import RegionWriter, "
-            "RegionRecord\nrng = np.random.default_rng(1)\n"
-            f"with RegionWriter({str(store)!r}, {meta!r}, commit_every=8, map_size=1 << 20) "
-            "as w:\n    for i in range(3000):\n"
-            "        w.put(f'{i:05d}', RegionRecord.from_detections(rng.normal(size=(36, 64))"
-            ".astype(np.float32), np.ones((36, 4), np.float32), np.zeros(36), np.ones(36), "
-            "(8, 8)))\n")
+    code = (
+        "import numpy as np\nfrom cpfean.data.region_store import RegionWriter, "
+        "RegionRecord\nrng = np.random.default_rng(1)\n"
+        f"with RegionWriter({str(store)!r}, {meta!r}, commit_every=8, map_size=1 << 20) "
+        "as w:\n    for i in range(3000):\n"
+        "        w.put(f'{i:05d}', RegionRecord.from_detections(rng.normal(size=(36, 64))"
+        ".astype(np.float32), np.ones((36, 4), np.float32), np.zeros(36), np.ones(36), "
+        "(8, 8)))\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env())
     reads = 0
     try:
@@ -378,8 +439,10 @@ def test_bad_file_names_are_skipped_and_reported(demo, capsys):
         assert code == 3 and "Traceback" not in err, err
         summary = json.loads(out.strip().splitlines()[-1])
         assert summary["in_store"] == 2 and summary["skipped"] == 3
-        report = [json.loads(line) for line in
-                  Path(str(store) + ".skipped.jsonl").read_text().splitlines()]
+        report = [
+            json.loads(line)
+            for line in Path(str(store) + ".skipped.jsonl").read_text().splitlines()
+        ]
         reasons = " | ".join(r["reason"] for r in report)
         assert "not valid UTF-8" in reasons and "backslash" in reasons and "511" in reasons
     assert RegionStore(store).ids() == ["also fine.jpg", "fine.jpg"]
@@ -407,30 +470,49 @@ def test_damaged_store_is_one_line(demo, damage):
         shutil.rmtree(store)
     before = digest(demo["root"])
     # a new process: a regression here kills it with SIGBUS instead of the test run
-    code, out, err = run_process("evaluate", "--checkpoint", demo["ckpt"], "--regions", store,
-                                 "--device", "cpu")
-    want = {"truncated": "truncated", "not lmdb": "not an LMDB data file",
-            "foreign keys": "not UTF-8", "missing": "no region store"}[damage]
+    code, out, err = run_process(
+        "evaluate", "--checkpoint", demo["ckpt"], "--regions", store, "--device", "cpu"
+    )
+    want = {
+        "truncated": "truncated",
+        "not lmdb": "not an LMDB data file",
+        "foreign keys": "not UTF-8",
+        "missing": "no region store",
+    }[damage]
     one_error(code, err, want)
     assert digest(demo["root"]) == before
 
 
 def _train_argv(d: dict, run_dir: Path, *extra: str) -> list[str]:
-    return ["--config", str(REPO / "configs" / "demo.yaml"), f"run_dir={run_dir}",
-            f"data.regions={d['regions']}", f"data.captions={d['captions']}",
-            "train.device=cpu", "--quiet", *extra]
+    return [
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        f"run_dir={run_dir}",
+        f"data.regions={d['regions']}",
+        f"data.captions={d['captions']}",
+        "train.device=cpu",
+        "--quiet",
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("train.lr=[", "train.lr=["), ("train.batch_size=0", "train.batch_size"),
-    ("train.log_every=0", "train.log_every"), ("train.lr=nan", "train.lr"),
-    ("train.lr=-1", "train.lr"), ("data.val_split=nosuch", "nosuch"),
-    ("data.num_workers=-2", "data.num_workers"), ("train.device=tpu", "train.device"),
-    ("model.region_heads=7", "model.region_heads"), ("train.epochs=0", "train.epochs"),
-    ("train.nosuch=1", "train.nosuch"),
-])
-def test_train_bad_config_is_one_line_before_any_file(demo, capsys, monkeypatch, override,
-                                                       needle):
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("train.lr=[", "train.lr=["),
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.log_every=0", "train.log_every"),
+        ("train.lr=nan", "train.lr"),
+        ("train.lr=-1", "train.lr"),
+        ("data.val_split=nosuch", "nosuch"),
+        ("data.num_workers=-2", "data.num_workers"),
+        ("train.device=tpu", "train.device"),
+        ("model.region_heads=7", "model.region_heads"),
+        ("train.epochs=0", "train.epochs"),
+        ("train.nosuch=1", "train.nosuch"),
+    ],
+)
+def test_train_bad_config_is_one_line_before_any_file(demo, capsys, monkeypatch, override, needle):
     import cpfean.engine
 
     def no_model(*a, **k):
@@ -445,8 +527,9 @@ def test_train_bad_config_is_one_line_before_any_file(demo, capsys, monkeypatch,
 
 def test_train_refuses_missing_data_and_cuda_without_cuda(demo, capsys):
     run_dir = demo["tmp"] / "run"
-    code, _, err = run(capsys, "train", *_train_argv(demo, run_dir,
-                                                     f"data.captions={demo['tmp'] / 'no.json'}"))
+    code, _, err = run(
+        capsys, "train", *_train_argv(demo, run_dir, f"data.captions={demo['tmp'] / 'no.json'}")
+    )
     one_error(code, err, "no.json")
     if not torch.cuda.is_available():
         code, _, err = run(capsys, "train", *_train_argv(demo, run_dir, "train.device=cuda"))
@@ -462,20 +545,27 @@ def test_evaluate_checks_the_protocol_size_before_scoring(demo, capsys, monkeypa
 
     monkeypatch.setattr(pipelines.evaluate, "similarity_matrix", no_scoring)
     json_out = demo["tmp"] / "m.json"
-    code, _, err = run(capsys, "evaluate", "--checkpoint", demo["ckpt"], "--protocol", "f30k",
-                       "--json", json_out)
+    code, _, err = run(
+        capsys, "evaluate", "--checkpoint", demo["ckpt"], "--protocol", "f30k", "--json", json_out
+    )
     one_error(code, err, "f30k", "expects 1000 test images")
     assert not json_out.exists()
     code, _, err = run(capsys, "evaluate", "--checkpoint", demo["ckpt"], "--batch-size", "0")
     one_error(code, err, "--batch-size")
 
 
-@pytest.mark.parametrize("extra,needle", [
-    (["--batch-size", "0"], "--batch-size"), (["--workers", "-1"], "--workers"),
-    (["--commit-every", "0"], "--commit-every"), (["--threads", "-3"], "--threads"),
-    (["--weights", "/nope.pth"], "/nope.pth"), (["--batch-size", "many"], "--batch-size"),
-    (["MODEL.NOSUCH", "1"], "MODEL.NOSUCH"),
-])
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--batch-size", "0"], "--batch-size"),
+        (["--workers", "-1"], "--workers"),
+        (["--commit-every", "0"], "--commit-every"),
+        (["--threads", "-3"], "--threads"),
+        (["--weights", "/nope.pth"], "/nope.pth"),
+        (["--batch-size", "many"], "--batch-size"),
+        (["MODEL.NOSUCH", "1"], "MODEL.NOSUCH"),
+    ],
+)
 def test_extract_bad_arguments_before_any_file(demo, capsys, extra, needle):
     store = demo["tmp"] / "store"
     argv = extract_args(demo, store)
@@ -501,30 +591,37 @@ def test_extract_refuses_missing_folders_and_cuda_without_cuda(demo, capsys):
     one_error(code, err, "not a region store", "notes.txt")
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
     if not torch.cuda.is_available():
-        code, _, err = run(capsys, "extract", *extract_args(demo, store)[:-5], "--device",
-                           "cuda", "--workers", "0")
+        code, _, err = run(
+            capsys, "extract", *extract_args(demo, store)[:-5], "--device", "cuda", "--workers", "0"
+        )
         one_error(code, err, "CUDA")
     assert not store.exists()
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--query", "red", "--top-k", "10000000"], "--top-k"),
-    (["--query", "red", "--first-stage", "0"], "--first-stage"),
-    (["--query", "red", "--show", "out.gif"], "--show"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--query", "red", "--top-k", "10000000"], "--top-k"),
+        (["--query", "red", "--first-stage", "0"], "--first-stage"),
+        (["--query", "red", "--show", "out.gif"], "--show"),
+    ],
+)
 def test_retrieve_bounds(demo, capsys, argv, needle):
     code, _, err = run(capsys, "retrieve", *argv, "--index", demo["index"])
     one_error(code, err, needle)
 
 
-@pytest.mark.parametrize("module,argv,needle", [
-    ("index", ["--batch-size", "0"], "--batch-size"),
-    ("index", ["--split", "nosuch"], "nosuch"),
-    ("convert_weights", ["/nope.pkl"], "/nope.pkl"),
-    ("import_precomp", ["/nope", "--split", "test"], "/nope"),
-    ("train_detector", ["--data", "/nope", "--iters", "0"], "--iters"),
-    ("train", ["--config", "/nope.yaml"], "/nope.yaml"),
-])
+@pytest.mark.parametrize(
+    "module,argv,needle",
+    [
+        ("index", ["--batch-size", "0"], "--batch-size"),
+        ("index", ["--split", "nosuch"], "nosuch"),
+        ("convert_weights", ["/nope.pkl"], "/nope.pkl"),
+        ("import_precomp", ["/nope", "--split", "test"], "/nope"),
+        ("train_detector", ["--data", "/nope", "--iters", "0"], "--iters"),
+        ("train", ["--config", "/nope.yaml"], "/nope.yaml"),
+    ],
+)
 def test_other_commands_one_line(demo, capsys, module, argv, needle):
     if module == "index":
         argv = ["--checkpoint", str(demo["ckpt"]), "--out", str(demo["tmp"] / "i"), *argv]
@@ -549,9 +646,13 @@ def _kill_when(proc: subprocess.Popen, ready, delay: float, budget: float = 240)
 
 
 def _spawn(module: str, *argv: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", f"pipelines.{module}", *map(str, argv)],
-                            cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", f"pipelines.{module}", *map(str, argv)],
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def _count(store: Path) -> int:
@@ -580,13 +681,28 @@ def test_kill_9_extract_then_rerun(demo, capsys):
 def test_kill_9_index_then_rerun(demo, capsys):
     rng = np.random.default_rng(KILL_SEED + 1)
     out = demo["tmp"] / "killed_index"
-    argv = ["--checkpoint", demo["ckpt"], "--regions", demo["regions"], "--captions",
-            demo["captions"], "--split", "test", "--out", out, "--shard-size", "2",
-            "--batch-size", "2", "--quiet"]
+    argv = [
+        "--checkpoint",
+        demo["ckpt"],
+        "--regions",
+        demo["regions"],
+        "--captions",
+        demo["captions"],
+        "--split",
+        "test",
+        "--out",
+        out,
+        "--shard-size",
+        "2",
+        "--batch-size",
+        "2",
+        "--quiet",
+    ]
     shards = Path(str(out) + ".building") / "shards"
     at, delay = int(rng.integers(1, 8)), float(rng.uniform(0, 0.2))
-    assert _kill_when(_spawn("index", *argv),
-                      lambda: shards.is_dir() and len(list(shards.iterdir())) >= at, delay)
+    assert _kill_when(
+        _spawn("index", *argv), lambda: shards.is_dir() and len(list(shards.iterdir())) >= at, delay
+    )
     code, _, err = run(capsys, "index", *argv)
     assert code == 0, (KILL_SEED, err)
     clean = json.loads((demo["index"] / "index.json").read_text())
@@ -595,18 +711,31 @@ def test_kill_9_index_then_rerun(demo, capsys):
     for name in ["pooled", *(f"emb.{f}" for f in clean["image_embeddings"]["fields"])]:
         a = np.load(out / "images" / f"{name}.npy")
         b = np.load(demo["index"] / "images" / f"{name}.npy")
-        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3,
-                                   err_msg=f"{name} (seed {KILL_SEED})")
-    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")
-                 and not p.name.endswith(".lock")]
+        np.testing.assert_allclose(
+            a.astype(np.float32),
+            b.astype(np.float32),
+            atol=2e-3,
+            err_msg=f"{name} (seed {KILL_SEED})",
+        )
+    leftovers = [
+        p.name
+        for p in out.parent.iterdir()
+        if p.name.startswith(f".{out.name}.") and not p.name.endswith(".lock")
+    ]
     assert leftovers == [] and not shards.exists(), KILL_SEED
 
 
 def test_kill_9_train_then_resume(demo, capsys):
     rng = np.random.default_rng(KILL_SEED + 2)
     run_dir = demo["tmp"] / "run"
-    argv = _train_argv(demo, run_dir, "train.epochs=3", "train.batch_size=8",
-                       "train.log_every=1", "train.lr_decay_epochs=[]")
+    argv = _train_argv(
+        demo,
+        run_dir,
+        "train.epochs=3",
+        "train.batch_size=8",
+        "train.log_every=1",
+        "train.lr_decay_epochs=[]",
+    )
     metrics = run_dir / "metrics.csv"
     rows = int(rng.integers(2, 12))
 

@@ -26,8 +26,12 @@ SIZES = ["large", "small"]
 CONCEPTS = COLOURS + SHAPES + SIZES
 VOCAB = ["[PAD]", "[UNK]", *CONCEPTS, "a", "the", "left", "right", "of", "and", "on"]
 DIM = len(CONCEPTS) + 2  # + one axis for function words, one for unknown words
-RGB = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 180, 30),
-       "yellow": (230, 220, 20)}
+RGB = {
+    "red": (220, 30, 30),
+    "blue": (30, 30, 220),
+    "green": (30, 180, 30),
+    "yellow": (230, 220, 20),
+}
 
 
 class _Batch:
@@ -91,19 +95,21 @@ class StandInModel(nn.Module):
             table[i, CONCEPTS.index(word) if word in CONCEPTS else DIM - 2] = 1.0
         table[1, DIM - 1] = 1.0
         self.register_buffer("table", table)
-        self.register_buffer("logit", torch.tensor(
-            [0.0, -1.0] + [2.0 if w in CONCEPTS else -2.0 for w in VOCAB[2:]]))
+        self.register_buffer(
+            "logit", torch.tensor([0.0, -1.0] + [2.0 if w in CONCEPTS else -2.0 for w in VOCAB[2:]])
+        )
         self.tokenizer = StandInTokenizer()
         self.max_words = 32
 
     def tokenize(self, texts: list[str], max_length: int | None = None) -> dict:
         limit = max_length or self.max_words
-        ids = [[VOCAB.index(w) if w in VOCAB else 1 for w in t.lower().split()][:limit]
-               for t in texts]
+        ids = [
+            [VOCAB.index(w) if w in VOCAB else 1 for w in t.lower().split()][:limit] for t in texts
+        ]
         length = max(1, max(len(i) for i in ids))
         input_ids = torch.zeros(len(texts), length, dtype=torch.long)
         for k, i in enumerate(ids):
-            input_ids[k, :len(i)] = torch.tensor(i, dtype=torch.long)
+            input_ids[k, : len(i)] = torch.tensor(i, dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": (input_ids > 0).long()}
 
     def encode_images(self, features, boxes, labels, scores, mask) -> StandInImages:
@@ -113,12 +119,16 @@ class StandInModel(nn.Module):
     def encode_texts(self, input_ids, attention_mask) -> StandInTexts:
         mask = attention_mask.bool()
         logp = self.logit[input_ids].masked_fill(~mask, float("-inf")).log_softmax(-1)
-        return StandInTexts(words=self.table[input_ids] * mask[..., None], mask=mask,
-                            log_prominence=logp.masked_fill(~mask, float("-inf")),
-                            token_ids=input_ids)
+        return StandInTexts(
+            words=self.table[input_ids] * mask[..., None],
+            mask=mask,
+            log_prominence=logp.masked_fill(~mask, float("-inf")),
+            token_ids=input_ids,
+        )
 
-    def score(self, img, txt, image_chunk: int = 64, text_chunk: int = 128,
-              return_details: bool = False):
+    def score(
+        self, img, txt, image_chunk: int = 64, text_chunk: int = 128, return_details: bool = False
+    ):
         sims = torch.einsum("bri,cli->bclr", img.regions, txt.words)  # (B, C, L, R)
         sims = sims.masked_fill(~img.mask[:, None, None, :], -1.0)
         best, arg = sims.max(-1)  # (B, C, L)
@@ -127,12 +137,17 @@ class StandInModel(nn.Module):
         if not return_details:
             return scores
         gates = sims.max(2).values.clamp_min(0)  # (B, C, R)
-        return scores, {"region_gates": gates, "word_weights": p, "alignment": arg[..., None],
-                        "word_scores": best}
+        return scores, {
+            "region_gates": gates,
+            "word_weights": p,
+            "alignment": arg[..., None],
+            "word_scores": best,
+        }
 
 
-def object_feature(colour: str, shape: str, size: str | None = None,
-                   rng: np.random.Generator | None = None) -> np.ndarray:
+def object_feature(
+    colour: str, shape: str, size: str | None = None, rng: np.random.Generator | None = None
+) -> np.ndarray:
     f = np.zeros(DIM, np.float32)
     for word in (colour, shape, size):
         if word:
@@ -156,8 +171,12 @@ def make_store(path, scenes: list[list[tuple]], images_root=None, seed: int = 0)
             boxes = [[k * w + 2, 16, k * w + w - 2, 48] for k in range(len(objects))]
             feats = [object_feature(c, s, z, rng) for c, s, z in objects]
             labels = [SHAPES.index(s) for _, s, _ in objects]
-            writer.put(f"{i:03d}.png", RegionRecord.from_detections(
-                np.array(feats), np.array(boxes), labels, None, (64, 64)))
+            writer.put(
+                f"{i:03d}.png",
+                RegionRecord.from_detections(
+                    np.array(feats), np.array(boxes), labels, None, (64, 64)
+                ),
+            )
             if images_root is not None:
                 im = Image.new("RGB", (64, 64), (240, 240, 240))
                 draw = ImageDraw.Draw(im)
@@ -169,22 +188,36 @@ def make_store(path, scenes: list[list[tuple]], images_root=None, seed: int = 0)
 
 def random_scenes(n: int, seed: int = 1) -> list[list[tuple]]:
     rng = np.random.default_rng(seed)
-    return [[(COLOURS[rng.integers(4)], SHAPES[rng.integers(4)], SIZES[rng.integers(2)])
-             for _ in range(rng.integers(1, 4))] for _ in range(n)]
+    return [
+        [
+            (COLOURS[rng.integers(4)], SHAPES[rng.integers(4)], SIZES[rng.integers(2)])
+            for _ in range(rng.integers(1, 4))
+        ]
+        for _ in range(n)
+    ]
 
 
-KNOWN = [[("red", "ball", None), ("blue", "box", None)],  # 000
-         [("green", "cone", None)],  # 001
-         [("yellow", "ball", None), ("red", "box", None)],  # 002
-         [("blue", "cone", None), ("yellow", "ring", None)]]  # 003
+KNOWN = [
+    [("red", "ball", None), ("blue", "box", None)],  # 000
+    [("green", "cone", None)],  # 001
+    [("yellow", "ball", None), ("red", "box", None)],  # 002
+    [("blue", "cone", None), ("yellow", "ring", None)],
+]  # 003
 CKPT = {"path": "standin.pt", "sha256": "a" * 64}
 
 
 def build(tmp_path, scenes, name="index", **kwargs):
     store = make_store(tmp_path / f"{name}_regions", scenes, tmp_path / f"{name}_images")
     model = StandInModel().eval()
-    out = build_index(model, store, tmp_path / name, checkpoint=kwargs.pop("checkpoint", CKPT),
-                      config={}, images_root=store.meta["images_root"], **kwargs)
+    out = build_index(
+        model,
+        store,
+        tmp_path / name,
+        checkpoint=kwargs.pop("checkpoint", CKPT),
+        config={},
+        images_root=store.meta["images_root"],
+        **kwargs,
+    )
     return model, store, RetrievalIndex(out)
 
 
@@ -194,11 +227,20 @@ def query(model, text):
 
 
 def test_known_answer_ranking(tmp_path):
-    model, _, index = build(tmp_path, KNOWN, captions=["a green cone", "a red ball"],
-                            caption_image_ids=["001.png", "000.png"], shard_size=3)
+    model, _, index = build(
+        tmp_path,
+        KNOWN,
+        captions=["a green cone", "a red ball"],
+        caption_image_ids=["001.png", "000.png"],
+        shard_size=3,
+    )
     assert index.count == 4 and index.image_ids == [f"{i:03d}.png" for i in range(4)]
-    for text, best in (("a green cone", "001.png"), ("yellow ball", "002.png"),
-                       ("the blue box", "000.png"), ("blue cone and yellow ring", "003.png")):
+    for text, best in (
+        ("a green cone", "001.png"),
+        ("yellow ball", "002.png"),
+        ("the blue box", "000.png"),
+        ("blue cone and yellow ring", "003.png"),
+    ):
         rows, scores, info = search(model, index, query(model, text), top_k=4)
         assert index.image_ids[rows[0]] == best, text
         assert info["path"] == "exhaustive" and np.all(np.diff(scores) <= 0)
@@ -216,6 +258,7 @@ def test_index_matches_live_scores(tmp_path):
     txt = query(model, "large red ball")
     rows, scores, _ = search(model, index, txt, top_k=30)
     from cpfean.data.dataset import collate_regions, record_arrays
+
     batch = collate_regions([record_arrays(store[i]) for i in store.ids()])
     live = model.score(model.encode_images(*batch.as_tuple()), txt)[:, 0].numpy()
     np.testing.assert_allclose(scores, live[rows], rtol=1e-6, atol=1e-6)
@@ -250,19 +293,29 @@ def test_resume_after_interrupt(tmp_path):
 
     model.encode_images = flaky
     with pytest.raises(KeyboardInterrupt):
-        build_index(model, store, tmp_path / "index", checkpoint=CKPT, config={},
-                    shard_size=5, batch_size=2)
+        build_index(
+            model, store, tmp_path / "index", checkpoint=CKPT, config={}, shard_size=5, batch_size=2
+        )
     shards = tmp_path / "index.building" / "shards"
     assert sorted(p.name for p in shards.iterdir() if p.is_dir()) == ["00000"]
     assert not (tmp_path / "index" / "index.json").exists()
     logs: list[str] = []
     calls["n"] = -1000
-    build_index(model, store, tmp_path / "index", checkpoint=CKPT, config={},
-                shard_size=5, batch_size=2, log=logs.append)
+    build_index(
+        model,
+        store,
+        tmp_path / "index",
+        checkpoint=CKPT,
+        config={},
+        shard_size=5,
+        batch_size=2,
+        log=logs.append,
+    )
     assert any("1 of 4 shards already whole" in s for s in logs)
     model.encode_images = original
-    fresh = build_index(model, store, tmp_path / "fresh", checkpoint=CKPT, config={},
-                        shard_size=5, batch_size=2)
+    fresh = build_index(
+        model, store, tmp_path / "fresh", checkpoint=CKPT, config={}, shard_size=5, batch_size=2
+    )
     a, b = RetrievalIndex(tmp_path / "index"), RetrievalIndex(fresh)
     for name in ("pooled", "boxes", "labels"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))

@@ -19,7 +19,7 @@ def _wrong_on(sims, images):
     n = sims.shape[0]
     for i in images:
         j = (i + 1) % n
-        out[i, 5 * j:5 * j + 5] = 2.0
+        out[i, 5 * j : 5 * j + 5] = 2.0
     return out
 
 

@@ -26,7 +26,11 @@ TEMPLATES = [
 
 
 def make_tiny_dataset(
-    root: Path, *, n_images: int = 40, feature_dim: int = 32, seed: int = 0,
+    root: Path,
+    *,
+    n_images: int = 40,
+    feature_dim: int = 32,
+    seed: int = 0,
     splits: tuple[int, int, int] = (24, 8, 8),
 ) -> tuple[Path, Path]:
     """Write ``root/regions`` and ``root/captions.json``; returns both paths."""
@@ -36,8 +40,11 @@ def make_tiny_dataset(
     col_codes = rng.normal(size=(len(COLOURS), feature_dim)).astype(np.float32)
     store_path, captions_path = root / "regions", root / "captions.json"
     entries = []
-    meta = {"feature_dim": feature_dim, "label_names": CATEGORIES,
-            "detector": {"config": "tiny-synthetic", "weights_sha256": "none"}}
+    meta = {
+        "feature_dim": feature_dim,
+        "label_names": CATEGORIES,
+        "detector": {"config": "tiny-synthetic", "weights_sha256": "none"},
+    }
     with RegionWriter(store_path, meta) as writer:
         for i in range(n_images):
             n = int(rng.integers(2, 5))
@@ -47,16 +54,32 @@ def make_tiny_dataset(
             xy = rng.uniform(0, 200, size=(n, 2))
             boxes = np.concatenate([xy, xy + rng.uniform(20, 100, size=(n, 2))], axis=1)
             record = RegionRecord.from_detections(
-                feats.astype(np.float32), boxes.astype(np.float32), cats, np.full(n, 0.9),
-                image_hw=(320, 320))
+                feats.astype(np.float32),
+                boxes.astype(np.float32),
+                cats,
+                np.full(n, 0.9),
+                image_hw=(320, 320),
+            )
             image_id = f"img{i:03d}.png"
             writer.put(image_id, record)
-            words = {"o0": CATEGORIES[cats[0]], "c0": COLOURS[cols[0]],
-                     "o1": CATEGORIES[cats[1]], "c1": COLOURS[cols[1]]}
+            words = {
+                "o0": CATEGORIES[cats[0]],
+                "c0": COLOURS[cols[0]],
+                "o1": CATEGORIES[cats[1]],
+                "c1": COLOURS[cols[1]],
+            }
             split = "train" if i < splits[0] else "val" if i < splits[0] + splits[1] else "test"
-            sentences = [{"raw": t.format(**words), "tokens": t.format(**words).split()}
-                         for t in TEMPLATES]
-            entries.append({"filename": image_id, "filepath": "", "split": split, "imgid": i,
-                            "sentences": sentences})
+            sentences = [
+                {"raw": t.format(**words), "tokens": t.format(**words).split()} for t in TEMPLATES
+            ]
+            entries.append(
+                {
+                    "filename": image_id,
+                    "filepath": "",
+                    "split": split,
+                    "imgid": i,
+                    "sentences": sentences,
+                }
+            )
     captions_path.write_text(json.dumps({"images": entries, "dataset": "tiny"}))
     return store_path, captions_path

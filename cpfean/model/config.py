@@ -43,9 +43,16 @@ class ModelConfig:
     # The SCAN-style baseline (t-i AVG) as switch values: every CPFEAN component off, softmax
     # cross attention over all regions, the word -> region direction only. The one definition
     # that `scan_baseline` and `pipelines.ablate`'s "scan" row both use.
-    SCAN_BASELINE = {"use_gcn": False, "use_spatial": False, "use_label_prior": False,
-                     "use_region_transformer": False, "use_fusion": False,
-                     "use_prominence": False, "topk": 0, "use_region_alignment": False}
+    SCAN_BASELINE = {
+        "use_gcn": False,
+        "use_spatial": False,
+        "use_label_prior": False,
+        "use_region_transformer": False,
+        "use_fusion": False,
+        "use_prominence": False,
+        "topk": 0,
+        "use_region_alignment": False,
+    }
 
     @classmethod
     def scan_baseline(cls, **overrides: object) -> ModelConfig:

@@ -121,7 +121,11 @@ class ImageEmbeddings(_Embeddings):
     gate_ctx: torch.Tensor
 
     _pad_dims: ClassVar[dict[str, int]] = {
-        "regions": 1, "mask": 1, "gram": 2, "gate_self": 1, "gate_ctx": 1,
+        "regions": 1,
+        "mask": 1,
+        "gram": 2,
+        "gate_self": 1,
+        "gate_ctx": 1,
     }
 
 
@@ -158,13 +162,21 @@ class TextEmbeddings(_Embeddings):
     def narrow_words(self, length: int) -> TextEmbeddings:
         """Keep the first ``length`` word slots (the caller checks nothing valid is cut)."""
         return TextEmbeddings(
-            words=self.words[:, :length], mask=self.mask[:, :length],
-            gram=self.gram[:, :length, :length], gate_self=self.gate_self[:, :length],
-            gate_ctx=self.gate_ctx[:, :length], log_prominence=self.log_prominence[:, :length],
+            words=self.words[:, :length],
+            mask=self.mask[:, :length],
+            gram=self.gram[:, :length, :length],
+            gate_self=self.gate_self[:, :length],
+            gate_ctx=self.gate_ctx[:, :length],
+            log_prominence=self.log_prominence[:, :length],
             token_ids=self.token_ids[:, :length],
         )
 
     _pad_dims: ClassVar[dict[str, int]] = {
-        "words": 1, "mask": 1, "gram": 2, "gate_self": 1, "gate_ctx": 1,
-        "log_prominence": 1, "token_ids": 1,
+        "words": 1,
+        "mask": 1,
+        "gram": 2,
+        "gate_self": 1,
+        "gate_ctx": 1,
+        "log_prominence": 1,
+        "token_ids": 1,
     }

@@ -161,9 +161,14 @@ def score_block(
         # 1/Z^2 and exp() need float32 range; the block is small enough to upcast
         with torch.autocast(device_type=device_type, enabled=False):
             return score_block(
-                img.to(torch.float32), txt.to(torch.float32), gates=gates,
-                lambda_softmax=lambda_softmax, topk=topk, use_prominence=use_prominence,
-                region_alignment=region_alignment, return_details=return_details,
+                img.to(torch.float32),
+                txt.to(torch.float32),
+                gates=gates,
+                lambda_softmax=lambda_softmax,
+                topk=topk,
+                use_prominence=use_prominence,
+                region_alignment=region_alignment,
+                return_details=return_details,
             )
     V, W = img.regions, txt.words
     bi, R, d = V.shape
@@ -212,8 +217,11 @@ def score_block(
         g_w = torch.sigmoid(
             gates.word_cos * w_dot_ctx / ctx_w_sq.sqrt() + txt.gate_self[None] + word_ctx_term
         )  # (bi, bc, L)
-        gr_logit = (gates.region_cos * v_dot_ctx / ctx_r_sq.sqrt() + img.gate_self[:, None]
-                    + region_ctx_term)  # (bi, bc, R)
+        gr_logit = (
+            gates.region_cos * v_dot_ctx / ctx_r_sq.sqrt()
+            + img.gate_self[:, None]
+            + region_ctx_term
+        )  # (bi, bc, R)
         g_r = torch.sigmoid(gr_logit)
         logits = logits + nn.functional.logsigmoid(gr_logit)[:, :, None, :]  # + log g_r
         if region_alignment:
@@ -259,7 +267,8 @@ def score_block(
     ones_r = img.mask[:, None, :].expand(bi, bc, R).to(V.dtype)
     details = {
         "region_gates": ones_r if g_r is None else g_r * ones_r,
-        "word_gates": pi.new_ones(bi, bc, L) * txt.mask[None] if g_w is None
+        "word_gates": pi.new_ones(bi, bc, L) * txt.mask[None]
+        if g_w is None
         else g_w * txt.mask[None],
         "word_weights": pi,
         "word_scores": s_l.masked_fill(~txt.mask[None], 0),
@@ -297,11 +306,21 @@ def score_chunked(
     cols = []
     for j in range(0, len(txt), text_chunk):  # text outer: one caption chunk copy at a time
         txt_j = txt[order[j : j + text_chunk]].narrow_words(max(spans[j], 1))
-        cols.append(torch.cat([
-            score_block(
-                img[i : i + image_chunk], txt_j, gates=gates, lambda_softmax=lambda_softmax,
-                topk=topk, use_prominence=use_prominence, region_alignment=region_alignment,
+        cols.append(
+            torch.cat(
+                [
+                    score_block(
+                        img[i : i + image_chunk],
+                        txt_j,
+                        gates=gates,
+                        lambda_softmax=lambda_softmax,
+                        topk=topk,
+                        use_prominence=use_prominence,
+                        region_alignment=region_alignment,
+                    )
+                    for i in range(0, len(img), image_chunk)
+                ],
+                dim=0,
             )
-            for i in range(0, len(img), image_chunk)
-        ], dim=0))
+        )
     return torch.cat(cols, dim=1)[:, torch.argsort(order)]

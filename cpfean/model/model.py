@@ -62,15 +62,20 @@ class CPFEAN(nn.Module):
             d = word_encoder.proj.out_features
             self.prominence = nn.Sequential(
                 # no output bias: a softmax over words cannot see it (it would get no gradient)
-                nn.Linear(d, d // 2), nn.GELU(), nn.Linear(d // 2, 1, bias=False)
+                nn.Linear(d, d // 2),
+                nn.GELU(),
+                nn.Linear(d // 2, 1, bias=False),
             )
 
     # ----------------------------------------------------------------------------- encoding
     def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
         """Captions -> {"input_ids": (C, T) long, "attention_mask": (C, T) long} on the CPU."""
         enc = self.tokenizer(
-            list(texts), padding=True, truncation=True,
-            max_length=(max_length or self.max_words + 2), return_tensors="pt",
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=(max_length or self.max_words + 2),
+            return_tensors="pt",
         )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
@@ -110,8 +115,13 @@ class CPFEAN(nn.Module):
         log_prom = logits.masked_fill(~mask, float("-inf")).log_softmax(-1)
         log_prom = log_prom.masked_fill(~mask, float("-inf"))  # captions with no word
         return TextEmbeddings(
-            words=W, mask=mask, gram=gram, gate_self=gate_self, gate_ctx=gate_ctx,
-            log_prominence=log_prom, token_ids=token_ids,
+            words=W,
+            mask=mask,
+            gram=gram,
+            gate_self=gate_self,
+            gate_ctx=gate_ctx,
+            log_prominence=log_prom,
+            token_ids=token_ids,
         )
 
     # ------------------------------------------------------------------------------ scoring
@@ -138,8 +148,11 @@ class CPFEAN(nn.Module):
             (B, C) scores (and the details dict).
         """
         kwargs = dict(
-            gates=self.gates, lambda_softmax=self.lambda_softmax, topk=self.topk,
-            use_prominence=self.prominence is not None, region_alignment=self.region_alignment,
+            gates=self.gates,
+            lambda_softmax=self.lambda_softmax,
+            topk=self.topk,
+            use_prominence=self.prominence is not None,
+            region_alignment=self.region_alignment,
         )
         if return_details:
             if len(img) * len(txt) > 4096:
@@ -189,22 +202,38 @@ def build_model(cfg: ModelConfig, label_names: list[str]) -> CPFEAN:
     if cfg.use_label_prior and label_names:
         label_table = encode_names(backbone, tokenizer, list(label_names))  # (K, H)
     region_encoder = RegionEncoder(
-        feature_dim=cfg.feature_dim, embed_dim=cfg.embed_dim, label_table=label_table,
-        use_spatial=cfg.use_spatial, use_transformer=cfg.use_region_transformer,
-        layers=cfg.region_layers, heads=cfg.region_heads, ff_dim=cfg.region_ff_dim,
+        feature_dim=cfg.feature_dim,
+        embed_dim=cfg.embed_dim,
+        label_table=label_table,
+        use_spatial=cfg.use_spatial,
+        use_transformer=cfg.use_region_transformer,
+        layers=cfg.region_layers,
+        heads=cfg.region_heads,
+        ff_dim=cfg.region_ff_dim,
         dropout=cfg.dropout,
     )
     special = [tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id]
     word_encoder = WordEncoder(
-        backbone=backbone, special_ids=[i for i in special if i is not None],
-        embed_dim=cfg.embed_dim, use_gcn=cfg.use_gcn, freeze=cfg.freeze_text_encoder,
+        backbone=backbone,
+        special_ids=[i for i in special if i is not None],
+        embed_dim=cfg.embed_dim,
+        use_gcn=cfg.use_gcn,
+        freeze=cfg.freeze_text_encoder,
     )
-    gates = FragmentGates(embed_dim=cfg.embed_dim, cos_init=cfg.gate_cos_init) \
-        if cfg.use_fusion else None
+    gates = (
+        FragmentGates(embed_dim=cfg.embed_dim, cos_init=cfg.gate_cos_init)
+        if cfg.use_fusion
+        else None
+    )
     model = CPFEAN(
-        region_encoder=region_encoder, word_encoder=word_encoder, tokenizer=tokenizer,
-        gates=gates, use_prominence=cfg.use_prominence, topk=cfg.topk,
-        lambda_softmax=cfg.lambda_softmax, max_words=cfg.max_words,
+        region_encoder=region_encoder,
+        word_encoder=word_encoder,
+        tokenizer=tokenizer,
+        gates=gates,
+        use_prominence=cfg.use_prominence,
+        topk=cfg.topk,
+        lambda_softmax=cfg.lambda_softmax,
+        max_words=cfg.max_words,
         region_alignment=cfg.use_region_alignment,
     )
     model.config = cfg

@@ -37,11 +37,13 @@ def reference_pair_score(
         ctx_w = logits.softmax(-1) @ V  # (L, d) over all regions, before the gate prior
         g_w = torch.sigmoid(
             gates.word_cos * (W * ctx_w).sum(-1) / ctx_w.norm(dim=-1)
-            + gates.word_self(W).squeeze(-1) + gates.word_ctx(ctx_w).squeeze(-1)
+            + gates.word_self(W).squeeze(-1)
+            + gates.word_ctx(ctx_w).squeeze(-1)
         )  # (L,)
         g_r = torch.sigmoid(
             gates.region_cos * (V * ctx_r).sum(-1) / ctx_r.norm(dim=-1)
-            + gates.region_self(V).squeeze(-1) + gates.region_ctx(ctx_r).squeeze(-1)
+            + gates.region_self(V).squeeze(-1)
+            + gates.region_ctx(ctx_r).squeeze(-1)
         )  # (R,)
         logits = logits + g_r.log()[None]
     if 0 < topk < V.shape[0]:

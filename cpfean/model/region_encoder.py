@@ -80,8 +80,12 @@ class RegionEncoder(nn.Module):
         self.transformer = None
         if use_transformer and layers > 0:
             layer = nn.TransformerEncoderLayer(
-                embed_dim, heads, dim_feedforward=ff_dim, dropout=dropout,
-                batch_first=True, norm_first=True,
+                embed_dim,
+                heads,
+                dim_feedforward=ff_dim,
+                dropout=dropout,
+                batch_first=True,
+                norm_first=True,
             )
             self.transformer = nn.TransformerEncoder(
                 layer, num_layers=layers, enable_nested_tensor=False

@@ -36,8 +36,12 @@ def load_text_backbone(name: str) -> tuple[nn.Module, object]:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         if name == "tiny-random":
             config = transformers.BertConfig(
-                vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                vocab_size=tokenizer.vocab_size,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=128,
             )
             return transformers.BertModel(config, add_pooling_layer=False), tokenizer
         return _from_pretrained(transformers, path), tokenizer

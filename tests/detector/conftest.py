@@ -6,8 +6,18 @@ import pytest
 import torch
 
 # Shrunk scenes config: same architecture, smaller inputs and fewer proposals (fast on CPU).
-SMALL_OPTS = ["MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "160",
-              "MODEL.RPN.POST_NMS_TOPK_TEST", "60", "MODEL.RPN.PRE_NMS_TOPK_TEST", "200"]
+SMALL_OPTS = [
+    "MODEL.DEVICE",
+    "cpu",
+    "INPUT.MIN_SIZE_TEST",
+    "96",
+    "INPUT.MAX_SIZE_TEST",
+    "160",
+    "MODEL.RPN.POST_NMS_TOPK_TEST",
+    "60",
+    "MODEL.RPN.PRE_NMS_TOPK_TEST",
+    "200",
+]
 
 
 @pytest.fixture(scope="session")

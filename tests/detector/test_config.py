@@ -57,16 +57,21 @@ def test_overrides_both_forms_and_loud_failures():
 def test_label_names_from_list_file_and_default(tmp_path):
     vocab = tmp_path / "objects_vocab.txt"
     vocab.write_text("yolk,egg yolk\nbanana\n\nsky\n")
-    cfg = get_region_cfg("scenes_r18_fpn", ["MODEL.ROI_HEADS.NUM_CLASSES", "3",
-                                            "REGIONS.LABEL_NAMES_FILE", str(vocab)])
+    cfg = get_region_cfg(
+        "scenes_r18_fpn",
+        ["MODEL.ROI_HEADS.NUM_CLASSES", "3", "REGIONS.LABEL_NAMES_FILE", str(vocab)],
+    )
     assert get_label_names(cfg) == ["yolk", "banana", "sky"]
-    cfg = get_region_cfg("scenes_r18_fpn", ["MODEL.ROI_HEADS.NUM_CLASSES", "2",
-                                            "REGIONS.LABEL_NAMES", "['a', 'b']"])
+    cfg = get_region_cfg(
+        "scenes_r18_fpn", ["MODEL.ROI_HEADS.NUM_CLASSES", "2", "REGIONS.LABEL_NAMES", "['a', 'b']"]
+    )
     assert get_label_names(cfg) == ["a", "b"]
     cfg = get_region_cfg("scenes_r18_fpn", ["MODEL.ROI_HEADS.NUM_CLASSES", "2"])
     assert get_label_names(cfg) == ["class_0", "class_1"]
-    cfg = get_region_cfg("scenes_r18_fpn", ["MODEL.ROI_HEADS.NUM_CLASSES", "4",
-                                            "REGIONS.LABEL_NAMES_FILE", str(vocab)])
+    cfg = get_region_cfg(
+        "scenes_r18_fpn",
+        ["MODEL.ROI_HEADS.NUM_CLASSES", "4", "REGIONS.LABEL_NAMES_FILE", str(vocab)],
+    )
     with pytest.raises(ValueError, match="3 label names"):
         get_label_names(cfg)
 

@@ -21,8 +21,17 @@ def _rgb(h: int = 40, w: int = 60) -> np.ndarray:
 
 
 def test_list_images_recursive_case_insensitive_sorted_posix(tmp_path):
-    for rel in ["b.JPG", "a/c.png", "a/d/e.JpEg", "x.webp", "y.bmp", "notes.txt", "z.gif",
-                ".hidden.jpg", ".cache/f.jpg"]:
+    for rel in [
+        "b.JPG",
+        "a/c.png",
+        "a/d/e.JpEg",
+        "x.webp",
+        "y.bmp",
+        "notes.txt",
+        "z.gif",
+        ".hidden.jpg",
+        ".cache/f.jpg",
+    ]:
         p = tmp_path / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"")
@@ -98,7 +107,7 @@ def test_bad_kinds_raise_with_reason(tmp_path):
         decode_image(tmp_path / "text.png")
     buf = io.BytesIO()
     Image.fromarray(_rgb(200, 300)).save(buf, format="JPEG")
-    (tmp_path / "trunc.jpg").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+    (tmp_path / "trunc.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     with pytest.raises(BadImage, match="truncated"):
         decode_image(tmp_path / "trunc.jpg")
     buf2 = io.BytesIO()

@@ -23,7 +23,7 @@ def _images(seed: int = 0) -> list[np.ndarray]:
         img = rng.integers(0, 60, (120, 160, 3), dtype=np.uint8)
         for _ in range(4):
             x, y = rng.integers(0, 120), rng.integers(0, 80)
-            img[y:y + 30, x:x + 40] = rng.integers(80, 255, 3, dtype=np.uint8)
+            img[y : y + 30, x : x + 40] = rng.integers(80, 255, 3, dtype=np.uint8)
         out.append(img)
     return out
 
@@ -32,8 +32,9 @@ def _images(seed: int = 0) -> list[np.ndarray]:
 def permissive_extractor() -> RegionExtractor:
     """SCORE_THRESH below a random model's uniform class score: up to 36 regions pass."""
     torch.manual_seed(0)
-    return RegionExtractor(get_region_cfg("scenes_r18_fpn",
-                                          SMALL_OPTS + ["REGIONS.SCORE_THRESH", "0.01"]))
+    return RegionExtractor(
+        get_region_cfg("scenes_r18_fpn", SMALL_OPTS + ["REGIONS.SCORE_THRESH", "0.01"])
+    )
 
 
 def _check_record(rec, hw, dim, num_regions=36):
@@ -91,8 +92,12 @@ def test_batch_equals_single_and_rgb_equals_bgr(small_extractor):
 
 def test_regressed_boxes_and_pooler_features():
     torch.manual_seed(0)
-    ex = RegionExtractor(get_region_cfg("scenes_r18_fpn", SMALL_OPTS + [
-        "REGIONS.BOX_SOURCE", "regressed", "REGIONS.FEATURE_SOURCE", "pooler"]))
+    ex = RegionExtractor(
+        get_region_cfg(
+            "scenes_r18_fpn",
+            SMALL_OPTS + ["REGIONS.BOX_SOURCE", "regressed", "REGIONS.FEATURE_SOURCE", "pooler"],
+        )
+    )
     assert ex.feature_dim == 128  # FPN channels
     rec = ex(_images(3)[:1])[0]
     _check_record(rec, (120, 160), 128)
@@ -100,8 +105,13 @@ def test_regressed_boxes_and_pooler_features():
 
 def test_no_proposals_gives_an_all_padding_record():
     torch.manual_seed(0)
-    ex = RegionExtractor(get_region_cfg("scenes_r18_fpn", SMALL_OPTS + [
-        "MODEL.PROPOSAL_GENERATOR.MIN_SIZE", "100000", "REGIONS.BOX_SOURCE", "regressed"]))
+    ex = RegionExtractor(
+        get_region_cfg(
+            "scenes_r18_fpn",
+            SMALL_OPTS
+            + ["MODEL.PROPOSAL_GENERATOR.MIN_SIZE", "100000", "REGIONS.BOX_SOURCE", "regressed"],
+        )
+    )
     rec = ex(_images(4)[:1])[0]
     assert rec.num_valid == 0 and (rec.labels == -1).all() and not rec.features.any()
 
@@ -115,28 +125,35 @@ def test_rejects_bad_arrays(small_extractor):
 
 
 def test_select_regions_per_class_nms_threshold_and_bounds():
-    boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 10, 10], [50, 50, 60, 60],
-                          [100, 100, 120, 120]], dtype=torch.float32)
+    boxes = torch.tensor(
+        [[0, 0, 10, 10], [1, 1, 10, 10], [50, 50, 60, 60], [100, 100, 120, 120]],
+        dtype=torch.float32,
+    )
     # class 0: boxes 0 and 1 overlap (IoU 0.81) -> box 1 suppressed in class 0
     scores = torch.tensor([[0.9, 0.0], [0.8, 0.1], [0.0, 0.5], [0.05, 0.1]])
-    keep, conf = select_regions(boxes, scores, score_thresh=0.2, nms_thresh=0.3,
-                                min_regions=1, max_regions=10)
+    keep, conf = select_regions(
+        boxes, scores, score_thresh=0.2, nms_thresh=0.3, min_regions=1, max_regions=10
+    )
     assert keep.tolist() == [0, 2] and conf.tolist() == pytest.approx([0.9, 0.5])
     # a different class keeps an overlapping box (per-class NMS)
     scores2 = torch.tensor([[0.9, 0.0], [0.0, 0.8], [0.0, 0.0], [0.0, 0.0]])
-    keep, _ = select_regions(boxes, scores2, score_thresh=0.2, nms_thresh=0.3,
-                             min_regions=1, max_regions=10)
+    keep, _ = select_regions(
+        boxes, scores2, score_thresh=0.2, nms_thresh=0.3, min_regions=1, max_regions=10
+    )
     assert keep.tolist() == [0, 1]
     # too few pass: MIN_REGIONS best by surviving score (box 1 survives only in class 1)
-    keep, conf = select_regions(boxes, scores, score_thresh=0.95, nms_thresh=0.3,
-                                min_regions=3, max_regions=10)
+    keep, conf = select_regions(
+        boxes, scores, score_thresh=0.95, nms_thresh=0.3, min_regions=3, max_regions=10
+    )
     assert keep.tolist() == [0, 2, 1] and conf.tolist() == pytest.approx([0.9, 0.5, 0.1])
     # cap at max_regions and at the number of proposals
-    keep, _ = select_regions(boxes, scores, score_thresh=0.0, nms_thresh=0.3,
-                             min_regions=1, max_regions=2)
+    keep, _ = select_regions(
+        boxes, scores, score_thresh=0.0, nms_thresh=0.3, min_regions=1, max_regions=2
+    )
     assert len(keep) == 2
-    keep, _ = select_regions(boxes[:0], scores[:0], score_thresh=0.2, nms_thresh=0.3,
-                             min_regions=10, max_regions=36)
+    keep, _ = select_regions(
+        boxes[:0], scores[:0], score_thresh=0.2, nms_thresh=0.3, min_regions=10, max_regions=36
+    )
     assert len(keep) == 0
 
 
@@ -144,14 +161,29 @@ def test_butd_config_builds_and_returns_36_slots_of_2048(tmp_path):
     """The BUTD R101-C4 VG config (random init, tiny input, made-up 1600-word vocabulary)."""
     vocab = tmp_path / "objects_vocab.txt"
     vocab.write_text("".join(f"thing{i},synonym{i}\n" for i in range(1600)))
-    cfg = get_region_cfg("butd_r101_c4_vg", [
-        "MODEL.DEVICE", "cpu", "REGIONS.LABEL_NAMES_FILE", str(vocab),
-        "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "192",
-        "MODEL.RPN.PRE_NMS_TOPK_TEST", "100", "MODEL.RPN.POST_NMS_TOPK_TEST", "12",
-        "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "7",  # 4x less res5 work than 14; same dims
-        # a random 101-layer net without biases scales activations by ~1e4 (real weights do
-        # not); it is positively homogeneous, so a large std keeps the RPN deltas sane
-        "MODEL.PIXEL_STD", "[1e6, 1e6, 1e6]"])
+    cfg = get_region_cfg(
+        "butd_r101_c4_vg",
+        [
+            "MODEL.DEVICE",
+            "cpu",
+            "REGIONS.LABEL_NAMES_FILE",
+            str(vocab),
+            "INPUT.MIN_SIZE_TEST",
+            "128",
+            "INPUT.MAX_SIZE_TEST",
+            "192",
+            "MODEL.RPN.PRE_NMS_TOPK_TEST",
+            "100",
+            "MODEL.RPN.POST_NMS_TOPK_TEST",
+            "12",
+            "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION",
+            "7",  # 4x less res5 work than 14; same dims
+            # a random 101-layer net without biases scales activations by ~1e4 (real weights do
+            # not); it is positively homogeneous, so a large std keeps the RPN deltas sane
+            "MODEL.PIXEL_STD",
+            "[1e6, 1e6, 1e6]",
+        ],
+    )
     torch.manual_seed(0)
     ex = RegionExtractor(cfg)
     assert ex.feature_dim == 2048 and len(ex.label_names) == 1600

@@ -28,8 +28,13 @@ CAPTIONS = [
 
 def tiny_config(**overrides) -> ModelConfig:
     base = dict(
-        feature_dim=FEATURE_DIM, embed_dim=32, text_encoder="tiny-random", region_heads=4,
-        region_ff_dim=64, dropout=0.0, max_words=16,
+        feature_dim=FEATURE_DIM,
+        embed_dim=32,
+        text_encoder="tiny-random",
+        region_heads=4,
+        region_ff_dim=64,
+        dropout=0.0,
+        max_words=16,
     )
     base.update(overrides)
     return ModelConfig(**base)

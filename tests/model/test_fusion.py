@@ -22,8 +22,12 @@ SWITCHES = [
     {"use_region_alignment": True},
     {"use_region_alignment": True, "lambda_softmax": 30.0},
     {"use_region_alignment": True, "use_fusion": False},
-    {"use_fusion": False, "topk": 0, "use_prominence": False,
-     "use_region_alignment": True},  # SCAN t-i AVG + i-t AVG
+    {
+        "use_fusion": False,
+        "topk": 0,
+        "use_prominence": False,
+        "use_region_alignment": True,
+    },  # SCAN t-i AVG + i-t AVG
     {"use_fusion": False, "topk": 0, "use_prominence": False},  # SCAN t-i AVG
 ]
 
@@ -43,22 +47,31 @@ def test_algebraic_equals_explicit_reference(overrides):
     img, txt = _encode(model, n_valid=[36, 7, 2])
     with torch.no_grad():
         fast = model.score(img, txt)
-        ref = torch.stack([
-            torch.stack([
-                reference_pair_score(
-                    img[i], txt[j], gates=model.gates, lambda_softmax=model.lambda_softmax,
-                    topk=model.topk, use_prominence=model.prominence is not None,
-                    region_alignment=model.region_alignment,
+        ref = torch.stack(
+            [
+                torch.stack(
+                    [
+                        reference_pair_score(
+                            img[i],
+                            txt[j],
+                            gates=model.gates,
+                            lambda_softmax=model.lambda_softmax,
+                            topk=model.topk,
+                            use_prominence=model.prominence is not None,
+                            region_alignment=model.region_alignment,
+                        )
+                        for j in range(len(txt))
+                    ]
                 )
-                for j in range(len(txt))
-            ])
-            for i in range(len(img))
-        ])
+                for i in range(len(img))
+            ]
+        )
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"use_fusion": False, "topk": 0},
-                                       {"use_region_alignment": True}])
+@pytest.mark.parametrize(
+    "overrides", [{}, {"use_fusion": False, "topk": 0}, {"use_region_alignment": True}]
+)
 def test_chunked_equals_full(overrides):
     torch.manual_seed(0)
     model = build_model(tiny_config(**overrides), LABELS).eval()

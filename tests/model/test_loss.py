@@ -9,11 +9,13 @@ import torch
 
 from cpfean.model import ContrastiveLoss, prominence_loss, recurrence_targets
 
-SIMS = torch.tensor([
-    [0.9, 0.5, 0.1],
-    [0.3, 0.8, 0.75],
-    [0.35, 0.6, 0.4],
-])
+SIMS = torch.tensor(
+    [
+        [0.9, 0.5, 0.1],
+        [0.3, 0.8, 0.75],
+        [0.35, 0.6, 0.4],
+    ]
+)
 
 
 @pytest.mark.parametrize(("max_violation", "expected"), [(True, 1.10), (False, 1.25)])
@@ -23,16 +25,19 @@ def test_triplet_loss_known_answer(max_violation, expected):
 
 
 def test_captions_of_the_same_image_are_not_negatives():
-    sims = torch.tensor([
-        [0.9, 0.95, 0.1, 0.2],
-        [0.85, 0.7, 0.3, 0.1],
-        [0.2, 0.1, 0.8, 0.5],
-        [0.1, 0.2, 0.3, 0.6],
-    ])
+    sims = torch.tensor(
+        [
+            [0.9, 0.95, 0.1, 0.2],
+            [0.85, 0.7, 0.3, 0.1],
+            [0.2, 0.1, 0.8, 0.5],
+            [0.1, 0.2, 0.3, 0.6],
+        ]
+    )
     loss_fn = ContrastiveLoss(margin=0.2, max_violation=True)
     torch.testing.assert_close(loss_fn(sims), torch.tensor(1.3))
-    torch.testing.assert_close(loss_fn(sims, image_ids=torch.tensor([0, 0, 1, 2])),
-                               torch.tensor(0.1))
+    torch.testing.assert_close(
+        loss_fn(sims, image_ids=torch.tensor([0, 0, 1, 2])), torch.tensor(0.1)
+    )
 
 
 def test_non_square_batch_with_caption_image_ids():

@@ -59,7 +59,8 @@ def test_every_trainable_parameter_gets_a_gradient(name):
     torch.optim.SGD(model.parameters(), lr=0.1).step()
     backward()
     missing = [
-        n for n, p in model.named_parameters()
+        n
+        for n, p in model.named_parameters()
         if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
     ]
     assert not missing, f"no gradient for {missing}"
@@ -87,8 +88,9 @@ def test_add_on_components_start_as_no_ops():
     assert enc.label_proj is not None
     assert not torch.allclose(moved[wmask], words[wmask], atol=1e-3)
     h = model.word_encoder.backbone(**tok).last_hidden_state
-    word_slots = tok["attention_mask"].bool() & ~torch.isin(tok["input_ids"],
-                                                            model.word_encoder.special_ids)
+    word_slots = tok["attention_mask"].bool() & ~torch.isin(
+        tok["input_ids"], model.word_encoder.special_ids
+    )
     start = int(word_slots.any(0).nonzero()[0])  # 1: after [CLS]
     plain_w = torch.nn.functional.normalize(model.word_encoder.proj(h), dim=-1)
     plain_w = plain_w[:, start : start + wmask.shape[1]]
@@ -156,8 +158,13 @@ def test_runs_without_labels_or_boxes():
     tok = model.tokenize(CAPTIONS[:3])
     with torch.no_grad():
         sims = model(
-            feats, torch.zeros(2, 36, 4), torch.full((2, 36), -1), torch.ones(2, 36), mask,
-            tok["input_ids"], tok["attention_mask"],
+            feats,
+            torch.zeros(2, 36, 4),
+            torch.full((2, 36), -1),
+            torch.ones(2, 36),
+            mask,
+            tok["input_ids"],
+            tok["attention_mask"],
         )
     assert sims.shape == (2, 3) and torch.isfinite(sims).all()
     # label prior switched on but an empty vocabulary: no prior, still runs
@@ -197,14 +204,22 @@ def test_prominence_loss_runs_and_has_gradient():
 
 
 OVERFIT_CAPTIONS = [
-    "a dog catches a frisbee on the grass", "a brown dog jumps for a frisbee",
-    "a red traffic light over a wet street", "cars wait at the traffic light",
-    "two cats sleep on a sofa", "a cat curled up on the couch",
-    "a plate of pasta with tomato sauce", "spaghetti and sauce on a white plate",
-    "a surfer rides a large wave", "a man surfing in the ocean",
-    "a train pulls into the station", "people board a long train",
-    "a bowl of fresh fruit on a table", "apples and bananas in a bowl",
-    "a child flies a kite at the beach", "a kite high above the sand",
+    "a dog catches a frisbee on the grass",
+    "a brown dog jumps for a frisbee",
+    "a red traffic light over a wet street",
+    "cars wait at the traffic light",
+    "two cats sleep on a sofa",
+    "a cat curled up on the couch",
+    "a plate of pasta with tomato sauce",
+    "spaghetti and sauce on a white plate",
+    "a surfer rides a large wave",
+    "a man surfing in the ocean",
+    "a train pulls into the station",
+    "people board a long train",
+    "a bowl of fresh fruit on a table",
+    "apples and bananas in a bowl",
+    "a child flies a kite at the beach",
+    "a kite high above the sand",
 ]
 
 

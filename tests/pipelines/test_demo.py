@@ -11,8 +11,14 @@ from pipelines import demo, retrieve
 @pytest.mark.detector
 def test_quick_demo_end_to_end_then_retrieve_and_rerun(quick_demo, capsys):
     out, text = quick_demo
-    for stage in ("generate scenes", "train detector", "extract regions", "train CPFEAN",
-                  "evaluate", "build index"):
+    for stage in (
+        "generate scenes",
+        "train detector",
+        "extract regions",
+        "train CPFEAN",
+        "evaluate",
+        "build index",
+    ):
         assert f"[demo] {stage}: done" in text, stage
     assert "rank" in text and "score" in text  # the example query's table
     assert f"serve it:    python -m pipelines.serve --index {out / 'index'}" in text
@@ -20,8 +26,12 @@ def test_quick_demo_end_to_end_then_retrieve_and_rerun(quick_demo, capsys):
     assert 0 <= metrics["rsum"] <= 600
 
     # the index answers afterwards as a program would ask it
-    assert retrieve.main(["--query", "a red ball", "--index", str(out / "index"), "--json",
-                          "--top-k", "3"]) == 0
+    assert (
+        retrieve.main(
+            ["--query", "a red ball", "--index", str(out / "index"), "--json", "--top-k", "3"]
+        )
+        == 0
+    )
     answer = json.loads(capsys.readouterr().out)
     assert answer["mode"] == "text2image" and len(answer["results"]) == 3
     scores = [r["score"] for r in answer["results"]]
@@ -29,8 +39,12 @@ def test_quick_demo_end_to_end_then_retrieve_and_rerun(quick_demo, capsys):
 
     # an image query goes through the demo's own detector, then ranks the indexed captions
     image = out / "data" / "images" / "000000.jpg"
-    assert retrieve.main(["--image", str(image), "--index", str(out / "index"), "--json",
-                          "--top-k", "2"]) == 0
+    assert (
+        retrieve.main(
+            ["--image", str(image), "--index", str(out / "index"), "--json", "--top-k", "2"]
+        )
+        == 0
+    )
     answer = json.loads(capsys.readouterr().out)
     assert answer["mode"] == "image2text" and len(answer["results"]) == 2
     assert all(r["caption"].strip() for r in answer["results"])

@@ -31,7 +31,7 @@ def _scene(i: int, h: int = 90, w: int = 120) -> np.ndarray:
     img = np.full((h, w, 3), rng.integers(0, 80, 3), np.uint8)
     for _ in range(3):
         x, y = int(rng.integers(0, w - 30)), int(rng.integers(0, h - 30))
-        img[y:y + 25, x:x + 28] = rng.integers(100, 255, 3)
+        img[y : y + 25, x : x + 28] = rng.integers(100, 255, 3)
     return img
 
 
@@ -60,9 +60,24 @@ def weights(tmp_path_factory) -> str:
 
 
 def _args(images: Path, store: Path, weights: str, *extra: str) -> list[str]:
-    return [str(images), "--out", str(store), "--config", "scenes_r18_fpn", "--weights",
-            weights, "--device", "cpu", "--workers", "0", "--threads", "1", "--no-progress",
-            *extra, *OPTS]
+    return [
+        str(images),
+        "--out",
+        str(store),
+        "--config",
+        "scenes_r18_fpn",
+        "--weights",
+        weights,
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--threads",
+        "1",
+        "--no-progress",
+        *extra,
+        *OPTS,
+    ]
 
 
 def _summary(capsys) -> dict:
@@ -112,8 +127,7 @@ def test_bad_inputs_are_converted_or_skipped_with_reasons(tmp_path, weights, cap
     Image.fromarray(rgb).convert("CMYK").save(root / "cmyk.jpg")
     Image.fromarray(rgb).convert("L").save(root / "gray.png")
     Image.fromarray(rgb).convert("P").save(root / "palette.png")
-    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)])).save(
-        root / "rgba.png")
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)])).save(root / "rgba.png")
     cv2.imwrite(str(root / "deep16.png"), rgb.astype(np.uint16) * 257)
     converted = good + ["cmyk.jpg", "deep16.png", "gray.png", "palette.png", "rgba.png"]
     (root / "zero.jpg").write_bytes(b"")
@@ -121,17 +135,24 @@ def test_bad_inputs_are_converted_or_skipped_with_reasons(tmp_path, weights, cap
     Image.fromarray(_scene(8, 120, 150)).save(root / "cut.jpg")
     (root / "cut.jpg").write_bytes((root / "cut.jpg").read_bytes()[:1500])
     Image.fromarray(_scene(9, 150, 160)).save(root / "huge.png")  # 24000 px > cap below
-    skipped = {"zero.jpg": "empty", "notes.JPG": "not an image", "cut.jpg": "truncated",
-               "huge.png": "too large"}
+    skipped = {
+        "zero.jpg": "empty",
+        "notes.JPG": "not an image",
+        "cut.jpg": "truncated",
+        "huge.png": "too large",
+    }
     store = tmp_path / "regions.lmdb"
-    code = main(_args(root, store, weights, "--batch-size", "3", "REGIONS.MAX_IMAGE_PIXELS",
-                      "20000"))
+    code = main(
+        _args(root, store, weights, "--batch-size", "3", "REGIONS.MAX_IMAGE_PIXELS", "20000")
+    )
     assert code == 3
     s = _summary(capsys)
     assert s["skipped"] == 4 and s["written"] == len(converted)
     assert RegionStore(store).ids() == sorted(converted)
-    report = [json.loads(line) for line in
-              (tmp_path / "regions.lmdb.skipped.jsonl").read_text().splitlines()]
+    report = [
+        json.loads(line)
+        for line in (tmp_path / "regions.lmdb.skipped.jsonl").read_text().splitlines()
+    ]
     assert {r["image_id"] for r in report} == set(skipped)
     for r in report:
         assert skipped[r["image_id"]] in r["reason"] and r["path"].endswith(r["image_id"])
@@ -139,8 +160,7 @@ def test_bad_inputs_are_converted_or_skipped_with_reasons(tmp_path, weights, cap
 
 
 def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
-                PYTHONWARNINGS="ignore")
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
 
 
 def _count(store: Path) -> int:
@@ -157,11 +177,15 @@ def test_resume_after_kill_9_loses_and_duplicates_nothing(tmp_path, weights, cap
 
     ids = _write_scenes(tmp_path / "imgs", 24)
     store = tmp_path / "crash.lmdb"
-    cmd = [sys.executable, "-m", "pipelines.extract",
-           *_args(tmp_path / "imgs", store, weights, "--batch-size", "1",
-                  "--commit-every", "1")]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipelines.extract",
+        *_args(tmp_path / "imgs", store, weights, "--batch-size", "1", "--commit-every", "1"),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
@@ -195,10 +219,16 @@ def test_torchrun_two_ranks_equals_one_process(tmp_path, weights, capsys):
     assert main(_args(tmp_path / "imgs", single, weights, "--batch-size", "2")) == 3
     dist_store = tmp_path / "dist.lmdb"
     torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "pipelines.extract",
-           *_args(tmp_path / "imgs", dist_store, weights, "--batch-size", "2")]
-    done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=300)
+    cmd = [
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "pipelines.extract",
+        *_args(tmp_path / "imgs", dist_store, weights, "--batch-size", "2"),
+    ]
+    done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads([ln for ln in done.stdout.splitlines() if ln.startswith("{")][-1])
     assert summary["in_store"] == len(ids) and summary["skipped"] == 1

@@ -60,8 +60,7 @@ def test_coco_rows_per_caption_testall_and_joins(tmp_path: Path, capsys) -> None
     key = "/".join(published.coco_path(first, "val2014"))
     ims = np.load(src / "testall_ims.npy")
     assert ims.shape[0] == 50  # five rows per image
-    np.testing.assert_array_equal(store[key].features,
-                                  ims[0].astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(store[key].features, ims[0].astype(np.float16).astype(np.float32))
     test = load_captions(src / "captions.jsonl", split="test")
     testall = load_captions(src / "captions.jsonl", split="testall")
     assert test.image_ids == testall.image_ids[:5] and len(testall) == 10

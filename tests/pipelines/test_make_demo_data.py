@@ -33,10 +33,40 @@ def test_cli_writes_a_small_data_set(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 def test_cli_png_and_workers_give_the_same_scenes(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
-    assert main([str(a), "--images", "40", "--seed", "1", "--workers", "1", "--quiet",
-                 "--format", "png"]) == 0
-    assert main([str(b), "--images", "40", "--seed", "1", "--workers", "2", "--quiet",
-                 "--format", "png"]) == 0
+    assert (
+        main(
+            [
+                str(a),
+                "--images",
+                "40",
+                "--seed",
+                "1",
+                "--workers",
+                "1",
+                "--quiet",
+                "--format",
+                "png",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                str(b),
+                "--images",
+                "40",
+                "--seed",
+                "1",
+                "--workers",
+                "2",
+                "--quiet",
+                "--format",
+                "png",
+            ]
+        )
+        == 0
+    )
     assert (a / "captions.json").read_bytes() == (b / "captions.json").read_bytes()
     assert (a / "images" / "000039.png").read_bytes() == (b / "images" / "000039.png").read_bytes()
 

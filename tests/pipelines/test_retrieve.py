@@ -15,8 +15,12 @@ from cpfean.index import build_index
 from pipelines import retrieve
 from tests.test_index import KNOWN, SHAPES, StandInModel, make_store, object_feature
 
-CAPTIONS = ["a red ball and a blue box", "a green cone", "a yellow ball left of a red box",
-            "a blue cone and a yellow ring"]
+CAPTIONS = [
+    "a red ball and a blue box",
+    "a green cone",
+    "a yellow ball left of a red box",
+    "a blue cone and a yellow ring",
+]
 
 
 @pytest.fixture
@@ -25,12 +29,19 @@ def demo(tmp_path, monkeypatch):
     ckpt = tmp_path / "standin.pt"
     ckpt.write_bytes(b"stand-in checkpoint")
     store = make_store(tmp_path / "regions", KNOWN, tmp_path / "images")
-    out = build_index(StandInModel().eval(), store, tmp_path / "index",
-                      checkpoint={"path": str(ckpt), "sha256": checkpoint_fingerprint(ckpt)},
-                      config={}, images_root=str(tmp_path / "images"), captions=CAPTIONS,
-                      caption_image_ids=[f"{i:03d}.png" for i in range(4)])
-    monkeypatch.setattr(retrieve, "load_model",
-                        lambda path, device: (StandInModel().eval(), Config(), {}))
+    out = build_index(
+        StandInModel().eval(),
+        store,
+        tmp_path / "index",
+        checkpoint={"path": str(ckpt), "sha256": checkpoint_fingerprint(ckpt)},
+        config={},
+        images_root=str(tmp_path / "images"),
+        captions=CAPTIONS,
+        caption_image_ids=[f"{i:03d}.png" for i in range(4)],
+    )
+    monkeypatch.setattr(
+        retrieve, "load_model", lambda path, device: (StandInModel().eval(), Config(), {})
+    )
     return {"index": str(out), "ckpt": str(ckpt), "tmp": tmp_path}
 
 
@@ -41,8 +52,9 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def test_text_query_table(demo, capsys):
-    code, out, err = run(capsys, "--query", "a green cone", "--index", demo["index"],
-                         "--top-k", "3")
+    code, out, err = run(
+        capsys, "--query", "a green cone", "--index", demo["index"], "--top-k", "3"
+    )
     assert code == 0, err
     lines = out.splitlines()
     assert "text2image" in lines[0] and "exhaustive" in lines[0]
@@ -52,8 +64,9 @@ def test_text_query_table(demo, capsys):
 
 
 def test_json_schema(demo, capsys):
-    code, out, _ = run(capsys, "--query", "the blue box", "--index", demo["index"], "--json",
-                       "--top-k", "4")
+    code, out, _ = run(
+        capsys, "--query", "the blue box", "--index", demo["index"], "--json", "--top-k", "4"
+    )
     assert code == 0
     payload = json.loads(out)
     assert payload["query"] == "the blue box" and payload["mode"] == "text2image"
@@ -68,8 +81,9 @@ def test_json_schema(demo, capsys):
 
 
 def test_first_stage_flag(demo, capsys):
-    code, out, _ = run(capsys, "--query", "the blue box", "--index", demo["index"], "--json",
-                       "--first-stage", "4")
+    code, out, _ = run(
+        capsys, "--query", "the blue box", "--index", demo["index"], "--json", "--first-stage", "4"
+    )
     assert code == 0 and json.loads(out)["search"]["path"] == "two-stage"
 
 
@@ -89,8 +103,17 @@ def test_image_query(demo, capsys, monkeypatch):
 @pytest.mark.parametrize("suffix", [".png", ".html"])
 def test_show(demo, capsys, suffix):
     target = demo["tmp"] / f"out{suffix}"
-    code, _, err = run(capsys, "--query", "a yellow ball", "--index", demo["index"],
-                       "--show", str(target), "--top-k", "4")
+    code, _, err = run(
+        capsys,
+        "--query",
+        "a yellow ball",
+        "--index",
+        demo["index"],
+        "--show",
+        str(target),
+        "--top-k",
+        "4",
+    )
     assert code == 0, err
     if suffix == ".png":
         with Image.open(target) as im:
@@ -108,16 +131,24 @@ def test_show_image_query(demo, capsys, monkeypatch):
     monkeypatch.setattr(retrieve, "build_detector", lambda *a, **k: "detector")
     monkeypatch.setattr(retrieve, "extract_regions", lambda extractor, image: record)
     target = demo["tmp"] / "img.png"
-    code, _, err = run(capsys, "--image", str(demo["tmp"] / "images" / "001.png"),
-                       "--index", demo["index"], "--show", str(target))
+    code, _, err = run(
+        capsys,
+        "--image",
+        str(demo["tmp"] / "images" / "001.png"),
+        "--index",
+        demo["index"],
+        "--show",
+        str(target),
+    )
     assert code == 0, err
     with Image.open(target) as im:
         assert np.asarray(im.convert("RGB")).std() > 10
 
 
 def test_long_query_is_truncated_with_a_note(demo, capsys):
-    code, out, err = run(capsys, "--query", " ".join(["red ball"] * 5000), "--index",
-                         demo["index"], "--json")
+    code, out, err = run(
+        capsys, "--query", " ".join(["red ball"] * 5000), "--index", demo["index"], "--json"
+    )
     assert code == 0
     assert err.strip().startswith("note:") and "truncated to its first 32 word pieces" in err
     assert len(err.strip().splitlines()) == 1
@@ -131,24 +162,42 @@ def _bad_inputs(tmp):
     (tmp / "other.pt").write_bytes(b"another checkpoint")
     return {
         "empty": (["--query", "   "], "the query is empty"),
-        "non-utf8": (["--query", b"red \xff ball".decode("utf-8", "surrogateescape")],
-                     "not valid UTF-8 (undecodable byte 0xff)"),
+        "non-utf8": (
+            ["--query", b"red \xff ball".decode("utf-8", "surrogateescape")],
+            "not valid UTF-8 (undecodable byte 0xff)",
+        ),
         "corrupt image": (["--image", str(tmp / "corrupt.jpg")], "cannot read image"),
         "truncated image": (["--image", str(tmp / "truncated.png")], "cannot read image"),
         "missing image": (["--image", str(tmp / "nope.jpg")], "image not found"),
         "missing index": (["--query", "red", "--index", str(tmp / "nowhere")], "no index at"),
-        "missing checkpoint": (["--query", "red", "--checkpoint", str(tmp / "none.pt")],
-                               "checkpoint not found"),
-        "other checkpoint": (["--query", "red", "--checkpoint", str(tmp / "other.pt")],
-                             "was built with checkpoint"),
+        "missing checkpoint": (
+            ["--query", "red", "--checkpoint", str(tmp / "none.pt")],
+            "checkpoint not found",
+        ),
+        "other checkpoint": (
+            ["--query", "red", "--checkpoint", str(tmp / "other.pt")],
+            "was built with checkpoint",
+        ),
         "bad top-k": (["--query", "red", "--top-k", "0"], "--top-k must be in 1..1000"),
         "huge top-k": (["--query", "red", "--top-k", "5000000"], "--top-k must be in 1..1000"),
     }
 
 
-@pytest.mark.parametrize("case", ["empty", "non-utf8", "corrupt image", "truncated image",
-                                  "missing image", "missing index", "missing checkpoint",
-                                  "other checkpoint", "bad top-k", "huge top-k"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "empty",
+        "non-utf8",
+        "corrupt image",
+        "truncated image",
+        "missing image",
+        "missing index",
+        "missing checkpoint",
+        "other checkpoint",
+        "bad top-k",
+        "huge top-k",
+    ],
+)
 def test_bad_input(demo, capsys, case):
     argv, message = _bad_inputs(demo["tmp"])[case]
     if "--index" not in argv:
@@ -163,8 +212,9 @@ def test_bad_input(demo, capsys, case):
 def test_moved_index_finds_its_checkpoint_and_images(demo, capsys, tmp_path_factory):
     moved = tmp_path_factory.mktemp("moved") / "tree"
     shutil.move(str(demo["tmp"]), moved)
-    code, out, err = run(capsys, "--query", "a green cone", "--index", str(moved / "index"),
-                         "--json", "--top-k", "1")
+    code, out, err = run(
+        capsys, "--query", "a green cone", "--index", str(moved / "index"), "--json", "--top-k", "1"
+    )
     assert code == 0, err
     payload = json.loads(out)
     assert payload["checkpoint"] == str(moved / "standin.pt")
@@ -181,8 +231,7 @@ def test_detector_files_resolution(demo):
     config, weights, _ = retrieve._detector_files(index, None, None)  # the demo layout
     assert config == str(demo["tmp"] / "detector" / "config.yaml")
     assert weights == str(demo["tmp"] / "detector" / "model_final.pth")
-    assert retrieve._detector_files(index, "mine.yaml", "mine.pth")[:2] == ("mine.yaml",
-                                                                            "mine.pth")
+    assert retrieve._detector_files(index, "mine.yaml", "mine.pth")[:2] == ("mine.yaml", "mine.pth")
 
 
 def test_index_cli_missing_checkpoint(tmp_path, capsys):
@@ -205,23 +254,40 @@ def test_real_model_end_to_end(tmp_path, capsys):
 
     make_store(tmp_path / "regions", KNOWN, tmp_path / "images")
     captions = tmp_path / "captions.jsonl"
-    captions.write_text("".join(json.dumps({"image": f"{i:03d}.png", "caption": c,
-                                            "split": "test"}) + "\n"
-                                for i, c in enumerate(CAPTIONS)))
-    mcfg = ModelConfig(feature_dim=len(object_feature("red", "ball")), embed_dim=32,
-                       text_encoder="tiny-random", region_heads=2, region_ff_dim=64,
-                       max_words=12)
-    cfg = Config(model=mcfg, data=DataConfig(regions=str(tmp_path / "regions"),
-                                             captions=str(captions)))
+    captions.write_text(
+        "".join(
+            json.dumps({"image": f"{i:03d}.png", "caption": c, "split": "test"}) + "\n"
+            for i, c in enumerate(CAPTIONS)
+        )
+    )
+    mcfg = ModelConfig(
+        feature_dim=len(object_feature("red", "ball")),
+        embed_dim=32,
+        text_encoder="tiny-random",
+        region_heads=2,
+        region_ff_dim=64,
+        max_words=12,
+    )
+    cfg = Config(
+        model=mcfg, data=DataConfig(regions=str(tmp_path / "regions"), captions=str(captions))
+    )
     model = build_model(mcfg, label_names=SHAPES)
     save_checkpoint(tmp_path / "best.pt", **model_payload(model, cfg, SHAPES))
     out = tmp_path / "index"
-    argv = ["--checkpoint", str(tmp_path / "best.pt"), "--out", str(out), "--quiet",
-            "--device", "cpu"]
+    argv = [
+        "--checkpoint",
+        str(tmp_path / "best.pt"),
+        "--out",
+        str(out),
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
     assert index_cli.main(argv) == 0
     assert index_cli.main(argv) == 0 and "up to date" in capsys.readouterr().out
-    code = retrieve.main(["--query", "a red ball", "--index", str(out), "--json",
-                          "--device", "cpu", "--top-k", "3"])
+    code = retrieve.main(
+        ["--query", "a red ball", "--index", str(out), "--json", "--device", "cpu", "--top-k", "3"]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     payload = json.loads(captured.out)

@@ -84,25 +84,42 @@ def test_images_thumbnails_and_info_by_id_only(client, served):
     assert info["captions"] == served["searcher"].captions_of(image_id)
 
 
-@pytest.mark.parametrize("path", [
-    "/images/../../../etc/passwd", "/images/%2e%2e/%2e%2e/etc/passwd",
-    "/images/..%2F..%2Fdata%2Fcaptions.json", "/images//etc/passwd", "/images/%2Fetc%2Fpasswd",
-    "/thumbs/../cpfean/best.pt", "/thumbs/%2e%2e%2fcpfean%2fbest.pt", "/images/nosuch.jpg",
-    "/api/similar/..%2Fregions", "/api/image/%2Fetc%2Fpasswd", "/static/../serve.py",
-    "/static/%2e%2e%2fserve.py", "/static/index.html",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/images/../../../etc/passwd",
+        "/images/%2e%2e/%2e%2e/etc/passwd",
+        "/images/..%2F..%2Fdata%2Fcaptions.json",
+        "/images//etc/passwd",
+        "/images/%2Fetc%2Fpasswd",
+        "/thumbs/../cpfean/best.pt",
+        "/thumbs/%2e%2e%2fcpfean%2fbest.pt",
+        "/images/nosuch.jpg",
+        "/api/similar/..%2Fregions",
+        "/api/image/%2Fetc%2Fpasswd",
+        "/static/../serve.py",
+        "/static/%2e%2e%2fserve.py",
+        "/static/index.html",
+    ],
+)
 def test_no_path_from_the_request_reaches_the_disk(client, path):
     response = client.get(path)
     assert response.status_code == 404, (path, response.status_code)
     assert b"root:" not in response.content and response.json().get("error")
 
 
-@pytest.mark.parametrize("params,status,needle", [
-    ({"q": ""}, 400, "empty"), ({"q": "   "}, 400, "empty"),
-    ({"q": "x" * 501}, 400, "at most 500"), ({"q": "red", "k": 0}, 400, "k must be"),
-    ({"q": "red", "k": 101}, 400, "k must be"), ({"q": "red", "k": "many"}, 422, "k"),
-    ({"q": "red", "k": 10**12}, 400, "k must be"),
-])
+@pytest.mark.parametrize(
+    "params,status,needle",
+    [
+        ({"q": ""}, 400, "empty"),
+        ({"q": "   "}, 400, "empty"),
+        ({"q": "x" * 501}, 400, "at most 500"),
+        ({"q": "red", "k": 0}, 400, "k must be"),
+        ({"q": "red", "k": 101}, 400, "k must be"),
+        ({"q": "red", "k": "many"}, 422, "k"),
+        ({"q": "red", "k": 10**12}, 400, "k must be"),
+    ],
+)
 def test_bad_text_queries(client, params, status, needle):
     _error(client.get("/api/search", params=params), status, needle)
 
@@ -120,25 +137,35 @@ def test_image_upload_ranks_captions(client, served):
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["mode"] == "image2text" and len(body["results"]) == 4
-    assert all(r["caption"].strip() and r["image_url"].startswith("/images/")
-               for r in body["results"])
+    assert all(
+        r["caption"].strip() and r["image_url"].startswith("/images/") for r in body["results"]
+    )
 
 
 def test_bad_uploads(client):
     big = b"\xff\xd8" + b"0" * 2_000_100
-    _error(client.post("/api/search", files={"image": ("big.jpg", big, "image/jpeg")}), 413,
-           "over 2000000 bytes")
-    _error(client.post("/api/search", files={"image": ("x.jpg", b"not an image", "image/jpeg")}),
-           400, "not an image")
-    _error(client.post("/api/search", files={"image": ("e.png", b"", "image/png")}), 400,
-           "empty")
+    _error(
+        client.post("/api/search", files={"image": ("big.jpg", big, "image/jpeg")}),
+        413,
+        "over 2000000 bytes",
+    )
+    _error(
+        client.post("/api/search", files={"image": ("x.jpg", b"not an image", "image/jpeg")}),
+        400,
+        "not an image",
+    )
+    _error(client.post("/api/search", files={"image": ("e.png", b"", "image/png")}), 400, "empty")
     wide = _png((4000, 1100))  # 4.4 M pixels > the test server's 4 M
-    _error(client.post("/api/search", files={"image": ("w.png", wide, "image/png")}), 400,
-           "too large")
+    _error(
+        client.post("/api/search", files={"image": ("w.png", wide, "image/png")}), 400, "too large"
+    )
     gif = io.BytesIO()
     Image.new("RGB", (8, 8)).save(gif, format="GIF")
-    _error(client.post("/api/search", files={"image": ("a.png", gif.getvalue(), "image/png")}),
-           400, "not an image")
+    _error(
+        client.post("/api/search", files={"image": ("a.png", gif.getvalue(), "image/png")}),
+        400,
+        "not an image",
+    )
     _error(client.post("/api/search"), 422, "image")
 
 
@@ -149,8 +176,11 @@ def test_similar_and_health_and_metrics(client, served):
     assert len(ids) == 5 and image_id not in ids and body["mode"] == "image2image"
     _error(client.get("/api/similar/nosuch.jpg"), 404, "no such image")
     health = client.get("/healthz").json()
-    assert health == {"status": "ok", "images": served["searcher"].index.count,
-                      "captions": len(served["searcher"].index.captions)}
+    assert health == {
+        "status": "ok",
+        "images": served["searcher"].index.count,
+        "captions": len(served["searcher"].index.captions),
+    }
     client.get("/api/search", params={"q": "a box"})
     metrics = client.get("/metrics").text
     assert 'cpfean_requests_total{endpoint="/api/search",status="200"}' in metrics
@@ -180,8 +210,9 @@ def test_a_full_queue_answers_429(served):
     async def burst() -> list[int]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            answers = await asyncio.gather(*(c.get("/api/search", params={"q": "x"})
-                                             for _ in range(5)))
+            answers = await asyncio.gather(
+                *(c.get("/api/search", params={"q": "x"}) for _ in range(5))
+            )
             return [a.status_code for a in answers]
 
     codes = asyncio.run(burst())
@@ -200,8 +231,9 @@ def live(served):
     import uvicorn
 
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(served["app"], host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(served["app"], host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -214,8 +246,14 @@ def live(served):
 
 
 def test_load_8_clients_200_requests_each_without_an_error(live):
-    queries = ["a red ball", "a blue box", "a green tree near a car", "a yellow cup",
-               "the picture shows a star", "a small red car left of a box"]
+    queries = [
+        "a red ball",
+        "a blue box",
+        "a green tree near a car",
+        "a yellow cup",
+        "the picture shows a star",
+        "a small red car left of a box",
+    ]
 
     def client(n: int) -> list[int]:
         codes = []
@@ -232,9 +270,11 @@ def test_load_8_clients_200_requests_each_without_an_error(live):
     assert time.time() - start < 600
 
 
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                    reason="needs Debian's chromium and chromium-driver (apt-get install "
-                           "chromium chromium-driver); .ci/run installs them")
+@pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="needs Debian's chromium and chromium-driver (apt-get install "
+    "chromium chromium-driver); .ci/run installs them",
+)
 def test_page_in_headless_chromium(live, served, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -244,10 +284,18 @@ def test_page_in_headless_chromium(live, served, tmp_path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--window-size=1280,900",
-                 f"--user-data-dir={tmp_path / 'profile'}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1280,900",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     wait = WebDriverWait(driver, 60)
@@ -263,9 +311,12 @@ def test_page_in_headless_chromium(live, served, tmp_path):
         wait.until(lambda d: "results in" in d.find_element(By.ID, "status").text)
         cards = driver.find_elements(By.CSS_SELECTOR, "#grid .result")
         assert 1 <= len(cards) <= 20
-        wait.until(lambda d: d.execute_script(
-            "return [...document.querySelectorAll('#grid img')].every(i => i.complete "
-            "&& i.naturalWidth > 0)"))
+        wait.until(
+            lambda d: d.execute_script(
+                "return [...document.querySelectorAll('#grid img')].every(i => i.complete "
+                "&& i.naturalWidth > 0)"
+            )
+        )
         assert driver.find_elements(By.CSS_SELECTOR, "#grid svg rect")  # regions boxed
         assert driver.find_elements(By.CSS_SELECTOR, "#query-words mark")  # prominent words
         first_id = cards[0].get_attribute("data-id")
@@ -273,8 +324,11 @@ def test_page_in_headless_chromium(live, served, tmp_path):
         if os.environ.get("CPFEAN_SCREENSHOT"):  # the README's picture of the page
             driver.get(f"{live}/?q=a+large+red+ball+to+the+left+of+a+blue+box&k=10")
             wait.until(lambda d: "results in" in d.find_element(By.ID, "status").text)
-            wait.until(lambda d: d.execute_script(
-                "return [...document.querySelectorAll('#grid img')].every(i => i.complete)"))
+            wait.until(
+                lambda d: d.execute_script(
+                    "return [...document.querySelectorAll('#grid img')].every(i => i.complete)"
+                )
+            )
             driver.save_screenshot(os.environ["CPFEAN_SCREENSHOT"])
             driver.get(f"{live}/?q=a+blue+box")
             wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .result")) > 0)
@@ -282,18 +336,28 @@ def test_page_in_headless_chromium(live, served, tmp_path):
         cards[0].click()
         wait.until(ec.visibility_of_element_located((By.ID, "detail")))
         captions = driver.find_elements(By.CSS_SELECTOR, "#captions li")
-        assert [c.text for c in captions] == served["searcher"].captions_of(first_id) or \
-            captions[0].text == "(no indexed captions)"
+        assert [c.text for c in captions] == served["searcher"].captions_of(first_id) or captions[
+            0
+        ].text == "(no indexed captions)"
         driver.find_element(By.ID, "more-like-this").click()
         wait.until(lambda d: "similar=" in d.current_url)
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#grid .result") and
-                   first_id not in [c.get_attribute("data-id") for c in
-                                    d.find_elements(By.CSS_SELECTOR, "#grid .result")])
+        wait.until(
+            lambda d: (
+                d.find_elements(By.CSS_SELECTOR, "#grid .result")
+                and first_id
+                not in [
+                    c.get_attribute("data-id")
+                    for c in d.find_elements(By.CSS_SELECTOR, "#grid .result")
+                ]
+            )
+        )
         slider = driver.find_element(By.ID, "cutoff")
-        driver.execute_script("arguments[0].value = 1; arguments[0].dispatchEvent("
-                              "new Event('input'))", slider)
-        visible = [c for c in driver.find_elements(By.CSS_SELECTOR, "#grid .result")
-                   if c.is_displayed()]
+        driver.execute_script(
+            "arguments[0].value = 1; arguments[0].dispatchEvent(new Event('input'))", slider
+        )
+        visible = [
+            c for c in driver.find_elements(By.CSS_SELECTOR, "#grid .result") if c.is_displayed()
+        ]
         assert visible == []  # every result scores below the cutoff 1.0
         driver.save_screenshot(str(tmp_path / "similar.png"))
     finally:

@@ -33,10 +33,19 @@ def _rectangles_coco(root: Path, n: int = 4) -> None:
             name = f"{split}_{i}.png"
             Image.fromarray(img).save(root / "images" / name)
             images.append({"id": i, "file_name": name, "height": 64, "width": 80})
-            anns.append({"id": i + 1, "image_id": i, "bbox": [20, 10, 40, 30],
-                         "category_id": cid, "area": 1200, "iscrowd": 0})
-        (root / f"instances_{split}.json").write_text(json.dumps(
-            {"images": images, "annotations": anns, "categories": cats}))
+            anns.append(
+                {
+                    "id": i + 1,
+                    "image_id": i,
+                    "bbox": [20, 10, 40, 30],
+                    "category_id": cid,
+                    "area": 1200,
+                    "iscrowd": 0,
+                }
+            )
+        (root / f"instances_{split}.json").write_text(
+            json.dumps({"images": images, "annotations": anns, "categories": cats})
+        )
 
 
 def test_register_rectangles_and_scale_schedule(tmp_path):
@@ -59,11 +68,28 @@ def test_register_rectangles_and_scale_schedule(tmp_path):
     assert cfg.SOLVER.WARMUP_ITERS == 12
 
 
-SMALL_TRAIN = ["SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(96,)",
-               "INPUT.MAX_SIZE_TRAIN", "128", "INPUT.MIN_SIZE_TEST", "96",
-               "INPUT.MAX_SIZE_TEST", "128", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64",
-               "MODEL.RPN.POST_NMS_TOPK_TEST", "50", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
-               "32", "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu"]
+SMALL_TRAIN = [
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(96,)",
+    "INPUT.MAX_SIZE_TRAIN",
+    "128",
+    "INPUT.MIN_SIZE_TEST",
+    "96",
+    "INPUT.MAX_SIZE_TEST",
+    "128",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+    "64",
+    "MODEL.RPN.POST_NMS_TOPK_TEST",
+    "50",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+    "32",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "MODEL.DEVICE",
+    "cpu",
+]
 
 
 @pytest.mark.slow
@@ -77,8 +103,12 @@ def test_end_to_end_scenes_train_then_extract(tmp_path, capsys):
     generate_dataset(data, 20, seed=0, width=128, height=96)
     out = tmp_path / "det"
     torch.manual_seed(0)
-    assert train_main(["--data", str(data), "--iters", "2", "--out", str(out),
-                       "--threads", "1", *SMALL_TRAIN]) == 0
+    assert (
+        train_main(
+            ["--data", str(data), "--iters", "2", "--out", str(out), "--threads", "1", *SMALL_TRAIN]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert "AP" in printed and printed["weights"] == str(out / "model_final.pth")
     metrics = json.loads((out / "metrics.json").read_text())
@@ -93,9 +123,22 @@ def test_end_to_end_scenes_train_then_extract(tmp_path, capsys):
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == len(CATEGORIES)
 
     store = tmp_path / "regions.lmdb"
-    code = extract_main([str(data / "images"), "--out", str(store), "--config",
-                         str(out / "config.yaml"), "--device", "cpu", "--workers", "1",
-                         "--threads", "1", "--no-progress"])
+    code = extract_main(
+        [
+            str(data / "images"),
+            "--out",
+            str(store),
+            "--config",
+            str(out / "config.yaml"),
+            "--device",
+            "cpu",
+            "--workers",
+            "1",
+            "--threads",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     from cpfean.data.region_store import RegionStore
 
