@@ -15,6 +15,7 @@ demo-quick: install
 
 test: install
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
 
 test-fast: install
@@ -22,12 +23,14 @@ test-fast: install
 
 lint: install
 	$(PY) -m ruff check .
-	$(PY) -m ruff format --check . || true
+	$(PY) -m ruff format --check .
 
 bench: install
 	$(PY) -m pipelines.benchmark score
 	$(PY) -m pipelines.benchmark extract
 	$(PY) -m pipelines.benchmark retrieve
+	$(PY) -m pipelines.benchmark eval
+	$(PY) -m pipelines.benchmark serve
 
 clean-demo:
 	rm -rf $(DEMO) runs/demo-quick
