@@ -17,7 +17,8 @@ The front door, one name per level of abstraction::
 - `RegionStore(path)`: the detector stage's regions, read-only; `RegionRecord`, one image.
 - `encode_images(model, store, ids)`, `encode_texts(model, captions)`: embeddings; the model's
   own `encode_images` / `encode_texts` take tensors, `score(images, texts)` pairs them.
-- `build_index(...)`, `RetrievalIndex(path)`, `search(...)`: an encoded gallery on disk.
+- `build_index(...)`, `RetrievalIndex(path)`: an encoded gallery on disk (`cpfean.index.search`
+  ranks it for one encoded query).
 - `Searcher`: an index with its model, answering text, image and "more like this" queries with
   the words and regions that explain each result (what `pipelines.retrieve` and
   `pipelines.serve` call).
@@ -42,7 +43,6 @@ _EXPORTS = {
     "encode_texts": "cpfean.evaluation",
     "build_index": "cpfean.index",
     "RetrievalIndex": "cpfean.index",
-    "search": "cpfean.index",
     "Searcher": "cpfean.search",
 }
 __all__ = sorted(_EXPORTS)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -76,17 +77,28 @@ def similarity_matrix(
     progress: bool = False,
 ) -> np.ndarray:
     """sims [n_images, n_captions] of ``model`` over a split."""
+    with _evaluating(model):
+        img, txt = _encode_split(model, store, image_ids, captions, batch_size, device, progress)
+        return model.score(img, txt).float().cpu().numpy()
+
+
+@contextlib.contextmanager
+def _evaluating(model) -> Iterator[None]:
+    """Eval mode for the block, the model's own mode restored after."""
     was_training = model.training
     model.eval()
     try:
-        img = encode_images(
-            model, store, image_ids, batch_size=batch_size, device=device, progress=progress
-        )
-        txt = encode_texts(model, captions, batch_size=batch_size, device=device, progress=progress)
-        sims = model.score(img, txt)
+        yield
     finally:
         model.train(was_training)
-    return sims.float().cpu().numpy()
+
+
+def _encode_split(model, store, image_ids, captions, batch_size, device, progress):
+    img = encode_images(
+        model, store, image_ids, batch_size=batch_size, device=device, progress=progress
+    )
+    txt = encode_texts(model, captions, batch_size=batch_size, device=device, progress=progress)
+    return img, txt
 
 
 @torch.no_grad()
@@ -109,20 +121,13 @@ def similarity_blocks(
             f"{n} images and {len(captions)} captions do not split into folds of "
             f"{fold_size} images with 5 captions each"
         )
-    was_training = model.training
-    model.eval()
-    try:
-        img = encode_images(
-            model, store, image_ids, batch_size=batch_size, device=device, progress=progress
-        )
-        txt = encode_texts(model, captions, batch_size=batch_size, device=device, progress=progress)
+    with _evaluating(model):
+        img, txt = _encode_split(model, store, image_ids, captions, batch_size, device, progress)
         blocks = []
         for k in range(n // fold_size):
             rows = slice(k * fold_size, (k + 1) * fold_size)
             cols = slice(5 * k * fold_size, 5 * (k + 1) * fold_size)
             blocks.append(model.score(img[rows], txt[cols]).float().cpu().numpy())
-    finally:
-        model.train(was_training)
     return blocks
 
 

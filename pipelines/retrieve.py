@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cpfean.checkpoint import checkpoint_fingerprint, load_model, resolve_device
+from cpfean.checkpoint import resolve_device
 from cpfean.fileio import atomic_path, atomic_write
 from cpfean.index import IndexError_, RetrievalIndex
 from cpfean.search import QueryError, Searcher
@@ -222,15 +222,10 @@ def show(out: str, payload: dict, query_image: np.ndarray | None) -> None:
 # ---------------------------------------------------------------------------------- main
 def open_searcher(index_dir: str | None, checkpoint: str | None, device: str) -> Searcher:
     """The index (default: the newest demo one) with its checkpoint loaded."""
-    index = RetrievalIndex(index_dir or default_index())
-    path = checkpoint or index.checkpoint_path
-    if not Path(path).is_file():
-        where = "" if checkpoint else f" (recorded in {index.path / 'index.json'})"
-        raise UsageError(f"checkpoint not found: {path}{where}")
-    index.check_checkpoint(path, checkpoint_fingerprint(path))
-    dev = resolve_device(device)
-    model, _, _ = load_model(path, dev)
-    return Searcher(model, index, dev, str(path))
+    try:
+        return Searcher.open(index_dir or default_index(), checkpoint, device)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import cpfean.search as search_module
 from cpfean.checkpoint import checkpoint_fingerprint
 from cpfean.config import Config
 from cpfean.index import build_index
@@ -40,7 +41,7 @@ def demo(tmp_path, monkeypatch):
         caption_image_ids=[f"{i:03d}.png" for i in range(4)],
     )
     monkeypatch.setattr(
-        retrieve, "load_model", lambda path, device: (StandInModel().eval(), Config(), {})
+        search_module, "load_model", lambda path, device: (StandInModel().eval(), Config(), {})
     )
     return {"index": str(out), "ckpt": str(ckpt), "tmp": tmp_path}
 
