@@ -59,8 +59,10 @@ class CaptionSet:
 
     def __post_init__(self) -> None:
         if not len(self.image_ids) == len(self.captions) == len(self.splits):
-            raise ValueError(f"{self.source}: image_ids, captions and splits differ in length "
-                             f"({len(self.image_ids)}, {len(self.captions)}, {len(self.splits)})")
+            raise ValueError(
+                f"{self.source}: image_ids, captions and splits differ in length "
+                f"({len(self.image_ids)}, {len(self.captions)}, {len(self.splits)})"
+            )
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -72,15 +74,22 @@ class CaptionSet:
     def select(self, split: str) -> CaptionSet:
         """The images of one split, in file order. Fails if the split is absent or unknown."""
         if all(s is None for s in self.splits):
-            raise ValueError(f"{self.source}: has no split information, cannot select "
-                             f"split {split!r}; load it without a split")
+            raise ValueError(
+                f"{self.source}: has no split information, cannot select "
+                f"split {split!r}; load it without a split"
+            )
         keep = [i for i, s in enumerate(self.splits) if s == split]
         if not keep:
             present = sorted({s for s in self.splits if s is not None})
-            raise ValueError(f"{self.source}: no images in split {split!r}; splits present: "
-                             f"{present}")
-        return CaptionSet([self.image_ids[i] for i in keep], [self.captions[i] for i in keep],
-                          [self.splits[i] for i in keep], self.source)
+            raise ValueError(
+                f"{self.source}: no images in split {split!r}; splits present: {present}"
+            )
+        return CaptionSet(
+            [self.image_ids[i] for i in keep],
+            [self.captions[i] for i in keep],
+            [self.splits[i] for i in keep],
+            self.source,
+        )
 
     def flatten(self, per_image: int | None = 5) -> tuple[list[str], list[int]]:
         """All captions in one list, with the index of each caption's image.
@@ -99,8 +108,10 @@ class CaptionSet:
         for i, (image_id, caps) in enumerate(zip(self.image_ids, self.captions, strict=True)):
             if per_image is not None:
                 if len(caps) < per_image:
-                    raise ValueError(f"{self.source}: image {image_id!r} has {len(caps)} "
-                                     f"captions, {per_image} are required")
+                    raise ValueError(
+                        f"{self.source}: image {image_id!r} has {len(caps)} "
+                        f"captions, {per_image} are required"
+                    )
                 caps = caps[:per_image]
             flat.extend(caps)
             owner.extend([i] * len(caps))
@@ -117,7 +128,8 @@ def check_ids(caption_set: CaptionSet, available_ids: Iterable[str]) -> None:
         source = caption_set.source or "captions"
         raise MissingImagesError(
             f"{len(missing)} of {len(caption_set)} image ids from {source} are missing from the "
-            f"{len(available)} available ids{more}: {shown}")
+            f"{len(available)} available ids{more}: {shown}"
+        )
 
 
 def _norm_id(image: object, prefix: str, where: str) -> str:
@@ -157,8 +169,10 @@ class _Builder:
         text = caption.strip()
         if not text:
             if not self.skip_empty:
-                raise ValueError(f"{where}: empty caption for image {self.ids[j]!r} "
-                                 f"(pass skip_empty=True to drop empty captions)")
+                raise ValueError(
+                    f"{where}: empty caption for image {self.ids[j]!r} "
+                    f"(pass skip_empty=True to drop empty captions)"
+                )
             self.skipped += 1
             return
         self.caps[j].append(text)
@@ -169,10 +183,17 @@ class _Builder:
             warnings.warn(f"{self.source}: skipped {self.skipped} empty captions", stacklevel=3)
         empty = [self.ids[j] for j, c in enumerate(self.caps) if not c]
         if empty:
-            warnings.warn(f"{self.source}: dropped {len(empty)} images without captions "
-                          f"(first: {empty[0]!r})", stacklevel=3)
-        return CaptionSet([self.ids[j] for j in keep], [self.caps[j] for j in keep],
-                          [self.splits[j] for j in keep], self.source)
+            warnings.warn(
+                f"{self.source}: dropped {len(empty)} images without captions "
+                f"(first: {empty[0]!r})",
+                stacklevel=3,
+            )
+        return CaptionSet(
+            [self.ids[j] for j in keep],
+            [self.caps[j] for j in keep],
+            [self.splits[j] for j in keep],
+            self.source,
+        )
 
 
 def _read_karpathy(data: dict, b: _Builder, prefix: str, fold_restval: bool) -> None:
@@ -228,8 +249,9 @@ def _read_csv(path: Path, b: _Builder, prefix: str) -> None:
         reader = csv.DictReader(f)
         fields = [h.strip() for h in reader.fieldnames or []]
         if "image" not in fields or "caption" not in fields:
-            raise ValueError(f"{b.source}: the header must name columns 'image' and 'caption', "
-                             f"got {fields}")
+            raise ValueError(
+                f"{b.source}: the header must name columns 'image' and 'caption', got {fields}"
+            )
         reader.fieldnames = fields
         for row in reader:
             where = f"{b.source}: line {reader.line_num}"
@@ -251,14 +273,22 @@ def detect_format(path: str | os.PathLike) -> str:
         while head.isspace():
             head = f.read(1)
     if head != "{":
-        raise ValueError(f"{p}: cannot tell the caption format (expected a .json object, "
-                         f".jsonl or .csv; supported: {', '.join(FORMATS)})")
+        raise ValueError(
+            f"{p}: cannot tell the caption format (expected a .json object, "
+            f".jsonl or .csv; supported: {', '.join(FORMATS)})"
+        )
     return "json"  # Karpathy or COCO, told apart once parsed
 
 
-def load_captions(path: str | os.PathLike, split: str | None = None, *,
-                  fold_restval: bool = True, image_prefix: str = "",
-                  skip_empty: bool = False, source_format: str | None = None) -> CaptionSet:
+def load_captions(
+    path: str | os.PathLike,
+    split: str | None = None,
+    *,
+    fold_restval: bool = True,
+    image_prefix: str = "",
+    skip_empty: bool = False,
+    source_format: str | None = None,
+) -> CaptionSet:
     """Load a caption source (formats and id rules in the module docstring).
 
     Args:
@@ -293,8 +323,10 @@ def load_captions(path: str | os.PathLike, split: str | None = None, *,
             elif isinstance(images, list) and (not images or "sentences" in images[0]):
                 fmt = "karpathy"
             else:
-                raise ValueError(f"{p}: JSON is neither Karpathy split format ('images' with "
-                                 f"'sentences') nor COCO captions ('images' and 'annotations')")
+                raise ValueError(
+                    f"{p}: JSON is neither Karpathy split format ('images' with "
+                    f"'sentences') nor COCO captions ('images' and 'annotations')"
+                )
         if fmt == "coco":
             _read_coco(data, b, image_prefix)
         else:

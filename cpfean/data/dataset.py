@@ -33,9 +33,7 @@ class RegionBatch:
     mask: torch.Tensor
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> RegionBatch:
-        return RegionBatch(
-            *(t.to(device, non_blocking=non_blocking) for t in self.as_tuple())
-        )
+        return RegionBatch(*(t.to(device, non_blocking=non_blocking) for t in self.as_tuple()))
 
     def as_tuple(self) -> tuple[torch.Tensor, ...]:
         return (self.features, self.boxes, self.labels, self.scores, self.mask)
@@ -63,8 +61,10 @@ def record_arrays(record: RegionRecord) -> dict[str, np.ndarray]:
 
 def collate_regions(items: Sequence[dict[str, np.ndarray]]) -> RegionBatch:
     return RegionBatch(
-        *(torch.from_numpy(np.stack([it[k] for it in items]))
-          for k in ("features", "boxes", "labels", "scores", "mask"))
+        *(
+            torch.from_numpy(np.stack([it[k] for it in items]))
+            for k in ("features", "boxes", "labels", "scores", "mask")
+        )
     )
 
 
@@ -122,8 +122,9 @@ class PairCollator:
     (``sibling_ids [C, S, T]``, for the word-prominence targets).
     """
 
-    def __init__(self, tokenize: Callable[[list[str]], dict[str, torch.Tensor]],
-                 with_siblings: bool = False):
+    def __init__(
+        self, tokenize: Callable[[list[str]], dict[str, torch.Tensor]], with_siblings: bool = False
+    ):
         self.tokenize = tokenize
         self.with_siblings = with_siblings
 
@@ -138,5 +139,6 @@ class PairCollator:
         }
         if self.with_siblings:
             batch["sibling_ids"] = sibling_token_ids(
-                self.tokenize, [it["siblings"] for it in items], captions)
+                self.tokenize, [it["siblings"] for it in items], captions
+            )
         return batch

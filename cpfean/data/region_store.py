@@ -53,8 +53,17 @@ _LOCK_NAME = "writer.lock"
 # last used page u64 at 136, transaction id u64 at 144; meta pages 0 and 1 alternate.
 _LMDB_MAGIC, _LMDB_META = 0xBEEFC0DE, struct.Struct("<16xI20xI92xQQ")
 # Meta keys that must agree between a store and a writer reopening it (or stores being merged).
-_IDENTITY_KEYS = ("schema_version", "num_regions", "feature_dim", "feature_dtype", "label_names",
-                  "detector", "thresholds", "has_boxes", "has_labels")
+_IDENTITY_KEYS = (
+    "schema_version",
+    "num_regions",
+    "feature_dim",
+    "feature_dtype",
+    "label_names",
+    "detector",
+    "thresholds",
+    "has_boxes",
+    "has_labels",
+)
 # LMDB allows one env per store and process, so readers and a writer in one process share it:
 # realpath -> (pid that opened it, env, read-only). Another pid's entry came through fork.
 _ENVS: dict[str, tuple[int, lmdb.Environment, bool]] = {}
@@ -73,11 +82,14 @@ def check_lmdb_file(path: str | os.PathLike) -> None:
         size = data.stat().st_size
         with open(data, "rb") as f:
             head = f.read(_LMDB_META.size)
-            magic, psize, *_ = (_LMDB_META.unpack(head) if len(head) == _LMDB_META.size
-                              else (0, 0, 0, 0))
+            magic, psize, *_ = (
+                _LMDB_META.unpack(head) if len(head) == _LMDB_META.size else (0, 0, 0, 0)
+            )
             if magic != _LMDB_MAGIC or psize < 512 or psize & (psize - 1):
-                raise RegionStoreError(f"{data} is not an LMDB data file (a region store is an "
-                                       "LMDB directory written by pipelines.extract)")
+                raise RegionStoreError(
+                    f"{data} is not an LMDB data file (a region store is an "
+                    "LMDB directory written by pipelines.extract)"
+                )
             f.seek(psize)
             second = f.read(_LMDB_META.size)
     except OSError as e:
@@ -88,8 +100,9 @@ def check_lmdb_file(path: str | os.PathLike) -> None:
     _, _, last_page, _ = max(metas, key=lambda m: m[3])  # the newer transaction's meta
     need = (last_page + 1) * psize
     if size < need:
-        raise RegionStoreError(f"region store {path} is truncated: data.mdb has {size} bytes, "
-                               f"its header needs {need}")
+        raise RegionStoreError(
+            f"region store {path} is truncated: data.mdb has {size} bytes, its header needs {need}"
+        )
 
 
 def _to_numpy(x: Any, dtype: type) -> np.ndarray:
@@ -124,8 +137,12 @@ class RegionRecord:
     num_valid: int
 
     def __post_init__(self) -> None:
-        for name, dtype in (("features", np.float32), ("boxes", np.float32),
-                            ("labels", np.int64), ("scores", np.float32)):
+        for name, dtype in (
+            ("features", np.float32),
+            ("boxes", np.float32),
+            ("labels", np.int64),
+            ("scores", np.float32),
+        ):
             object.__setattr__(self, name, _to_numpy(getattr(self, name), dtype))
         f, hw, nv = self.features, tuple(map(operator.index, self.image_hw)), self.num_valid
         if f.ndim != 2 or f.shape[0] < 1 or f.shape[1] < 1:
@@ -133,12 +150,17 @@ class RegionRecord:
         r = f.shape[0]
         _check_shapes(r, boxes=self.boxes, labels=self.labels, scores=self.scores)
         if len(hw) != 2 or min(hw) < 0 or not 0 <= operator.index(nv) <= r:
-            raise ValueError(f"need image_hw (h, w) >= 0 and 0 <= num_valid <= {r}, got "
-                             f"{self.image_hw!r}, {nv}")
+            raise ValueError(
+                f"need image_hw (h, w) >= 0 and 0 <= num_valid <= {r}, got {self.image_hw!r}, {nv}"
+            )
         object.__setattr__(self, "image_hw", hw)
         object.__setattr__(self, "num_valid", operator.index(nv))
-        if nv < r and (f[nv:].any() or self.boxes[nv:].any() or self.scores[nv:].any()
-                       or (self.labels[nv:] != -1).any()):
+        if nv < r and (
+            f[nv:].any()
+            or self.boxes[nv:].any()
+            or self.scores[nv:].any()
+            or (self.labels[nv:] != -1).any()
+        ):
             raise ValueError(f"padding slots {nv}.. must be zero (labels -1), num_valid={nv}")
 
     @property
@@ -155,8 +177,15 @@ class RegionRecord:
         return np.arange(self.num_regions) < self.num_valid
 
     @classmethod
-    def from_detections(cls, features: Any, boxes: Any, labels: Any, scores: Any,
-                        image_hw: tuple[int, int], num_regions: int = NUM_REGIONS) -> RegionRecord:
+    def from_detections(
+        cls,
+        features: Any,
+        boxes: Any,
+        labels: Any,
+        scores: Any,
+        image_hw: tuple[int, int],
+        num_regions: int = NUM_REGIONS,
+    ) -> RegionRecord:
         """A record from N <= num_regions detections, padded (never duplicated) to num_regions.
 
         Args (numpy arrays, lists or torch tensors): features [N, D]; boxes [N, 4] xyxy pixels;
@@ -172,8 +201,12 @@ class RegionRecord:
         lab = np.full(n, -1, np.int64) if labels is None else _to_numpy(labels, np.int64)
         s = np.ones(n, np.float32) if scores is None else _to_numpy(scores, np.float32)
         _check_shapes(n, boxes=b, labels=lab, scores=s)
-        out = [np.zeros((num_regions, d), np.float32), np.zeros((num_regions, 4), np.float32),
-               np.full(num_regions, -1, np.int64), np.zeros(num_regions, np.float32)]
+        out = [
+            np.zeros((num_regions, d), np.float32),
+            np.zeros((num_regions, 4), np.float32),
+            np.full(num_regions, -1, np.int64),
+            np.zeros(num_regions, np.float32),
+        ]
         for dst, src in zip(out, (f, b, lab, s), strict=True):
             dst[:n] = src
         return cls(*out, image_hw, n)
@@ -202,8 +235,11 @@ def _key(image_id: str) -> bytes:
     """The LMDB key of an image id; raises ValueError on ids the contract does not allow."""
     problem = image_id_problem(image_id)
     if problem is not None:
-        shown = image_id.encode("utf-8", "backslashreplace").decode() if isinstance(
-            image_id, str) else image_id
+        shown = (
+            image_id.encode("utf-8", "backslashreplace").decode()
+            if isinstance(image_id, str)
+            else image_id
+        )
         raise ValueError(f"image id {shown!r:.80} cannot be stored: {problem}")
     return image_id.encode("utf-8")
 
@@ -215,16 +251,28 @@ def _encode(image_id: str, record: RegionRecord) -> bytes:
         f16 = feats.astype(_DTYPES[_DISK_CODES[0]])
     if not np.isfinite(f16).all():
         if np.isfinite(feats).all():
-            raise RegionStoreError(f"image {image_id!r}: feature value {np.abs(feats).max():.6g} "
-                                   "is beyond the store's float16 range (+-65504); rescale")
+            raise RegionStoreError(
+                f"image {image_id!r}: feature value {np.abs(feats).max():.6g} "
+                "is beyond the store's float16 range (+-65504); rescale"
+            )
         raise RegionStoreError(f"image {image_id!r}: features contain NaN or inf")
     if not (np.isfinite(record.boxes).all() and np.isfinite(record.scores).all()):
         raise RegionStoreError(f"image {image_id!r}: boxes or scores contain NaN or inf")
     arrays = (f16, record.boxes, record.labels, record.scores)
-    payload = b"".join(a.astype(_DTYPES[c], copy=False).tobytes()
-                       for a, c in zip(arrays, _DISK_CODES, strict=True))
-    head = _HEADER.pack(MAGIC, SCHEMA_VERSION, record.num_regions, record.feature_dim,
-                        *_DISK_CODES, record.num_valid, 0, *record.image_hw, 0)[:-4]
+    payload = b"".join(
+        a.astype(_DTYPES[c], copy=False).tobytes() for a, c in zip(arrays, _DISK_CODES, strict=True)
+    )
+    head = _HEADER.pack(
+        MAGIC,
+        SCHEMA_VERSION,
+        record.num_regions,
+        record.feature_dim,
+        *_DISK_CODES,
+        record.num_valid,
+        0,
+        *record.image_hw,
+        0,
+    )[:-4]
     return head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + payload
 
 
@@ -243,24 +291,30 @@ def _decode(image_id: str, buf: Any) -> RegionRecord:
     if any(c not in _DTYPES for c in codes):
         raise fail(f"has unknown dtype codes {codes}")
     shapes = ((r, d), (r, 4), (r,), (r,))
-    expected = _HEADER.size + sum(_DTYPES[c].itemsize * math.prod(s)
-                                  for c, s in zip(codes, shapes, strict=True))
+    expected = _HEADER.size + sum(
+        _DTYPES[c].itemsize * math.prod(s) for c, s in zip(codes, shapes, strict=True)
+    )
     if n != expected:
-        raise fail(f"is {'truncated' if n < expected else 'too long'}: {n} bytes, its header "
-                   f"implies {expected}")
-    if zlib.crc32(buf[_HEADER.size:], zlib.crc32(buf[:_HEADER.size - 4])) != crc:
+        raise fail(
+            f"is {'truncated' if n < expected else 'too long'}: {n} bytes, its header "
+            f"implies {expected}"
+        )
+    if zlib.crc32(buf[_HEADER.size :], zlib.crc32(buf[: _HEADER.size - 4])) != crc:
         raise fail("is corrupt: checksum mismatch")
     arrays, offset = [], _HEADER.size
-    for c, shape, out in zip(codes, shapes, (np.float32, np.float32, np.int64, np.float32),
-                             strict=True):
+    for c, shape, out in zip(
+        codes, shapes, (np.float32, np.float32, np.int64, np.float32), strict=True
+    ):
         count = math.prod(shape)
         if c == 1:  # float16 features: torch widens them several times faster than numpy
-            wide = torch.frombuffer(bytearray(buf[offset:offset + 2 * count]),
-                                    dtype=torch.float16).float().numpy()
+            wide = (
+                torch.frombuffer(bytearray(buf[offset : offset + 2 * count]), dtype=torch.float16)
+                .float()
+                .numpy()
+            )
             arrays.append(wide.reshape(shape))
         else:
-            arrays.append(np.frombuffer(buf, _DTYPES[c], count, offset).reshape(shape)
-                          .astype(out))
+            arrays.append(np.frombuffer(buf, _DTYPES[c], count, offset).reshape(shape).astype(out))
         offset += count * _DTYPES[c].itemsize
     try:
         return RegionRecord(*arrays, (h, w), num_valid)
@@ -281,8 +335,9 @@ def _check_compatible(stored: dict, given: dict, where: str) -> None:
         elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
             i = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
             name, a, b = f"{key}[{i}]", a[i], b[i]
-        raise RegionStoreError(f"{where}: meta key {name!r} differs: stored {repr(a)[:80]}, "
-                               f"given {repr(b)[:80]}")
+        raise RegionStoreError(
+            f"{where}: meta key {name!r} differs: stored {repr(a)[:80]}, given {repr(b)[:80]}"
+        )
 
 
 def _check_fits(image_id: str, record: RegionRecord, meta: dict) -> None:
@@ -291,8 +346,10 @@ def _check_fits(image_id: str, record: RegionRecord, meta: dict) -> None:
     want = [meta["num_regions"], meta["feature_dim"]]
     top, lo, hi = len(meta["label_names"]) or 2**31, record.labels.min(), record.labels.max()
     if got != want or lo < -1 or hi >= top:
-        raise RegionStoreError(f"region record {image_id!r} does not fit the store: [regions, "
-                               f"dim] {got} vs {want}, labels {lo}..{hi} vs [-1, {top})")
+        raise RegionStoreError(
+            f"region record {image_id!r} does not fit the store: [regions, "
+            f"dim] {got} vs {want}, labels {lo}..{hi} vs [-1, {top})"
+        )
 
 
 def _normalise_meta(meta: dict) -> dict:
@@ -302,15 +359,22 @@ def _normalise_meta(meta: dict) -> dict:
         raise RegionStoreError(f"meta 'feature_dim' must be a positive int, got {dim!r}")
     if not isinstance(names, (list, tuple)) or not all(isinstance(x, str) for x in names):
         raise RegionStoreError(f"meta 'label_names' must be a list of str, got {names!r:.80}")
-    fixed = {"schema_version": SCHEMA_VERSION, "num_regions": NUM_REGIONS,
-             "feature_dtype": "float16"}
+    fixed = {
+        "schema_version": SCHEMA_VERSION,
+        "num_regions": NUM_REGIONS,
+        "feature_dtype": "float16",
+    }
     for key, want in fixed.items():
         if key in meta and meta[key] != want:
             raise RegionStoreError(f"meta {key!r} is {meta[key]!r}, this writer writes {want!r}")
     out = {"detector": {}, "thresholds": {}, "has_boxes": True, "has_labels": bool(names)}
     out.update(meta)
-    out.update(fixed, feature_dim=int(dim), label_names=list(names),
-               created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    out.update(
+        fixed,
+        feature_dim=int(dim),
+        label_names=list(names),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
     try:
         return json.loads(json.dumps(out, allow_nan=False))
     except (TypeError, ValueError) as e:
@@ -324,8 +388,10 @@ def _parse_meta(raw: Any, path: Path) -> dict:
         raise RegionStoreError(f"region store {path}: {META_KEY} is not valid JSON: {e}") from e
     version = meta.get("schema_version") if isinstance(meta, dict) else None
     if version != SCHEMA_VERSION or not {"feature_dim", "num_regions", "label_names"} <= set(meta):
-        raise RegionStoreError(f"region store {path}: {META_KEY} has schema version {version!r} "
-                               f"(this code reads {SCHEMA_VERSION}) or lacks required keys")
+        raise RegionStoreError(
+            f"region store {path}: {META_KEY} has schema version {version!r} "
+            f"(this code reads {SCHEMA_VERSION}) or lacks required keys"
+        )
     return meta
 
 
@@ -357,8 +423,10 @@ def _open_reader(key: str) -> lmdb.Environment:
         pass
     lock = WriterLock(Path(key) / _LOCK_NAME, f"region store {key}")
     if lock.is_held_elsewhere():
-        raise RegionStoreError(f"region store {key} is being written by {lock.holder()} and "
-                               "its folder is read-only here; read it when the writer is done")
+        raise RegionStoreError(
+            f"region store {key} is being written by {lock.holder()} and "
+            "its folder is read-only here; read it when the writer is done"
+        )
     try:
         return lmdb.open(key, lock=False, **options)
     except lmdb.Error as e:
@@ -398,8 +466,14 @@ class RegionWriter:
     Commits every `commit_every` puts, on `flush` and `close` (also on leaving a ``with`` block
     by an error): a killed run keeps only whole records. One writer per store at a time."""
 
-    def __init__(self, path: str | os.PathLike, meta: dict, *, commit_every: int = 64,
-                 map_size: int = 1 << 36):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        meta: dict,
+        *,
+        commit_every: int = 64,
+        map_size: int = 1 << 36,
+    ):
         if commit_every < 1:
             raise ValueError(f"commit_every must be >= 1, got {commit_every}")
         self.path, self.commit_every, given = Path(path), int(commit_every), _normalise_meta(meta)
@@ -408,8 +482,10 @@ class RegionWriter:
         if self.path.is_dir() and not (self.path / "data.mdb").exists():
             others = sorted(p.name for p in self.path.iterdir() if p.name != _LOCK_NAME)
             if others:
-                raise RegionStoreError(f"{self.path} is a folder that is not a region store "
-                                       f"(it holds {others[0]!r}); choose a new --out")
+                raise RegionStoreError(
+                    f"{self.path} is a folder that is not a region store "
+                    f"(it holds {others[0]!r}); choose a new --out"
+                )
         self.path.mkdir(parents=True, exist_ok=True)
         self._key = os.path.realpath(self.path)
         pid, _, readonly = _ENVS.get(self._key, (0, None, True))
@@ -426,8 +502,9 @@ class RegionWriter:
                 check_lmdb_file(self.path)
             _drop_env(self._key)  # a reader's env in this process; readers then share ours
             try:
-                self._env = lmdb.open(self._key, subdir=True, map_size=map_size, meminit=False,
-                                      max_dbs=0)
+                self._env = lmdb.open(
+                    self._key, subdir=True, map_size=map_size, meminit=False, max_dbs=0
+                )
             except lmdb.Error as e:
                 raise RegionStoreError(f"cannot open region store {self.path}: {e}") from None
             _ENVS[self._key] = (os.getpid(), self._env, False)
@@ -468,8 +545,10 @@ class RegionWriter:
         """Queue a record (committed every `commit_every` puts); raises on bad values."""
         _key(image_id)
         if image_id in self:
-            raise RegionStoreError(f"image {image_id!r} is already in {self.path}; skip written "
-                                   "ids with `image_id in writer`")
+            raise RegionStoreError(
+                f"image {image_id!r} is already in {self.path}; skip written "
+                "ids with `image_id in writer`"
+            )
         _check_fits(image_id, record, self._meta)
         self._put_encoded(image_id, _encode(image_id, record))
 
@@ -565,8 +644,10 @@ class RegionStore:
             keys = [k.decode("utf-8") for k in raw]
         except UnicodeDecodeError:
             bad = next(k for k in raw if not _is_utf8(k))
-            raise RegionStoreError(f"region store {self.path} holds key {bad[:40]!r}, which is "
-                                   "not UTF-8: not written by cpfean") from None
+            raise RegionStoreError(
+                f"region store {self.path} holds key {bad[:40]!r}, which is "
+                "not UTF-8: not written by cpfean"
+            ) from None
         return sorted(k for k in keys if k != META_KEY)
 
     def _raw(self, image_id: object) -> bytes | None:
@@ -597,8 +678,9 @@ class RegionStore:
             _drop_env(key)
 
 
-def merge_stores(sources: Sequence[str | os.PathLike], dest: str | os.PathLike, *,
-                 commit_every: int = 64) -> int:
+def merge_stores(
+    sources: Sequence[str | os.PathLike], dest: str | os.PathLike, *, commit_every: int = 64
+) -> int:
     """Merge per-rank stores (identity meta must agree) into a new store at `dest`; returns
     its number of records. Records are validated and copied byte for byte; an id in several
     sources must have identical bytes in each. Written to ``{dest}.partial`` (replaced if left
@@ -613,8 +695,10 @@ def merge_stores(sources: Sequence[str | os.PathLike], dest: str | os.PathLike, 
         first = stores[0].meta
         for store in stores[1:]:
             _check_compatible(first, store.meta, f"merging {store.path} with {stores[0].path}")
-        meta = {**{k: v for k, v in first.items() if k != "created"},
-                "merged_from": [str(s.path) for s in stores]}
+        meta = {
+            **{k: v for k, v in first.items() if k != "created"},
+            "merged_from": [str(s.path) for s in stores],
+        }
         partial = dest.with_name(dest.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         origin: dict[str, int] = {}
@@ -625,8 +709,10 @@ def merge_stores(sources: Sequence[str | os.PathLike], dest: str | os.PathLike, 
                     if image_id in origin:
                         other = stores[origin[image_id]]
                         if other._raw(image_id) != value:
-                            raise RegionStoreError(f"image {image_id!r} is in both {other.path} "
-                                                   f"and {store.path} with different contents")
+                            raise RegionStoreError(
+                                f"image {image_id!r} is in both {other.path} "
+                                f"and {store.path} with different contents"
+                            )
                     else:
                         _check_fits(image_id, _decode(image_id, value), writer._meta)
                         writer._put_encoded(image_id, value)

@@ -111,12 +111,14 @@ def _car(d: ImageDraw.ImageDraw, w: int, h: int, c: RGB) -> None:
     for xs in ((0.3, 0.38, 0.49, 0.49), (0.53, 0.53, 0.63, 0.72)):  # two side windows
         ys = (0.4, 0.14, 0.14, 0.4)
         d.polygon([(w * x, h * y) for x, y in zip(xs, ys, strict=True)], fill=_rgba(_GLASS))
-    d.rounded_rectangle((0, h * 0.38, w - 1, h * 0.78), radius=max(1, h // 8), fill=_rgba(c),
-                        outline=_edge(c))
+    d.rounded_rectangle(
+        (0, h * 0.38, w - 1, h * 0.78), radius=max(1, h // 8), fill=_rgba(c), outline=_edge(c)
+    )
     r = h * 0.2
     for cx in (w * 0.24, w * 0.76):
-        d.ellipse((cx - r, h - 1 - 2 * r, cx + r, h - 1), fill=_rgba(_WHEEL),
-                  outline=(150, 150, 150, 255))
+        d.ellipse(
+            (cx - r, h - 1 - 2 * r, cx + r, h - 1), fill=_rgba(_WHEEL), outline=(150, 150, 150, 255)
+        )
 
 
 def _house(d: ImageDraw.ImageDraw, w: int, h: int, c: RGB) -> None:
@@ -130,8 +132,11 @@ def _house(d: ImageDraw.ImageDraw, w: int, h: int, c: RGB) -> None:
 def _cup(d: ImageDraw.ImageDraw, w: int, h: int, c: RGB) -> None:
     lw = max(2, w // 9)
     d.ellipse((w * 0.5, h * 0.2, w - 1, h * 0.7), outline=_rgba(c), width=lw)
-    d.polygon([(0, 0), (w * 0.78, 0), (w * 0.68, h - 1), (w * 0.1, h - 1)], fill=_rgba(c),
-              outline=_edge(c))
+    d.polygon(
+        [(0, 0), (w * 0.78, 0), (w * 0.68, h - 1), (w * 0.1, h - 1)],
+        fill=_rgba(c),
+        outline=_edge(c),
+    )
     d.line((0, h * 0.06, w * 0.78, h * 0.06), fill=_edge(c), width=max(1, h // 14))
 
 
@@ -139,8 +144,10 @@ def _heart(d: ImageDraw.ImageDraw, w: int, h: int, c: RGB) -> None:
     r = w / 4
     d.ellipse((0, 0, 2 * r, 2 * r), fill=_rgba(c))
     d.ellipse((w - 1 - 2 * r, 0, w - 1, 2 * r), fill=_rgba(c))
-    d.polygon([(w * 0.015, r * 1.25), (w / 2, h - 1), (w * 0.985 - 1, r * 1.25), (w / 2, r)],
-              fill=_rgba(c))
+    d.polygon(
+        [(w * 0.015, r * 1.25), (w / 2, h - 1), (w * 0.985 - 1, r * 1.25), (w / 2, r)],
+        fill=_rgba(c),
+    )
 
 
 def _arrow(d: ImageDraw.ImageDraw, w: int, h: int, c: RGB) -> None:
@@ -177,15 +184,23 @@ def _kite(d: ImageDraw.ImageDraw, w: int, h: int, c: RGB) -> None:
     d.polygon(top, fill=_rgba(c), outline=_edge(c))
     d.line((w / 2, 0, w / 2, h * 0.72), fill=_edge(c), width=1)
     d.line((0, h * 0.3, w - 1, h * 0.3), fill=_edge(c), width=1)
-    d.line([(w / 2, h * 0.72), (w * 0.35, h * 0.84), (w * 0.6, h * 0.92), (w * 0.45, h - 1)],
-           fill=_edge(c), width=max(1, w // 20))
+    d.line(
+        [(w / 2, h * 0.72), (w * 0.35, h * 0.84), (w * 0.6, h * 0.92), (w * 0.45, h - 1)],
+        fill=_edge(c),
+        width=max(1, w // 20),
+    )
 
 
 def _umbrella(d: ImageDraw.ImageDraw, w: int, h: int, c: RGB) -> None:
     lw = max(2, w // 16)
     d.line((w / 2, h * 0.4, w / 2, h * 0.88), fill=(60, 60, 60, 255), width=lw)
-    d.arc((w / 2 - w * 0.16, h * 0.72, w / 2 + lw / 2, h - 1), 0, 180, fill=(60, 60, 60, 255),
-          width=lw)
+    d.arc(
+        (w / 2 - w * 0.16, h * 0.72, w / 2 + lw / 2, h - 1),
+        0,
+        180,
+        fill=(60, 60, 60, 255),
+        width=lw,
+    )
     d.pieslice((0, 0, w - 1, h * 0.9), 180, 360, fill=_rgba(c), outline=_edge(c))
     for x in (w / 4, w / 2, w * 3 / 4):
         d.line((w / 2, h * 0.02, x, h * 0.45), fill=_edge(c), width=1)

@@ -123,8 +123,14 @@ def _position(box: Box, width: int, height: int) -> str:
 class _Writer:
     """Draws words for one caption from a seeded generator."""
 
-    def __init__(self, rng: np.random.Generator, objects: Sequence[SceneObject], width: int,
-                 height: int, background: str) -> None:
+    def __init__(
+        self,
+        rng: np.random.Generator,
+        objects: Sequence[SceneObject],
+        width: int,
+        height: int,
+        background: str,
+    ) -> None:
         self.rng, self.objects = rng, objects
         self.width, self.height, self.background = width, height, background
         self.relations: list[tuple[int, str, int]] = []
@@ -200,8 +206,9 @@ class _Writer:
         return f" and {listed}"
 
 
-def _choose_mentions(rng: np.random.Generator, objects: Sequence[SceneObject],
-                     n_captions: int) -> list[list[int]]:
+def _choose_mentions(
+    rng: np.random.Generator, objects: Sequence[SceneObject], n_captions: int
+) -> list[list[int]]:
     """Which objects each caption names: salient almost always, minor sometimes, background
     never; every minor object at least once."""
     salient = [i for i, o in enumerate(objects) if o.role == "salient"]
@@ -235,8 +242,14 @@ def _finish(text: str, rng: np.random.Generator) -> str:
     return text
 
 
-def write_captions(rng: np.random.Generator, objects: Sequence[SceneObject], width: int,
-                   height: int, background: str, n_captions: int = 5) -> list[Caption]:
+def write_captions(
+    rng: np.random.Generator,
+    objects: Sequence[SceneObject],
+    width: int,
+    height: int,
+    background: str,
+    n_captions: int = 5,
+) -> list[Caption]:
     """Write `n_captions` distinct grounded captions for one scene.
 
     Args:

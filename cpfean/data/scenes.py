@@ -24,11 +24,8 @@ larger one.
 
 from __future__ import annotations
 
-from cpfean.fileio import atomic_write, atomic_write_json
-
 import colorsys
 import io
-import json
 import multiprocessing
 import os
 from collections.abc import Callable, Sequence
@@ -41,10 +38,19 @@ from PIL import Image, ImageDraw
 
 from cpfean.data.scene_shapes import CATEGORIES, COLOURS, draw_shape
 from cpfean.data.scene_text import Caption, SceneObject, tokenize, write_captions
+from cpfean.fileio import atomic_write, atomic_write_json
 
 __all__ = [
-    "CATEGORIES", "COLOURS", "Scene", "SceneObject", "build_instances", "build_karpathy",
-    "generate_dataset", "make_scene", "render_scene", "split_sizes",
+    "CATEGORIES",
+    "COLOURS",
+    "Scene",
+    "SceneObject",
+    "build_instances",
+    "build_karpathy",
+    "generate_dataset",
+    "make_scene",
+    "render_scene",
+    "split_sizes",
 ]
 
 BACKGROUNDS: tuple[str, ...] = ("gradient", "hazy", "striped", "checkered", "grainy", "mottled")
@@ -93,8 +99,9 @@ def _background(rng: np.random.Generator, width: int, height: int) -> tuple[np.n
         t = (((x // cell) + (y // cell)) % 2) * 0.6 + 0.2
     elif kind == "mottled":
         coarse = rng.random((height // 16 + 2, width // 16 + 2)).astype(np.float32)
-        t = np.asarray(Image.fromarray(coarse, mode="F").resize((width, height),
-                                                                Image.Resampling.BILINEAR))
+        t = np.asarray(
+            Image.fromarray(coarse, mode="F").resize((width, height), Image.Resampling.BILINEAR)
+        )
     else:  # grainy: one colour, strong noise below
         t = np.zeros((height, width), np.float32)
     img = c1 * (1 - t[..., None]) + c2 * t[..., None]
@@ -132,8 +139,9 @@ def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> floa
     return iw * ih / min(a[2] * a[3], b[2] * b[3])
 
 
-def _layout(rng: np.random.Generator, width: int, height: int
-            ) -> list[tuple[str, str, str, Image.Image, int, int]]:
+def _layout(
+    rng: np.random.Generator, width: int, height: int
+) -> list[tuple[str, str, str, Image.Image, int, int]]:
     """Choose and place the objects: (category, colour, size, layer, x, y), large ones first.
 
     Categories are distinct within a scene; an object that finds no place after 60 tries is
@@ -155,16 +163,19 @@ def _layout(rng: np.random.Generator, width: int, height: int
                 continue
             for _ in range(60):
                 x, y = int(rng.integers(0, width - lw + 1)), int(rng.integers(0, height - lh + 1))
-                if all(_overlap((x, y, lw, lh), (p[4], p[5], *p[3].size)) <= _MAX_OVERLAP
-                       for p in placed):
+                if all(
+                    _overlap((x, y, lw, lh), (p[4], p[5], *p[3].size)) <= _MAX_OVERLAP
+                    for p in placed
+                ):
                     placed.append((CATEGORIES[int(c)], colour, size, layer, x, y))
                     break
         if len(placed) >= 3 and any(p[2] == "small" for p in placed):
             return placed
 
 
-def make_scene(seed: int, index: int, width: int = 320, height: int = 240,
-               ext: str = "jpg") -> tuple[Scene, Image.Image]:
+def make_scene(
+    seed: int, index: int, width: int = 320, height: int = 240, ext: str = "jpg"
+) -> tuple[Scene, Image.Image]:
     """Generate image `index` of the data set with seed `seed`.
 
     Returns:
@@ -228,16 +239,30 @@ def build_karpathy(scenes: Sequence[Scene], meta: dict[str, Any] | None = None) 
     for scene, split in zip(scenes, splits, strict=True):
         i, n = scene.index, len(scene.captions)
         sentences = [
-            {"raw": c.raw, "tokens": tokenize(c.raw), "imgid": i, "sentid": i * n + k,
-             "mentions": list(c.mentions), "relations": [list(r) for r in c.relations]}
+            {
+                "raw": c.raw,
+                "tokens": tokenize(c.raw),
+                "imgid": i,
+                "sentid": i * n + k,
+                "mentions": list(c.mentions),
+                "relations": [list(r) for r in c.relations],
+            }
             for k, c in enumerate(scene.captions)
         ]
-        images.append({
-            "filepath": "", "filename": scene.file_name, "split": split, "imgid": i,
-            "sentids": [s["sentid"] for s in sentences], "sentences": sentences,
-            "width": scene.width, "height": scene.height, "background": scene.background,
-            "objects": [asdict(o) | {"bbox": list(o.bbox)} for o in scene.objects],
-        })
+        images.append(
+            {
+                "filepath": "",
+                "filename": scene.file_name,
+                "split": split,
+                "imgid": i,
+                "sentids": [s["sentid"] for s in sentences],
+                "sentences": sentences,
+                "width": scene.width,
+                "height": scene.height,
+                "background": scene.background,
+                "objects": [asdict(o) | {"bbox": list(o.bbox)} for o in scene.objects],
+            }
+        )
     return {"dataset": "cpfean_scenes", "generator": meta or {}, "images": images}
 
 
@@ -254,26 +279,51 @@ def build_instances(scenes: Sequence[Scene], split: str) -> dict:
             ann_id += 1
             if s != split:
                 continue
-            annotations.append({
-                "id": ann_id, "image_id": scene.index, "bbox": list(obj.bbox),
-                "category_id": CATEGORIES.index(obj.category) + 1, "area": obj.area, "iscrowd": 0,
-            })
+            annotations.append(
+                {
+                    "id": ann_id,
+                    "image_id": scene.index,
+                    "bbox": list(obj.bbox),
+                    "category_id": CATEGORIES.index(obj.category) + 1,
+                    "area": obj.area,
+                    "iscrowd": 0,
+                }
+            )
         if s == split:
-            images.append({"id": scene.index, "file_name": scene.file_name,
-                           "height": scene.height, "width": scene.width})
-    categories = [{"id": k + 1, "name": c, "supercategory": "shape"}
-                  for k, c in enumerate(CATEGORIES)]
-    return {"info": {"description": f"cpfean scenes, {split} split"}, "images": images,
-            "annotations": annotations, "categories": categories}
+            images.append(
+                {
+                    "id": scene.index,
+                    "file_name": scene.file_name,
+                    "height": scene.height,
+                    "width": scene.width,
+                }
+            )
+    categories = [
+        {"id": k + 1, "name": c, "supercategory": "shape"} for k, c in enumerate(CATEGORIES)
+    ]
+    return {
+        "info": {"description": f"cpfean scenes, {split} split"},
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+    }
 
 
 def _write_json(path: Path, obj: Any) -> None:
     atomic_write_json(path, obj, separators=(",", ":"))
 
 
-def generate_dataset(out_dir: str | os.PathLike, num_images: int, seed: int, *,
-                     width: int = 320, height: int = 240, workers: int = 1, ext: str = "jpg",
-                     on_image: Callable[[], None] | None = None) -> list[Scene]:
+def generate_dataset(
+    out_dir: str | os.PathLike,
+    num_images: int,
+    seed: int,
+    *,
+    width: int = 320,
+    height: int = 240,
+    workers: int = 1,
+    ext: str = "jpg",
+    on_image: Callable[[], None] | None = None,
+) -> list[Scene]:
     """Write a captioned-scene data set to `out_dir` (layout in the module docstring).
 
     Stale `captions.json` / `instances_*.json` are removed first and rewritten only once every
@@ -316,8 +366,15 @@ def generate_dataset(out_dir: str | os.PathLike, num_images: int, seed: int, *,
                 scenes.append(scene)
                 if on_image:
                     on_image()
-    meta = {"seed": seed, "num_images": num_images, "width": width, "height": height,
-            "version": _VERSION, "categories": list(CATEGORIES), "colours": list(COLOURS)}
+    meta = {
+        "seed": seed,
+        "num_images": num_images,
+        "width": width,
+        "height": height,
+        "version": _VERSION,
+        "categories": list(CATEGORIES),
+        "colours": list(COLOURS),
+    }
     for split in ("train", "val", "test"):
         _write_json(out / f"instances_{split}.json", build_instances(scenes, split))
     _write_json(out / "captions.json", build_karpathy(scenes, meta))

@@ -22,18 +22,46 @@ def _sentences(*raws: str) -> list[dict]:
 
 def _karpathy(tmp_path: Path, name: str = "dataset_coco.json") -> Path:
     five = [f"caption {k}" for k in range(5)]
-    data = {"dataset": "coco", "images": [
-        {"filepath": "val2014", "filename": "a.jpg", "split": "test", "imgid": 0,
-         "sentences": _sentences(*five, "a sixth caption")},
-        {"filepath": "train2014", "filename": "b.jpg", "split": "train", "imgid": 1,
-         "sentences": _sentences(" a dog runs \n", "a dog")},
-        {"filepath": "val2014", "filename": "c.jpg", "split": "restval", "imgid": 2,
-         "sentences": _sentences("a cat")},
-        {"filepath": "val2014", "filename": "d.jpg", "split": "val", "imgid": 3,
-         "sentences": _sentences(*five)},
-        {"filepath": "val2014", "filename": "e.jpg", "split": "test", "imgid": 4,
-         "sentences": _sentences(*[f"e {k}" for k in range(5)])},
-    ]}
+    data = {
+        "dataset": "coco",
+        "images": [
+            {
+                "filepath": "val2014",
+                "filename": "a.jpg",
+                "split": "test",
+                "imgid": 0,
+                "sentences": _sentences(*five, "a sixth caption"),
+            },
+            {
+                "filepath": "train2014",
+                "filename": "b.jpg",
+                "split": "train",
+                "imgid": 1,
+                "sentences": _sentences(" a dog runs \n", "a dog"),
+            },
+            {
+                "filepath": "val2014",
+                "filename": "c.jpg",
+                "split": "restval",
+                "imgid": 2,
+                "sentences": _sentences("a cat"),
+            },
+            {
+                "filepath": "val2014",
+                "filename": "d.jpg",
+                "split": "val",
+                "imgid": 3,
+                "sentences": _sentences(*five),
+            },
+            {
+                "filepath": "val2014",
+                "filename": "e.jpg",
+                "split": "test",
+                "imgid": 4,
+                "sentences": _sentences(*[f"e {k}" for k in range(5)]),
+            },
+        ],
+    }
     path = tmp_path / name
     path.write_text(json.dumps(data))
     return path
@@ -42,8 +70,13 @@ def _karpathy(tmp_path: Path, name: str = "dataset_coco.json") -> Path:
 def test_karpathy_ids_splits_and_restval_folding(tmp_path: Path) -> None:
     path = _karpathy(tmp_path)
     caps = load_captions(path)
-    assert caps.image_ids == ["val2014/a.jpg", "train2014/b.jpg", "val2014/c.jpg",
-                              "val2014/d.jpg", "val2014/e.jpg"]
+    assert caps.image_ids == [
+        "val2014/a.jpg",
+        "train2014/b.jpg",
+        "val2014/c.jpg",
+        "val2014/d.jpg",
+        "val2014/e.jpg",
+    ]
     assert caps.captions[1] == ["a dog runs", "a dog"]  # stripped, in file order
     assert caps.splits == ["test", "train", "train", "val", "test"]
     assert load_captions(path, "train").image_ids == ["train2014/b.jpg", "val2014/c.jpg"]
@@ -55,13 +88,18 @@ def test_karpathy_ids_splits_and_restval_folding(tmp_path: Path) -> None:
 
 
 def test_flickr_style_ids_without_filepath(tmp_path: Path) -> None:
-    data = {"dataset": "flickr30k", "images": [
-        {"filename": "1000092795.jpg", "split": "test", "sentences": _sentences("two men")}]}
+    data = {
+        "dataset": "flickr30k",
+        "images": [
+            {"filename": "1000092795.jpg", "split": "test", "sentences": _sentences("two men")}
+        ],
+    }
     path = tmp_path / "dataset_flickr30k.json"
     path.write_text(json.dumps(data))
     assert load_captions(path).image_ids == ["1000092795.jpg"]
     assert load_captions(path, image_prefix="flickr30k-images/").image_ids == [
-        "flickr30k-images/1000092795.jpg"]
+        "flickr30k-images/1000092795.jpg"
+    ]
 
 
 def test_flatten_five_per_image(tmp_path: Path) -> None:
@@ -79,12 +117,16 @@ def test_flatten_five_per_image(tmp_path: Path) -> None:
 
 def test_coco_caption_annotations(tmp_path: Path) -> None:
     data = {
-        "images": [{"id": 9, "file_name": "COCO_train2014_09.jpg"},
-                   {"id": 3, "file_name": "COCO_train2014_03.jpg"},
-                   {"id": 4, "file_name": "COCO_train2014_04.jpg"}],
-        "annotations": [{"id": 1, "image_id": 3, "caption": "A bus."},
-                        {"id": 2, "image_id": 9, "caption": "A tree. "},
-                        {"id": 5, "image_id": 3, "caption": "A red bus."}],
+        "images": [
+            {"id": 9, "file_name": "COCO_train2014_09.jpg"},
+            {"id": 3, "file_name": "COCO_train2014_03.jpg"},
+            {"id": 4, "file_name": "COCO_train2014_04.jpg"},
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 3, "caption": "A bus."},
+            {"id": 2, "image_id": 9, "caption": "A tree. "},
+            {"id": 5, "image_id": 3, "caption": "A red bus."},
+        ],
     }
     path = tmp_path / "captions_train2014.json"
     path.write_text(json.dumps(data))
@@ -103,9 +145,11 @@ def test_coco_caption_annotations(tmp_path: Path) -> None:
 
 def test_jsonl(tmp_path: Path) -> None:
     path = tmp_path / "caps.jsonl"
-    rows = [{"image": "./x/1.jpg", "caption": "one", "split": "train"},
-            {"image": "x\\2.jpg", "caption": "two", "split": "test"},
-            {"image": "x/1.jpg", "caption": "one again", "split": "train"}]
+    rows = [
+        {"image": "./x/1.jpg", "caption": "one", "split": "train"},
+        {"image": "x\\2.jpg", "caption": "two", "split": "test"},
+        {"image": "x/1.jpg", "caption": "one again", "split": "train"},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     caps = load_captions(path)
     assert caps.image_ids == ["x/1.jpg", "x/2.jpg"]
@@ -121,8 +165,9 @@ def test_jsonl(tmp_path: Path) -> None:
 
 def test_csv(tmp_path: Path) -> None:
     path = tmp_path / "caps.csv"
-    path.write_text('image,caption\nimgs/a.png,"a dog, running"\nimgs/b.png,a cat\n'
-                    "imgs/a.png,another dog\n")
+    path.write_text(
+        'image,caption\nimgs/a.png,"a dog, running"\nimgs/b.png,a cat\nimgs/a.png,another dog\n'
+    )
     caps = load_captions(path)
     assert caps.image_ids == ["imgs/a.png", "imgs/b.png"]
     assert caps.captions == [["a dog, running", "another dog"], ["a cat"]]
@@ -135,8 +180,9 @@ def test_csv(tmp_path: Path) -> None:
 def test_empty_caption_is_an_error_naming_the_place(tmp_path: Path, suffix: str) -> None:
     if suffix == "jsonl":
         path = tmp_path / "c.jsonl"
-        path.write_text('{"image": "a.jpg", "caption": "fine"}\n'
-                        '{"image": "b.jpg", "caption": " "}\n')
+        path.write_text(
+            '{"image": "a.jpg", "caption": "fine"}\n{"image": "b.jpg", "caption": " "}\n'
+        )
         where = r"c.jsonl: line 2: empty caption for image 'b.jpg'"
     elif suffix == "csv":
         path = tmp_path / "c.csv"
@@ -144,14 +190,31 @@ def test_empty_caption_is_an_error_naming_the_place(tmp_path: Path, suffix: str)
         where = r"c.csv: line 3: empty caption for image 'b.jpg'"
     elif suffix == "karpathy":
         path = tmp_path / "k.json"
-        path.write_text(json.dumps({"images": [
-            {"filename": "a.jpg", "split": "train", "sentences": _sentences("fine")},
-            {"filename": "b.jpg", "split": "train", "sentences": _sentences("ok", "\t")}]}))
+        path.write_text(
+            json.dumps(
+                {
+                    "images": [
+                        {"filename": "a.jpg", "split": "train", "sentences": _sentences("fine")},
+                        {
+                            "filename": "b.jpg",
+                            "split": "train",
+                            "sentences": _sentences("ok", "\t"),
+                        },
+                    ]
+                }
+            )
+        )
         where = r"k.json: images\[1\].sentences\[1\]: empty caption for image 'b.jpg'"
     else:
         path = tmp_path / "c.json"
-        path.write_text(json.dumps({"images": [{"id": 1, "file_name": "b.jpg"}],
-                                    "annotations": [{"id": 4, "image_id": 1, "caption": ""}]}))
+        path.write_text(
+            json.dumps(
+                {
+                    "images": [{"id": 1, "file_name": "b.jpg"}],
+                    "annotations": [{"id": 4, "image_id": 1, "caption": ""}],
+                }
+            )
+        )
         where = r"annotations\[0\] \(id 4\): empty caption for image 'b.jpg'"
     with pytest.raises(ValueError, match=where):
         load_captions(path)
@@ -159,8 +222,10 @@ def test_empty_caption_is_an_error_naming_the_place(tmp_path: Path, suffix: str)
 
 def test_skip_empty_drops_with_a_warning(tmp_path: Path) -> None:
     path = tmp_path / "c.jsonl"
-    path.write_text('{"image": "a.jpg", "caption": "fine"}\n{"image": "a.jpg", "caption": ""}\n'
-                    '{"image": "b.jpg", "caption": ""}\n')
+    path.write_text(
+        '{"image": "a.jpg", "caption": "fine"}\n{"image": "a.jpg", "caption": ""}\n'
+        '{"image": "b.jpg", "caption": ""}\n'
+    )
     with pytest.warns(UserWarning) as record:
         caps = load_captions(path, skip_empty=True)
     messages = [str(w.message) for w in record]
@@ -186,8 +251,12 @@ def test_format_detection(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="neither Karpathy"):
         load_captions(other)
     padded = tmp_path / "padded.dat"
-    padded.write_text("\n  " + json.dumps({"images": [{"filename": "a.jpg", "split": "val",
-                                                       "sentences": _sentences("x")}]}))
+    padded.write_text(
+        "\n  "
+        + json.dumps(
+            {"images": [{"filename": "a.jpg", "split": "val", "sentences": _sentences("x")}]}
+        )
+    )
     assert load_captions(padded).image_ids == ["a.jpg"]
 
 
@@ -197,9 +266,11 @@ def test_absolute_ids_are_rejected_and_an_image_may_be_in_several_splits(tmp_pat
     with pytest.raises(ValueError, match="relative to the images root"):
         load_captions(path)
     # COCO's published test split is the first part of testall: one image, two splits
-    path.write_text('{"image": "a.jpg", "caption": "x", "split": "test"}\n'
-                    '{"image": "b.jpg", "caption": "z", "split": "testall"}\n'
-                    '{"image": "a.jpg", "caption": "x", "split": "testall"}\n')
+    path.write_text(
+        '{"image": "a.jpg", "caption": "x", "split": "test"}\n'
+        '{"image": "b.jpg", "caption": "z", "split": "testall"}\n'
+        '{"image": "a.jpg", "caption": "x", "split": "testall"}\n'
+    )
     caps = load_captions(path)
     assert caps.image_ids == ["a.jpg", "b.jpg", "a.jpg"]
     assert load_captions(path, split="testall").image_ids == ["b.jpg", "a.jpg"]

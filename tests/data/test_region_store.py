@@ -31,7 +31,7 @@ D = 16
 LABELS = ["person", "dog", "frisbee", "tree"]
 
 # Deterministic record for an index; shared verbatim with the crash-test child process.
-RECORD_SRC = '''
+RECORD_SRC = """
 import numpy as np
 from cpfean.data.region_store import RegionRecord
 
@@ -49,7 +49,7 @@ def make_meta(d=16):
     return {"feature_dim": d, "label_names": ["person", "dog", "frisbee", "tree"],
             "detector": {"config": "faster_rcnn_R_101_C4", "weights_sha256": "ab" * 32},
             "thresholds": {"score": 0.2, "nms": 0.3}}
-'''
+"""
 _ns: dict = {}
 exec(RECORD_SRC, _ns)
 make_record, make_meta = _ns["make_record"], _ns["make_meta"]
@@ -113,8 +113,9 @@ def test_padding_and_mask() -> None:
 
 def test_from_detections_inputs_and_errors() -> None:
     f = torch.ones(4, D)
-    rec = RegionRecord.from_detections(f, torch.zeros(4, 4), torch.tensor([0, 1, 2, 3]),
-                                       None, (7, 9))
+    rec = RegionRecord.from_detections(
+        f, torch.zeros(4, 4), torch.tensor([0, 1, 2, 3]), None, (7, 9)
+    )
     assert rec.image_hw == (7, 9) and rec.scores[:4].tolist() == [1.0] * 4
     assert rec.labels[:5].tolist() == [0, 1, 2, 3, -1]
     with pytest.raises(ValueError, match="37 detections"):
@@ -153,11 +154,15 @@ def test_meta_mismatch_on_reopen(tmp_path: Path) -> None:
     path = tmp_path / "s"
     write_store(path, {"a.jpg": 1})
     created = RegionStore(path).meta["created"]
-    cases = [({"feature_dim": D * 2}, "'feature_dim'"),
-             ({"label_names": ["person", "cat", "frisbee", "tree"]}, r"'label_names\[1\]'"),
-             ({"detector": {"config": "faster_rcnn_R_101_C4", "weights_sha256": "cd" * 32}},
-              "'detector.weights_sha256'"),
-             ({"thresholds": {"score": 0.5, "nms": 0.3}}, "'thresholds.score'")]
+    cases = [
+        ({"feature_dim": D * 2}, "'feature_dim'"),
+        ({"label_names": ["person", "cat", "frisbee", "tree"]}, r"'label_names\[1\]'"),
+        (
+            {"detector": {"config": "faster_rcnn_R_101_C4", "weights_sha256": "cd" * 32}},
+            "'detector.weights_sha256'",
+        ),
+        ({"thresholds": {"score": 0.5, "nms": 0.3}}, "'thresholds.score'"),
+    ]
     for change, key in cases:
         with pytest.raises(RegionStoreError, match=key):
             RegionWriter(path, {**make_meta(), **change})
@@ -199,8 +204,12 @@ def test_corrupt_values_name_the_id(tmp_path: Path) -> None:
     env.close()
     store = RegionStore(path)
     assert_same(store["ok.jpg"], make_record(5, n=5))
-    for image_id, what in [("trunc.jpg", "truncated"), ("magic.jpg", "magic"),
-                           ("flip.jpg", "checksum"), ("ver.jpg", "schema version 99")]:
+    for image_id, what in [
+        ("trunc.jpg", "truncated"),
+        ("magic.jpg", "magic"),
+        ("flip.jpg", "checksum"),
+        ("ver.jpg", "schema version 99"),
+    ]:
         with pytest.raises(RegionStoreError, match=rf"'{image_id}'.*{what}"):
             store[image_id]
 
@@ -226,7 +235,9 @@ def test_map_grows_when_full(tmp_path: Path) -> None:
     assert_same(store["063.jpg"], make_record(63, d=256))
 
 
-CHILD_SRC = RECORD_SRC + '''
+CHILD_SRC = (
+    RECORD_SRC
+    + """
 import sys, time
 from cpfean.data.region_store import RegionWriter
 path, n = sys.argv[1], int(sys.argv[2])
@@ -236,14 +247,19 @@ with RegionWriter(path, make_meta(64), commit_every=7) as writer:
         if i == 20:
             print("started", flush=True)
         time.sleep(0.001)
-'''
+"""
+)
 
 
 def test_resume_after_kill9(tmp_path: Path) -> None:
     path, n = tmp_path / "s", 1500
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    child = subprocess.Popen([sys.executable, "-c", CHILD_SRC, str(path), str(n)], env=env,
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD_SRC, str(path), str(n)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert child.stdout.readline().strip() == "started"
     time.sleep(np.random.default_rng().uniform(0.05, 0.3))
     os.kill(child.pid, signal.SIGKILL)
@@ -279,8 +295,14 @@ class _StoreDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         r = self.store[self.ids[i]]
-        return {"features": r.features, "boxes": r.boxes, "labels": r.labels,
-                "scores": r.scores, "mask": r.mask, "hw": np.array(r.image_hw)}
+        return {
+            "features": r.features,
+            "boxes": r.boxes,
+            "labels": r.labels,
+            "scores": r.scores,
+            "mask": r.mask,
+            "hw": np.array(r.image_hw),
+        }
 
 
 @pytest.mark.parametrize("context", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
@@ -289,8 +311,9 @@ def test_dataloader_workers_match_single_process(tmp_path: Path, context: str) -
     store = RegionStore(tmp_path / "s")
     ids = store.ids()
     single = [store[i] for i in ids]  # the parent's env is open before the workers start
-    loader = DataLoader(_StoreDataset(store, ids), batch_size=5, num_workers=2,
-                        multiprocessing_context=context)
+    loader = DataLoader(
+        _StoreDataset(store, ids), batch_size=5, num_workers=2, multiprocessing_context=context
+    )
     batches = list(loader)
     for key in ("features", "boxes", "labels", "scores", "mask"):
         got = torch.cat([b[key] for b in batches]).numpy()

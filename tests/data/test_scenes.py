@@ -41,8 +41,11 @@ def karpathy(dataset: Path) -> dict:
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_vocabulary_is_rich_enough() -> None:
@@ -119,7 +122,7 @@ def test_boxes_inside_images_and_barely_overlapping(karpathy: dict) -> None:
             assert x >= 0 and y >= 0 and w > 0 and h > 0
             assert x + w <= im["width"] and y + h <= im["height"]
         for i, a in enumerate(boxes):
-            for b in boxes[i + 1:]:
+            for b in boxes[i + 1 :]:
                 assert scenes_mod._overlap(tuple(a), tuple(b)) <= scenes_mod._MAX_OVERLAP
 
 
@@ -139,7 +142,7 @@ def test_objects_are_drawn_where_their_boxes_are() -> None:
     for obj in scene.objects:
         x, y, w, h = obj.bbox
         fill = np.array(COLOURS[obj.colour])
-        inside = np.abs(pixels[y:y + h, x:x + w] - fill).sum(-1) < 40
+        inside = np.abs(pixels[y : y + h, x : x + w] - fill).sum(-1) < 40
         assert inside.sum() >= 0.2 * obj.area, f"{obj.category} not visible in its box"
 
 
@@ -172,8 +175,13 @@ def test_relations_follow_the_boxes(karpathy: dict) -> None:
                 (ax, ay, aw, ah), (bx, by, bw, bh) = boxes[a], boxes[b]
                 acx, acy, bcx, bcy = ax + aw / 2, ay + ah / 2, bx + bw / 2, by + bh / 2
                 assert rel == relation(tuple(boxes[a]), tuple(boxes[b]), im["width"])
-                assert {"left of": acx < bcx, "right of": acx > bcx, "above": acy < bcy,
-                        "below": acy > bcy, "next to": True}[rel], (s["raw"], boxes[a], boxes[b])
+                assert {
+                    "left of": acx < bcx,
+                    "right of": acx > bcx,
+                    "above": acy < bcy,
+                    "below": acy > bcy,
+                    "next to": True,
+                }[rel], (s["raw"], boxes[a], boxes[b])
                 count += 1
     assert count > 0
 
@@ -205,19 +213,25 @@ def test_salient_objects_recur_and_some_objects_go_unmentioned(karpathy: dict) -
 
 
 def test_scenes_are_distinguishable(karpathy: dict) -> None:
-    sets = Counter(frozenset((o["category"], o["colour"]) for o in im["objects"])
-                   for im in karpathy["images"])
+    sets = Counter(
+        frozenset((o["category"], o["colour"]) for o in im["objects"]) for im in karpathy["images"]
+    )
     assert max(sets.values()) == 1
     mentioned = Counter(
-        frozenset((im["objects"][i]["category"], im["objects"][i]["colour"])
-                  for s in im["sentences"] for i in s["mentions"])
-        for im in karpathy["images"])
+        frozenset(
+            (im["objects"][i]["category"], im["objects"][i]["colour"])
+            for s in im["sentences"]
+            for i in s["mentions"]
+        )
+        for im in karpathy["images"]
+    )
     assert sum(v for v in mentioned.values() if v > 1) <= 2
 
 
 def test_captions_vary_in_wording(karpathy: dict) -> None:
-    openings = Counter(" ".join(s["tokens"][:2]) for im in karpathy["images"]
-                       for s in im["sentences"])
+    openings = Counter(
+        " ".join(s["tokens"][:2]) for im in karpathy["images"] for s in im["sentences"]
+    )
     assert len(openings) >= 10
     assert max(openings.values()) < 0.3 * 5 * N
 
@@ -235,8 +249,9 @@ def test_split_sizes() -> None:
         split_sizes(2)
 
 
-def test_interrupted_run_leaves_no_captions_file(tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_run_leaves_no_captions_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     generate_dataset(tmp_path, 4, seed=0)
     assert (tmp_path / "captions.json").is_file()
     real = scenes_mod.render_scene
