@@ -41,10 +41,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from cpfean import ann
 from cpfean.data.dataset import collate_regions, record_arrays
 from cpfean.evaluation import encode_texts
 from cpfean.fileio import WriterLock, atomic_path, atomic_write_json, fsync_dir
+from cpfean.first_stage import (
+    DEFAULT_CANDIDATES,
+    TWO_STAGE_MIN,
+    FirstStage,
+    normalise,
+    two_stage,
+)
+from cpfean.first_stage import (
+    exhaustive as exhaustive_search,
+)
 from cpfean.progress import progress as progress_of
 
 FORMAT = "cpfean-index"
@@ -52,11 +61,11 @@ VERSION = 1
 IMAGES_ROOT_KEYS = ("images_root", "image_root", "images_dir")  # where a store's meta may say
 
 
-class IndexError_(ValueError):
+class IndexFormatError(ValueError):
     """An index is missing, incomplete, of an unknown format or built with another model."""
 
 
-class IndexMismatchError(IndexError_):
+class IndexMismatchError(IndexFormatError):
     """The index was built with a different checkpoint than the one given."""
 
 
@@ -73,12 +82,14 @@ def _resolve_class(name: str) -> type:
     """The embeddings dataclass recorded in index.json (only cpfean's or already imported)."""
     module, _, qualname = name.partition(":")
     if not (module.startswith("cpfean.") or module in sys.modules):
-        raise IndexError_(f"index records embeddings class {name!r}, which is not part of cpfean")
+        raise IndexFormatError(
+            f"index records embeddings class {name!r}, which is not part of cpfean"
+        )
     obj: Any = importlib.import_module(module)
     for part in qualname.split("."):
         obj = getattr(obj, part)
     if not dataclasses.is_dataclass(obj):
-        raise IndexError_(f"index records embeddings class {name!r}, which is not a dataclass")
+        raise IndexFormatError(f"index records embeddings class {name!r}, which is not a dataclass")
     return obj
 
 
@@ -103,12 +114,12 @@ _INDEX_ENTRIES = {"index.json", "images", "captions"}
 
 
 def check_replaceable(out: Path) -> None:
-    """Raise IndexError_ unless ``out`` is absent, an empty folder or an index this code wrote
+    """Raise IndexFormatError unless ``out`` is absent, an empty folder or an index this code wrote
     with nothing else in it: a build never deletes what it did not write."""
     if not out.exists():
         return
     if not out.is_dir():
-        raise IndexError_(f"--out {out} is a file, not an index folder; choose another --out")
+        raise IndexFormatError(f"--out {out} is a file, not an index folder; choose another --out")
     entries = {p.name for p in out.iterdir()}
     if not entries:
         return
@@ -119,7 +130,7 @@ def check_replaceable(out: Path) -> None:
     foreign = sorted(entries - _INDEX_ENTRIES)
     if fmt != FORMAT or foreign:
         what = f"holds {foreign[0]!r}" if foreign else "has no cpfean index.json"
-        raise IndexError_(
+        raise IndexFormatError(
             f"--out {out} is a folder that is not a cpfean index ({what}); "
             "an index build replaces only an index it wrote; choose another --out"
         )
@@ -156,7 +167,7 @@ def build_key(
 
 def _load_npy(path: Path, mmap: bool = True) -> np.ndarray:
     if not path.is_file():
-        raise IndexError_(f"index file missing: {path} (rebuild the index)")
+        raise IndexFormatError(f"index file missing: {path} (rebuild the index)")
     return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
 
 
@@ -164,7 +175,7 @@ def pooled_images(emb: Any) -> np.ndarray:
     """First-stage vectors of images: [B, d] unit-norm mean of the valid region embeddings."""
     regions, mask = emb.regions.float(), emb.mask.to(emb.regions.device)
     m = mask[..., None].float()
-    return ann.normalise(((regions * m).sum(1) / m.sum(1).clamp_min(1)).cpu().numpy())
+    return normalise(((regions * m).sum(1) / m.sum(1).clamp_min(1)).cpu().numpy())
 
 
 def pooled_texts(emb: Any) -> np.ndarray:
@@ -175,7 +186,7 @@ def pooled_texts(emb: Any) -> np.ndarray:
     else:
         w = mask.float()
     w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
-    return ann.normalise((words * w[..., None]).sum(1).cpu().numpy())
+    return normalise((words * w[..., None]).sum(1).cpu().numpy())
 
 
 def _relative(path: str | os.PathLike, index_dir: Path) -> str:
@@ -289,7 +300,7 @@ def build_index(
     out = Path(out)
     ids = list(store.ids() if image_ids is None else image_ids)
     if not ids:
-        raise IndexError_(f"region store {store.path} holds no images to index")
+        raise IndexFormatError(f"region store {store.path} holds no images to index")
     check_replaceable(out)
     lock = WriterLock(out.with_name(f".{out.name}.lock"), f"index {out}")
     with lock:
@@ -467,13 +478,13 @@ class RetrievalIndex:
                 else ""
             )
             hint = hint or " (build one with python -m pipelines.index)"
-            raise IndexError_(f"no index at {self.path}: {meta_path.name} not found{hint}")
+            raise IndexFormatError(f"no index at {self.path}: {meta_path.name} not found{hint}")
         try:
             self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
-            raise IndexError_(f"{meta_path} is not valid JSON: {e}") from None
+            raise IndexFormatError(f"{meta_path} is not valid JSON: {e}") from None
         if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
-            raise IndexError_(
+            raise IndexFormatError(
                 f"{self.path} is not a {FORMAT} v{VERSION} index "
                 f"(format {self.meta.get('format')!r}, "
                 f"version {self.meta.get('version')!r})"
@@ -493,7 +504,7 @@ class RetrievalIndex:
             (self.path / "images" / "ids.json").read_text(encoding="utf-8")
         )
         if len(self.image_ids) != self.count or len(self.pooled) != self.count:
-            raise IndexError_(
+            raise IndexFormatError(
                 f"{self.path} is inconsistent: index.json says {self.count} "
                 f"images, ids.json {len(self.image_ids)}, pooled "
                 f"{len(self.pooled)}"
@@ -509,7 +520,7 @@ class RetrievalIndex:
                 n: _load_npy(self.path / "captions" / f"emb.{n}.npy") for n in cap["fields"]
             }
             self.caption_pooled = _load_npy(self.path / "captions" / "pooled.npy")
-        self._first: dict[str, ann.FirstStage] = {}
+        self._first: dict[str, FirstStage] = {}
         self._images_root = self._locate(
             self.meta.get("images_root"), self.meta.get("images_root_from_index")
         )
@@ -576,15 +587,17 @@ class RetrievalIndex:
     ) -> Any:
         """The TextEmbeddings of indexed captions ``rows``."""
         if not self.captions:
-            raise IndexError_(f"index {self.path} holds no captions (build it with --captions)")
+            raise IndexFormatError(
+                f"index {self.path} holds no captions (build it with --captions)"
+            )
         return self._rows(self._text_fields, self._text_cls, rows, device)
 
-    def first_stage(self, which: str = "images", kind: str = "auto") -> ann.FirstStage:
+    def first_stage(self, which: str = "images", kind: str = "auto") -> FirstStage:
         """The faiss first stage over the pooled image (or caption) vectors, built once."""
         key = f"{which}:{kind}"
         if key not in self._first:
             pooled = self.pooled if which == "images" else self.caption_pooled
-            self._first[key] = ann.FirstStage(
+            self._first[key] = FirstStage(
                 pooled, kind=kind, cache=self.path / which / f"first_stage_{kind}.faiss"
             )
         return self._first[key]
@@ -610,7 +623,7 @@ def search(
         query: TextEmbeddings of one caption (text2image) or ImageEmbeddings of one image
             (image2text), on ``device``.
         first_stage: re-rank this many first-stage candidates; None = automatic (two-stage
-            above ``ann.TWO_STAGE_MIN`` items with ``ann.DEFAULT_CANDIDATES`` candidates).
+            above ``TWO_STAGE_MIN`` items with ``DEFAULT_CANDIDATES`` candidates).
         exhaustive: score every item with the full model (overrides ``first_stage``).
     Returns:
         rows [k], scores [k] (CPFEAN scores, best first) and {"path": "exhaustive" |
@@ -631,7 +644,9 @@ def search(
     elif direction == "image2text":
         size, pooled_query = len(index.captions), pooled_images(query)[0]
         if not size:
-            raise IndexError_(f"index {index.path} holds no captions (build it with --captions)")
+            raise IndexFormatError(
+                f"index {index.path} holds no captions (build it with --captions)"
+            )
 
         def score_rows(rows: np.ndarray) -> np.ndarray:
             return (
@@ -644,13 +659,13 @@ def search(
             )
     else:
         raise ValueError(f"unknown direction {direction!r}")
-    use_first = not exhaustive and (first_stage is not None or size > ann.TWO_STAGE_MIN)
+    use_first = not exhaustive and (first_stage is not None or size > TWO_STAGE_MIN)
     if not use_first:
-        rows, scores = ann.exhaustive(score_rows, size, top_k, chunk=chunk)
+        rows, scores = exhaustive_search(score_rows, size, top_k, chunk=chunk)
         return rows, scores, {"path": "exhaustive", "candidates": size, "gallery": size}
-    n = first_stage or ann.DEFAULT_CANDIDATES
+    n = first_stage or DEFAULT_CANDIDATES
     which = "images" if direction == "text2image" else "captions"
-    rows, scores = ann.two_stage(pooled_query, index.first_stage(which), score_rows, top_k, n)
+    rows, scores = two_stage(pooled_query, index.first_stage(which), score_rows, top_k, n)
     return (
         rows,
         scores,

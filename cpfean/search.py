@@ -20,7 +20,7 @@ from cpfean.checkpoint import checkpoint_fingerprint, load_model, resolve_device
 from cpfean.data.dataset import collate_regions, record_arrays
 from cpfean.data.region_store import RegionRecord
 from cpfean.evaluation import encode_texts
-from cpfean.index import IndexError_, RetrievalIndex, search
+from cpfean.index import IndexFormatError, RetrievalIndex, search
 
 __all__ = ["DETAILED", "QueryError", "Searcher", "region_weights", "top_words", "words_of"]
 
@@ -242,7 +242,7 @@ class Searcher:
     ) -> dict:
         index, model, device = self.index, self.model, self.device
         if direction == "image2text" and not index.captions:
-            raise IndexError_(f"index {index.path} holds no captions (build it with captions)")
+            raise IndexFormatError(f"index {index.path} holds no captions (build it with captions)")
         rows, scores, info = search(
             model,
             index,

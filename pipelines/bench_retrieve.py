@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cpfean import ann
+from cpfean import first_stage
 from cpfean.fileio import atomic_write_json
 from pipelines import cli
 
@@ -68,7 +68,7 @@ class SyntheticGallery:
     ):
         self.n, self.d, self.seed, self.sigma = n, d, seed, sigma
         rng = np.random.default_rng([seed, 1])
-        self.concepts = ann.normalise(rng.normal(size=(n_concepts, d)))
+        self.concepts = first_stage.normalise(rng.normal(size=(n_concepts, d)))
         # scene templates: ~per_template images share 3 main concepts (each kept w.p. 0.85)
         self.templates = rng.integers(0, n_concepts, (max(20, n // per_template), 3))
         self.template = rng.integers(0, len(self.templates), n)
@@ -127,7 +127,7 @@ class SyntheticGallery:
             noise = self.noise_mean[i].astype(np.float32) + (z - z.mean(0))
             out[k, :m] += self.sigma * noise
             out[k, m:] = 0.0
-        return ann.normalise(out.reshape(-1, self.d)).reshape(out.shape), mask
+        return first_stage.normalise(out.reshape(-1, self.d)).reshape(out.shape), mask
 
     def queries(self, q: int, seed: int = 4) -> list[np.ndarray]:
         """``q`` queries, each [L, d] unit-norm word vectors (L = 6 or 8)."""
@@ -142,7 +142,7 @@ class SyntheticGallery:
                 for _ in range(2)
             ]
             words += list(rng.normal(size=(2, self.d)))
-            out.append(ann.normalise(np.array(words)))
+            out.append(first_stage.normalise(np.array(words)))
         return out
 
 
@@ -223,7 +223,9 @@ def write_index(
         score_s += time.perf_counter() - t
         for q in range(len(txt)):
             r, s = best[q]
-            best[q] = ann.top_k(np.concatenate([s, sims[:, q]]), np.concatenate([r, rows]), top_k)
+            best[q] = first_stage.top_k(
+                np.concatenate([s, sims[:, q]]), np.concatenate([r, rows]), top_k
+            )
     for f in (*files.values(), pooled):
         f.flush()
     for name, arr in (
@@ -291,7 +293,7 @@ def bench_indexed(model, n: int, args, rows_out: list[dict]) -> None:
             t = time.perf_counter()
             rows, _, _ = search(model, index, txt[q], top_k=args.top_k, exhaustive=True)
             ex_times.append(time.perf_counter() - t)
-            if ann.recall_at(truth[q], rows) < 1.0:  # only float summation order differs
+            if first_stage.recall_at(truth[q], rows) < 1.0:  # only float summation order differs
                 print(
                     f"[{n}] note: query {q}: exhaustive search differs from the ground "
                     "truth pass (near-tie)",
@@ -314,7 +316,7 @@ def bench_indexed(model, n: int, args, rows_out: list[dict]) -> None:
                 t = time.perf_counter()
                 rows, _, _ = search(model, index, txt[q], top_k=args.top_k, first_stage=k)
                 times.append(time.perf_counter() - t)
-                recalls.append(ann.recall_at(truth[q], rows))
+                recalls.append(first_stage.recall_at(truth[q], rows))
             rows_out.append(
                 {
                     "gallery": n,
@@ -342,7 +344,7 @@ class _LazyPooled:
     def __getitem__(self, rows) -> np.ndarray:
         if isinstance(rows, slice):
             rows = np.arange(*rows.indices(self.gal.n))
-        return ann.normalise(self.gal.pooled_raw(np.asarray(rows)))
+        return first_stage.normalise(self.gal.pooled_raw(np.asarray(rows)))
 
 
 @torch.no_grad()
@@ -355,7 +357,7 @@ def bench_generated(model, n: int, args, rows_out: list[dict]) -> None:
     pooled = _LazyPooled(gal)
     qpool = np.stack(_pooled_queries(txt))
     kmax = max(args.candidates_1m)
-    flat = ann.FirstStage(pooled, kind="flat")  # exact: the reference first stage
+    flat = first_stage.FirstStage(pooled, kind="flat")  # exact: the reference first stage
     print(
         f"[{n}] gallery + flat first stage built in {time.perf_counter() - t0:.0f} s",
         file=sys.stderr,
@@ -367,7 +369,7 @@ def bench_generated(model, n: int, args, rows_out: list[dict]) -> None:
         flat_ms.append(time.perf_counter() - t)
     del flat
     t = time.perf_counter()
-    ivf = ann.FirstStage(pooled, kind="ivf")
+    ivf = first_stage.FirstStage(pooled, kind="ivf")
     print(
         f"[{n}] IVF (nlist {ivf.index.nlist}) built in {time.perf_counter() - t:.0f} s",
         file=sys.stderr,
@@ -388,7 +390,9 @@ def bench_generated(model, n: int, args, rows_out: list[dict]) -> None:
         for q in range(len(words)):
             ref_cand = np.sort(exact[q][:k])
             timing: dict = {}
-            refs.append((ref_cand, ann.top_k(rerank(q, ref_cand, timing), ref_cand, args.top_k)[0]))
+            refs.append(
+                (ref_cand, first_stage.top_k(rerank(q, ref_cand, timing), ref_cand, args.top_k)[0])
+            )
             score_ms.append(timing["score"])
         rows_out.append(
             {
@@ -414,11 +418,11 @@ def bench_generated(model, n: int, args, rows_out: list[dict]) -> None:
                 _, cand = ivf.search(qpool[q], k)
                 fs.append(time.perf_counter() - t)
                 cand = np.sort(cand[0][cand[0] >= 0])
-                rows, _ = ann.top_k(rerank(q, cand, timing), cand, args.top_k)
+                rows, _ = first_stage.top_k(rerank(q, cand, timing), cand, args.top_k)
                 sc.append(timing["score"])
                 ga.append(timing["gather"])
-                recalls.append(ann.recall_at(refs[q][1], rows))
-                fs_recall.append(ann.recall_at(refs[q][0], cand))
+                recalls.append(first_stage.recall_at(refs[q][1], rows))
+                fs_recall.append(first_stage.recall_at(refs[q][0], cand))
             total = [a + b for a, b in zip(fs, sc, strict=True)]
             rows_out.append(
                 {

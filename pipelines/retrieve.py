@@ -28,7 +28,7 @@ import torch
 
 from cpfean.checkpoint import resolve_device
 from cpfean.fileio import atomic_path, atomic_write
-from cpfean.index import IndexError_, RetrievalIndex
+from cpfean.index import IndexFormatError, RetrievalIndex
 from cpfean.search import QueryError, Searcher
 from pipelines import cli
 
@@ -300,7 +300,14 @@ def main(argv: list[str] | None = None) -> int:
             pass
     try:
         payload = run(args)
-    except (UsageError, IndexError_, QueryError, FileNotFoundError, ValueError, KeyError) as exc:
+    except (
+        UsageError,
+        IndexFormatError,
+        QueryError,
+        FileNotFoundError,
+        ValueError,
+        KeyError,
+    ) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
         return 2

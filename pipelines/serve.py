@@ -112,7 +112,7 @@ def create_app(
             first upload); None refuses uploads with 501.
     """
     from cpfean.images import BadImage, decode_image_bytes
-    from cpfean.index import IndexError_
+    from cpfean.index import IndexFormatError
     from cpfean.search import QueryError
 
     app = FastAPI(title="cpfean", docs_url=None, redoc_url=None, openapi_url=None)
@@ -184,7 +184,7 @@ def create_app(
             payload = await work.run(fn)
         except Busy:
             raise HTTPException(429, "the server is busy; try again shortly") from None
-        except (QueryError, IndexError_) as e:
+        except (QueryError, IndexFormatError) as e:
             raise HTTPException(400, str(e)) from None
         payload["results"] = [links(r) for r in payload["results"]]
         return payload

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from cpfean import ann
+from cpfean import first_stage
 from cpfean.data.region_store import RegionRecord, RegionStore, RegionWriter
 from cpfean.index import IndexMismatchError, RetrievalIndex, build_index, search
 
@@ -332,32 +332,32 @@ def test_two_stage_agrees_with_exhaustive(tmp_path):
         np.testing.assert_array_equal(all_rows, ex_rows)
         np.testing.assert_allclose(all_scores, ex_scores, rtol=1e-6)
         few_rows, _, _ = search(model, index, txt, top_k=10, first_stage=40)
-        assert ann.recall_at(ex_rows, few_rows) >= 0.8, text
+        assert first_stage.recall_at(ex_rows, few_rows) >= 0.8, text
 
 
 def test_first_stage_ivf_and_exhaustive_helpers():
     rng = np.random.default_rng(0)
-    pooled = ann.normalise(rng.normal(size=(3000, 16)))
-    flat = ann.FirstStage(pooled, kind="flat")
-    ivf = ann.FirstStage(pooled, kind="ivf", nlist=16, nprobe=16)  # every list: exact
+    pooled = first_stage.normalise(rng.normal(size=(3000, 16)))
+    flat = first_stage.FirstStage(pooled, kind="flat")
+    ivf = first_stage.FirstStage(pooled, kind="ivf", nlist=16, nprobe=16)  # every list: exact
     q = pooled[7] + 0.1 * rng.normal(size=16)
     _, r_flat = flat.search(q, 20)
     _, r_ivf = ivf.search(q, 20)
     assert r_flat[0, 0] == 7
     np.testing.assert_array_equal(np.sort(r_flat[0]), np.sort(r_ivf[0]))
-    score = lambda rows: pooled[rows] @ ann.normalise(q[None])[0]
-    rows, scores = ann.exhaustive(score, 3000, 5, chunk=700)
+    score = lambda rows: pooled[rows] @ first_stage.normalise(q[None])[0]
+    rows, scores = first_stage.exhaustive(score, 3000, 5, chunk=700)
     np.testing.assert_array_equal(rows, r_flat[0, :5])
-    two_rows, _ = ann.two_stage(q, flat, score, 5, n_candidates=50)
+    two_rows, _ = first_stage.two_stage(q, flat, score, 5, n_candidates=50)
     np.testing.assert_array_equal(two_rows, rows)
 
 
 def test_ivf_cache_is_reused(tmp_path):
-    pooled = ann.normalise(np.random.default_rng(1).normal(size=(2000, 8)))
+    pooled = first_stage.normalise(np.random.default_rng(1).normal(size=(2000, 8)))
     cache = tmp_path / "ivf.faiss"
-    first = ann.FirstStage(pooled, kind="ivf", nlist=8, nprobe=8, cache=cache)
+    first = first_stage.FirstStage(pooled, kind="ivf", nlist=8, nprobe=8, cache=cache)
     assert cache.is_file()
-    again = ann.FirstStage(pooled, kind="ivf", nlist=8, nprobe=8, cache=cache)
+    again = first_stage.FirstStage(pooled, kind="ivf", nlist=8, nprobe=8, cache=cache)
     assert not hasattr(again, "_quantiser")  # loaded, not trained
     q = pooled[:3]
     np.testing.assert_array_equal(first.search(q, 5)[1], again.search(q, 5)[1])
