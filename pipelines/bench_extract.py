@@ -147,7 +147,7 @@ def _child(args: argparse.Namespace) -> int:
 
 
 def _generate(folder: Path, num: int) -> Path:
-    from cpfean.data.scenes import generate_dataset
+    from cpfean.scenes.generate import generate_dataset
 
     generate_dataset(folder, max(num, 3), seed=0)
     return folder / "images"

@@ -3,7 +3,7 @@
     python -m pipelines.make_demo_data OUT --images 500 --seed 0 [--size 320x240] [--workers 2]
 
 Writes `OUT/images/*.jpg`, `OUT/instances_{train,val,test}.json` (COCO detection) and, last,
-`OUT/captions.json` (Karpathy split format); see `cpfean.data.scenes`. A run that stops early
+`OUT/captions.json` (Karpathy split format); see `cpfean.scenes.generate`. A run that stops early
 leaves no `captions.json`.
 """
 
@@ -14,8 +14,8 @@ import os
 import sys
 import time
 
-from cpfean.data.scenes import generate_dataset, split_sizes
 from cpfean.progress import progress as progress_of
+from cpfean.scenes.generate import generate_dataset, split_sizes
 from pipelines import cli
 
 

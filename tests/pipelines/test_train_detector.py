@@ -94,8 +94,8 @@ SMALL_TRAIN = [
 
 @pytest.mark.slow
 def test_end_to_end_scenes_train_then_extract(tmp_path, capsys):
-    from cpfean.data.scene_shapes import CATEGORIES
-    from cpfean.data.scenes import generate_dataset
+    from cpfean.scenes.generate import generate_dataset
+    from cpfean.scenes.shapes import CATEGORIES
     from pipelines.extract import main as extract_main
     from pipelines.train_detector import main as train_main
 

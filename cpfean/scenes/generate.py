@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cpfean.data.scene_shapes import CATEGORIES, COLOURS, draw_shape
-from cpfean.data.scene_text import Caption, SceneObject, tokenize, write_captions
 from cpfean.fileio import atomic_write, atomic_write_json
+from cpfean.scenes.shapes import CATEGORIES, COLOURS, draw_shape
+from cpfean.scenes.templates import Caption, SceneObject, tokenize, write_captions
 
 __all__ = [
     "CATEGORIES",

@@ -11,10 +11,11 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from cpfean.data import scenes as scenes_mod
 from cpfean.data.captions import load_captions
-from cpfean.data.scene_shapes import CATEGORIES, COLOURS, draw_shape
-from cpfean.data.scene_text import (
+from cpfean.scenes import generate as scenes_mod
+from cpfean.scenes.generate import generate_dataset, make_scene, split_sizes
+from cpfean.scenes.shapes import CATEGORIES, COLOURS, draw_shape
+from cpfean.scenes.templates import (
     CATEGORY_WORDS,
     COLOUR_WORDS,
     SceneObject,
@@ -22,7 +23,6 @@ from cpfean.data.scene_text import (
     tokenize,
     write_captions,
 )
-from cpfean.data.scenes import generate_dataset, make_scene, split_sizes
 
 N = 30
 WORD_TO_CATEGORY = {w: c for c, words in CATEGORY_WORDS.items() for w in words}
