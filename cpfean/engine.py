@@ -43,6 +43,7 @@ from cpfean.model import ContrastiveLoss, build_model
 from cpfean.model.loss import prominence_loss
 from cpfean.progress import progress as progress_of
 from cpfean.recurrence import sibling_targets
+from cpfean.schedule import Phase, schedule
 
 log = logging.getLogger("cpfean.train")
 TEXT_BACKBONE_PREFIX = "word_encoder.backbone."  # parameters trained at train.text_lr
@@ -194,15 +195,21 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
         model = build_model(cfg.model, label_names=label_names).to(device)
         loss_fn = ContrastiveLoss(margin=cfg.train.margin)  # max_violation is set per epoch
         optimizer = build_optimizer(model, cfg)
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.train.lr_decay_epochs, 0.1)
-        # per-step linear warm-up, chained with the per-epoch decay (both scale the current lr)
-        warmup = (
-            torch.optim.lr_scheduler.LinearLR(
-                optimizer, start_factor=0.01, total_iters=cfg.train.lr_warmup_steps
+        base_lrs = [group["lr"] for group in optimizer.param_groups]
+
+        def phase(epoch: int, step: int) -> Phase:
+            """The schedule at (epoch, step), applied to the optimizer's learning rates."""
+            now = schedule(
+                epoch,
+                step,
+                decay_epochs=cfg.train.lr_decay_epochs,
+                warmup_steps=cfg.train.lr_warmup_steps,
+                all_negatives_epochs=cfg.train.all_negatives_epochs,
             )
-            if cfg.train.lr_warmup_steps > 0
-            else None
-        )
+            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                group["lr"] = base * now.lr_factor
+            return now
+
         use_amp = cfg.train.amp and device.type == "cuda"
         scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
 
@@ -211,14 +218,11 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
             ckpt = load_checkpoint(run_dir / "last.pt")
             model.load_state_dict(ckpt["model"], strict=True)
             optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            if warmup is not None:
-                if ckpt.get("warmup") is None:
-                    raise ValueError(
-                        f"{run_dir / 'last.pt'} was trained without "
-                        "train.lr_warmup_steps: resume with the run's own config"
-                    )
-                warmup.load_state_dict(ckpt["warmup"])
+            if cfg.train.lr_warmup_steps > 0 and not ckpt["config"]["train"].get("lr_warmup_steps"):
+                raise ValueError(
+                    f"{run_dir / 'last.pt'} was trained without "
+                    "train.lr_warmup_steps: resume with the run's own config"
+                )
             scaler.load_state_dict(ckpt["scaler"])
             start_epoch, step, best = ckpt["epoch"] + 1, ckpt["step"], ckpt["best"]
             set_rng_state(ckpt["rng"])
@@ -253,7 +257,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
         for epoch in range(start_epoch, cfg.train.epochs):
             if isinstance(sampler, DistributedSampler):
                 sampler.set_epoch(epoch)
-            loss_fn.max_violation = epoch >= cfg.train.all_negatives_epochs
+            loss_fn.max_violation = phase(epoch, step).hardest_negative
             model.train()
             started = time.time()
             bar = progress_of(
@@ -296,8 +300,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
                 scaler.step(optimizer)
                 scaler.update()
                 step += 1
-                if warmup is not None and step <= cfg.train.lr_warmup_steps:
-                    warmup.step()
+                phase(epoch, step)  # the rate of the next step
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 if is_main and step % cfg.train.log_every == 0:
                     # loss = triplet + prominence (the weighted recurrence term; blank when off)
@@ -310,7 +313,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
                         triplet=round(triplet.item(), 5),
                         prominence=round(prominence.item(), 5) if use_prominence_loss else "",
                     )
-            scheduler.step()
+            phase(epoch + 1, step)  # the next epoch's rate
 
             if not is_main:
                 dist.barrier()
@@ -335,11 +338,9 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
                 run_dir / "last.pt",
                 **payload,
                 optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(),
                 scaler=scaler.state_dict(),
                 epoch=epoch,
                 step=step,
-                warmup=warmup.state_dict() if warmup is not None else None,
                 best=best,
                 rng=rng_state(),
             )
