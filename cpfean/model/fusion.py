@@ -170,70 +170,126 @@ def score_block(
                 region_alignment=region_alignment,
                 return_details=return_details,
             )
+    S, rbias = _similarity(img, txt)  # (bi, bc, L, R), (bi, 1, 1, R)
+    logits = torch.add(rbias, S, alpha=lambda_softmax)  # (bi, bc, L, R) alignment logits
+    g_w = g_r = s_r = None
+    if gates is not None:
+        g_w, gr_logit, s_r_fused = _fusion_gates(img, txt, S, rbias, gates, lambda_softmax)
+        g_r = torch.sigmoid(gr_logit)
+        logits = logits + nn.functional.logsigmoid(gr_logit)[:, :, None, :]  # + log g_r
+        if region_alignment:
+            s_r = s_r_fused
+    elif region_alignment:
+        s_r = _plain_region_to_word(txt, S, lambda_softmax)
+    A, align = _topk_attention(img, S, rbias, logits, topk, return_details)
+    s_l = _word_scores(img, A, S)
+    scores, pi, rho = _pool(img, txt, s_l, g_w, g_r, s_r, use_prominence)
+    if not return_details:
+        return scores
+    return scores, _details(img, txt, S, A, align, s_l, pi, g_w, g_r, rho, s_r)
+
+
+def _similarity(img: ImageEmbeddings, txt: TextEmbeddings) -> tuple[torch.Tensor, torch.Tensor]:
+    """S = W V^T for the block (one GEMM, then a view), and the additive region mask.
+
+    Returns:
+        S (bi, bc, L, R); rbias (bi, 1, 1, R): 0 at valid regions, -1e4 at padding.
+    """
     V, W = img.regions, txt.words
     bi, R, d = V.shape
     bc, L, _ = W.shape
-    # one GEMM for the whole block, then a view: (bc*L, d) @ (d, bi*R)
     S = (W.reshape(bc * L, d) @ V.reshape(bi * R, d).T).view(bc, L, bi, R)
     S = S.permute(2, 0, 1, 3).contiguous()  # (bi, bc, L, R)
     # additive masks (0 or -1e4): one fused pass with the scaling instead of a masked_fill
     rbias = torch.where(img.mask, 0.0, _NEG).to(S.dtype)[:, None, None, :]  # (bi, 1, 1, R)
-    g_w = g_r = None
-    logits = torch.add(rbias, S, alpha=lambda_softmax)  # (bi, bc, L, R) alignment logits
-    if gates is not None:
-        # Unnormalised attentions A = diag(1/Z_l) Ea and B^T = Eb diag(1/Z_r): the 1/Z factors
-        # are folded into per-fragment scalars, so A and B^T are never materialised.
-        if lambda_softmax <= _SHARED_EXP_MAX_LAMBDA:
-            # |S| <= 1, so exp(lambda (S - 1)) lies in [exp(-2 lambda), 1]: one exp, both ways
-            Ea = torch.add(rbias - lambda_softmax, S, alpha=lambda_softmax).exp_()
-            if not bool(txt.mask.all()):
-                Ea = Ea * txt.mask.to(S.dtype)[None, :, :, None]
-            Eb = Ea
-            Zl, Zr = Ea.sum(-1), Ea.sum(-2)  # (bi, bc, L), (bi, bc, R)
-            # padded words/regions: no attention. The inner where() keeps the reciprocal away
-            # from 0: where() alone still sends 0 * inf = NaN back through the unused branch.
-            iZl = torch.where(Zl > 0, torch.where(Zl > 0, Zl, 1.0).reciprocal(), 0)
-            iZr = torch.where(Zr > 0, torch.where(Zr > 0, Zr, 1.0).reciprocal(), 0)
-        else:  # large lambda: two proper softmaxes
-            Ea = torch.add(rbias, S, alpha=lambda_softmax).softmax(-1)
-            wbias = torch.where(txt.mask, 0.0, _NEG).to(S.dtype)[None, :, :, None]
-            Eb = torch.add(wbias, S, alpha=lambda_softmax).softmax(-2)
-            iZl, iZr = S.new_ones(bi, bc, L), S.new_ones(bi, bc, R)
-        ES = Ea * S
-        w_dot_ctx = ES.sum(-1) * iZl  # (bi, bc, L) <w_l, ctx_l>
-        v_dot_ctx = (ES if Eb is Ea else Eb * S).sum(-2) * iZr  # (bi, bc, R) <v_r, ctx_r>
-        # [G_v | V u_wc] (R, R+1): <ctx_l, v_r> and u_wc.ctx_l in one product
-        Gv_ext = torch.cat([img.gram, img.gate_ctx[:, :, None]], dim=2)  # (bi, R, R+1)
-        EGv_ext = torch.bmm(Ea.view(bi, bc * L, R), Gv_ext).view(bi, bc, L, R + 1)
-        word_ctx_term = EGv_ext[..., R] * iZl  # (bi, bc, L) u_wc.ctx_l
-        # |ctx_l|^2 = sum_r A_lr <ctx_l, v_r>, with EGv_ext[..., :R] = Z_l <ctx_l, v_r>
-        ctx_w_sq = ((Ea * EGv_ext[..., :R]).sum(-1) * iZl * iZl).clamp_min(_EPS)
-        # [G_w; (W u_rc)^T] (L+1, L) @ Eb (L, R): <w_l, ctx_r> and u_rc.ctx_r in one product
-        Gw_ext = torch.cat([txt.gram, txt.gate_ctx[:, None, :]], dim=1)  # (bc, L+1, L)
-        GwE_ext = torch.matmul(Gw_ext[None], Eb)  # (bi, bc, L+1, R)
-        region_ctx_term = GwE_ext[:, :, L] * iZr  # (bi, bc, R) u_rc.ctx_r
-        # |ctx_r|^2 = sum_l B^T_lr <w_l, ctx_r>, with GwE_ext[:, :, :L] = Z_r <w_l, ctx_r>
-        ctx_r_sq = ((Eb * GwE_ext[:, :, :L]).sum(-2) * iZr * iZr).clamp_min(_EPS)
-        g_w = torch.sigmoid(
-            gates.word_cos * w_dot_ctx / ctx_w_sq.sqrt() + txt.gate_self[None] + word_ctx_term
-        )  # (bi, bc, L)
-        gr_logit = (
-            gates.region_cos * v_dot_ctx / ctx_r_sq.sqrt()
-            + img.gate_self[:, None]
-            + region_ctx_term
-        )  # (bi, bc, R)
-        g_r = torch.sigmoid(gr_logit)
-        logits = logits + nn.functional.logsigmoid(gr_logit)[:, :, None, :]  # + log g_r
-        if region_alignment:
-            s_r = v_dot_ctx / ctx_r_sq.sqrt()  # (bi, bc, R) cos(v_r, ctx_r), 0 when padded
-    elif region_alignment:  # plain region -> word attention over the valid words (SCAN i-t)
-        wbias = torch.where(txt.mask, 0.0, _NEG).to(S.dtype)[None, :, :, None]
-        Bt = torch.add(wbias, S, alpha=lambda_softmax).softmax(-2)  # (bi, bc, L, R)
-        GwB = torch.matmul(txt.gram[None], Bt)  # (bi, bc, L, R): <w_l, ctx_r>
-        ctx_r_sq = (Bt * GwB).sum(-2).clamp_min(_EPS)
-        s_r = (Bt * S).sum(-2) / ctx_r_sq.sqrt()  # (bi, bc, R)
+    return S, rbias
 
-    # Prominent-fragment alignment: attention over each word's top-k regions, cosine with context
+
+def _fusion_gates(
+    img: ImageEmbeddings,
+    txt: TextEmbeddings,
+    S: torch.Tensor,
+    rbias: torch.Tensor,
+    gates: FragmentGates,
+    lambda_softmax: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fusion gates g_l and g_r of the module docstring, by algebra on S and the Grams.
+
+    Returns:
+        g_w (bi, bc, L) word gates; the region gates' logits (bi, bc, R); s_r (bi, bc, R) =
+        cos(v_r, ctx_r), the region-to-word score.
+    """
+    bi, bc, L, R = S.shape
+    # Unnormalised attentions A = diag(1/Z_l) Ea and B^T = Eb diag(1/Z_r): the 1/Z factors are
+    # folded into per-fragment scalars, so A and B^T are never materialised.
+    if lambda_softmax <= _SHARED_EXP_MAX_LAMBDA:
+        # |S| <= 1, so exp(lambda (S - 1)) lies in [exp(-2 lambda), 1]: one exp, both ways
+        Ea = torch.add(rbias - lambda_softmax, S, alpha=lambda_softmax).exp_()
+        if not bool(txt.mask.all()):
+            Ea = Ea * txt.mask.to(S.dtype)[None, :, :, None]
+        Eb = Ea
+        Zl, Zr = Ea.sum(-1), Ea.sum(-2)  # (bi, bc, L), (bi, bc, R)
+        # padded words/regions: no attention. The inner where() keeps the reciprocal away
+        # from 0: where() alone still sends 0 * inf = NaN back through the unused branch.
+        iZl = torch.where(Zl > 0, torch.where(Zl > 0, Zl, 1.0).reciprocal(), 0)
+        iZr = torch.where(Zr > 0, torch.where(Zr > 0, Zr, 1.0).reciprocal(), 0)
+    else:  # large lambda: two proper softmaxes
+        Ea = torch.add(rbias, S, alpha=lambda_softmax).softmax(-1)
+        wbias = torch.where(txt.mask, 0.0, _NEG).to(S.dtype)[None, :, :, None]
+        Eb = torch.add(wbias, S, alpha=lambda_softmax).softmax(-2)
+        iZl, iZr = S.new_ones(bi, bc, L), S.new_ones(bi, bc, R)
+    ES = Ea * S
+    w_dot_ctx = ES.sum(-1) * iZl  # (bi, bc, L) <w_l, ctx_l>
+    v_dot_ctx = (ES if Eb is Ea else Eb * S).sum(-2) * iZr  # (bi, bc, R) <v_r, ctx_r>
+    # [G_v | V u_wc] (R, R+1): <ctx_l, v_r> and u_wc.ctx_l in one product
+    Gv_ext = torch.cat([img.gram, img.gate_ctx[:, :, None]], dim=2)  # (bi, R, R+1)
+    EGv_ext = torch.bmm(Ea.view(bi, bc * L, R), Gv_ext).view(bi, bc, L, R + 1)
+    word_ctx_term = EGv_ext[..., R] * iZl  # (bi, bc, L) u_wc.ctx_l
+    # |ctx_l|^2 = sum_r A_lr <ctx_l, v_r>, with EGv_ext[..., :R] = Z_l <ctx_l, v_r>
+    ctx_w_sq = ((Ea * EGv_ext[..., :R]).sum(-1) * iZl * iZl).clamp_min(_EPS)
+    # [G_w; (W u_rc)^T] (L+1, L) @ Eb (L, R): <w_l, ctx_r> and u_rc.ctx_r in one product
+    Gw_ext = torch.cat([txt.gram, txt.gate_ctx[:, None, :]], dim=1)  # (bc, L+1, L)
+    GwE_ext = torch.matmul(Gw_ext[None], Eb)  # (bi, bc, L+1, R)
+    region_ctx_term = GwE_ext[:, :, L] * iZr  # (bi, bc, R) u_rc.ctx_r
+    # |ctx_r|^2 = sum_l B^T_lr <w_l, ctx_r>, with GwE_ext[:, :, :L] = Z_r <w_l, ctx_r>
+    ctx_r_sq = ((Eb * GwE_ext[:, :, :L]).sum(-2) * iZr * iZr).clamp_min(_EPS)
+    g_w = torch.sigmoid(
+        gates.word_cos * w_dot_ctx / ctx_w_sq.sqrt() + txt.gate_self[None] + word_ctx_term
+    )  # (bi, bc, L)
+    gr_logit = (
+        gates.region_cos * v_dot_ctx / ctx_r_sq.sqrt() + img.gate_self[:, None] + region_ctx_term
+    )  # (bi, bc, R)
+    s_r = v_dot_ctx / ctx_r_sq.sqrt()  # (bi, bc, R) cos(v_r, ctx_r), 0 when padded
+    return g_w, gr_logit, s_r
+
+
+def _plain_region_to_word(
+    txt: TextEmbeddings, S: torch.Tensor, lambda_softmax: float
+) -> torch.Tensor:
+    """s_r = cos(v_r, ctx_r) with plain region -> word attention B^T over the valid words
+    (SCAN's i-t, the region-to-word term without fusion): (bi, bc, R)."""
+    wbias = torch.where(txt.mask, 0.0, _NEG).to(S.dtype)[None, :, :, None]
+    Bt = torch.add(wbias, S, alpha=lambda_softmax).softmax(-2)  # (bi, bc, L, R)
+    GwB = torch.matmul(txt.gram[None], Bt)  # (bi, bc, L, R): <w_l, ctx_r>
+    ctx_r_sq = (Bt * GwB).sum(-2).clamp_min(_EPS)
+    return (Bt * S).sum(-2) / ctx_r_sq.sqrt()
+
+
+def _topk_attention(
+    img: ImageEmbeddings,
+    S: torch.Tensor,
+    rbias: torch.Tensor,
+    logits: torch.Tensor,
+    topk: int,
+    return_details: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """a_l = softmax over each word's top-k regions T_l of (lambda S_lr + log g_r).
+
+    Returns:
+        A (bi, bc, L, R); the top-k region indices (bi, bc, L, k) when details are asked for
+        and k < R, else None.
+    """
+    R = S.shape[-1]
     k = min(topk, R)
     align = None
     if 0 < k < R:
@@ -242,29 +298,67 @@ def score_block(
         logits = logits.masked_fill(Sr < thr, _NEG)
         if return_details:
             align = Sr.topk(k, dim=-1).indices  # (bi, bc, L, k)
-    A = logits.softmax(-1)  # (bi, bc, L, R)
+    return logits.softmax(-1), align
+
+
+def _word_scores(img: ImageEmbeddings, A: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """s_l = cos(w_l, sum_r a_lr v_r) = (a_l . S_l) / sqrt(a_l^T G_v a_l): (bi, bc, L)."""
+    bi, bc, L, R = A.shape
     AGv = torch.bmm(A.view(bi, bc * L, R), img.gram).view(bi, bc, L, R)  # <ctx_l, v_r>
     ctx_sq = (A * AGv).sum(-1).clamp_min(_EPS)  # (bi, bc, L) |ctx_l|^2
-    s_l = (A * S).sum(-1) / ctx_sq.sqrt()  # (bi, bc, L) cos(w_l, ctx_l)
+    return (A * S).sum(-1) / ctx_sq.sqrt()
 
+
+def _pool(
+    img: ImageEmbeddings,
+    txt: TextEmbeddings,
+    s_l: torch.Tensor,
+    g_w: torch.Tensor | None,
+    g_r: torch.Tensor | None,
+    s_r: torch.Tensor | None,
+    use_prominence: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """score = sum_l p_l g_l s_l, averaged with (1 / R_valid) sum_r g_r s_r when the
+    region-to-word term is on.
+
+    Returns:
+        scores (bi, bc); word weights p_l g_l (bi, bc, L); region weights (bi, bc, R) or None.
+    """
+    bi, bc, L = s_l.shape
     if use_prominence:
         p = txt.log_prominence.exp()  # (bc, L), 0 at masked words
     else:
-        p = txt.mask.to(V.dtype) / txt.mask.sum(-1, keepdim=True).clamp_min(1)  # (bc, L)
+        p = txt.mask.to(s_l.dtype) / txt.mask.sum(-1, keepdim=True).clamp_min(1)  # (bc, L)
     pi = p[None].expand(bi, bc, L) if g_w is None else p[None] * g_w  # (bi, bc, L)
     scores = (pi * s_l.masked_fill(~txt.mask[None], 0)).sum(-1)  # (bi, bc)
-    if region_alignment:
-        valid_r = img.mask.to(V.dtype)  # (bi, R)
+    rho = None
+    if s_r is not None:
+        R = img.mask.shape[1]
+        valid_r = img.mask.to(s_l.dtype)  # (bi, R)
         rho = valid_r / valid_r.sum(-1, keepdim=True).clamp_min(1)  # 1 / R_valid at valid
         rho = rho[:, None].expand(bi, bc, R) if g_r is None else rho[:, None] * g_r
-        s_r = s_r.masked_fill(~img.mask[:, None], 0)
-        scores = 0.5 * (scores + (rho * s_r).sum(-1))
-    if not return_details:
-        return scores
+        scores = 0.5 * (scores + (rho * s_r.masked_fill(~img.mask[:, None], 0)).sum(-1))
+    return scores, pi, rho
 
+
+def _details(
+    img: ImageEmbeddings,
+    txt: TextEmbeddings,
+    S: torch.Tensor,
+    A: torch.Tensor,
+    align: torch.Tensor | None,
+    s_l: torch.Tensor,
+    pi: torch.Tensor,
+    g_w: torch.Tensor | None,
+    g_r: torch.Tensor | None,
+    rho: torch.Tensor | None,
+    s_r: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    """The per-fragment numbers that explain a block's scores (see `score_block`)."""
+    bi, bc, L, R = S.shape
     if align is None:  # attention over all regions: report the most attended one
         align = A.argmax(-1, keepdim=True)
-    ones_r = img.mask[:, None, :].expand(bi, bc, R).to(V.dtype)
+    ones_r = img.mask[:, None, :].expand(bi, bc, R).to(S.dtype)
     details = {
         "region_gates": ones_r if g_r is None else g_r * ones_r,
         "word_gates": pi.new_ones(bi, bc, L) * txt.mask[None]
@@ -275,9 +369,10 @@ def score_block(
         "alignment": align,
         "similarity": S,
     }
-    if region_alignment:
-        details["region_weights"], details["region_scores"] = rho, s_r
-    return scores, details
+    if rho is not None:
+        details["region_weights"] = rho
+        details["region_scores"] = s_r.masked_fill(~img.mask[:, None], 0)
+    return details
 
 
 def score_chunked(
