@@ -2,7 +2,7 @@
 
 from cpfean.model.config import ModelConfig
 from cpfean.model.embeddings import ImageEmbeddings, TextEmbeddings
-from cpfean.model.loss import ContrastiveLoss, prominence_loss, recurrence_targets
+from cpfean.model.loss import ContrastiveLoss, prominence_loss
 from cpfean.model.model import CPFEAN, build_model
 
 __all__ = [
@@ -13,5 +13,4 @@ __all__ = [
     "TextEmbeddings",
     "build_model",
     "prominence_loss",
-    "recurrence_targets",
 ]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["ContrastiveLoss", "recurrence_targets", "prominence_loss"]
+__all__ = ["ContrastiveLoss", "prominence_loss"]
 
 
 class ContrastiveLoss(nn.Module):
@@ -85,39 +85,12 @@ class ContrastiveLoss(nn.Module):
         return cost_c.sum() + cost_i.sum()
 
 
-def recurrence_targets(
-    token_ids: torch.Tensor, mask: torch.Tensor, image_ids: torch.Tensor
-) -> torch.Tensor:
-    """Per-word recurrence target (see the module docstring).
-
-    Args:
-        token_ids: (C, L) word token ids (``TextEmbeddings.token_ids``).
-        mask: (C, L) bool valid words.
-        image_ids: (C,) image id of each caption.
-
-    Returns:
-        (C, L) float targets in [0, 1], zero at masked words.
-    """
-    C, L = token_ids.shape
-    ids = torch.where(mask, token_ids, -1)
-    # contains[c, l, c'] = caption c' contains the token at (c, l)
-    contains = (ids[:, :, None, None] == ids[None, None, :, :]).any(-1)  # (C, L, C)
-    contains = contains & mask[:, :, None]
-    same = image_ids[:, None] == image_ids[None, :]  # (C, C)
-    other_same = same & ~torch.eye(C, dtype=torch.bool, device=same.device)
-    n_same = other_same.sum(1).clamp_min(1).to(torch.float32)  # (C,)
-    n_diff = (~same).sum(1).clamp_min(1).to(torch.float32)
-    rate_same = (contains & other_same[:, None, :]).sum(-1) / n_same[:, None]
-    rate_diff = (contains & ~same[:, None, :]).sum(-1) / n_diff[:, None]
-    return (rate_same - rate_diff).clamp_min(0) * mask
-
-
 def prominence_loss(log_prominence: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the prominence distribution against normalised recurrence targets.
 
     Args:
         log_prominence: (C, L) log p over valid words (-inf at masked words).
-        targets: (C, L) non-negative targets (``recurrence_targets``).
+        targets: (C, L) non-negative targets (``cpfean.recurrence.sibling_targets``).
 
     Returns:
         scalar, sum over captions with a non-zero target (0 when there is none).

@@ -13,7 +13,6 @@ from torch import nn
 from cpfean.model.config import ModelConfig
 from cpfean.model.embeddings import ImageEmbeddings, TextEmbeddings
 from cpfean.model.fusion import FragmentGates, score_block, score_chunked
-from cpfean.model.loss import prominence_loss, recurrence_targets
 from cpfean.model.region_encoder import RegionEncoder
 from cpfean.model.text_encoder import WordEncoder, encode_names, load_text_backbone
 
@@ -180,16 +179,6 @@ class CPFEAN(nn.Module):
         txt = self.encode_texts(input_ids, attention_mask)
         sims = self.score(img, txt, image_chunk=max(len(img), 1), text_chunk=max(len(txt), 1))
         return (sims, txt) if return_text else sims
-
-    def prominence_loss(self, txt: TextEmbeddings, image_ids: torch.Tensor) -> torch.Tensor:
-        """Auxiliary loss: word prominence follows word recurrence across an image's captions.
-
-        Args:
-            txt: the batch's encoded captions (with gradients).
-            image_ids: (C,) image id of each caption.
-        """
-        targets = recurrence_targets(txt.token_ids, txt.mask, image_ids.to(txt.mask.device))
-        return prominence_loss(txt.log_prominence, targets)
 
 
 def build_model(cfg: ModelConfig, label_names: list[str]) -> CPFEAN:

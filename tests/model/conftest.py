@@ -62,3 +62,17 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def batch_recurrence_targets(token_ids, mask, image_ids):
+    """Recurrence targets with the other captions of the same image in the batch as siblings,
+    through the one implementation (``cpfean.recurrence.sibling_targets``)."""
+    from cpfean.recurrence import sibling_targets
+
+    C, L = token_ids.shape
+    same = [[j for j in range(C) if j != c and image_ids[j] == image_ids[c]] for c in range(C)]
+    sib = torch.full((C, max(1, max(map(len, same))), L), -1, dtype=torch.long)
+    for c, others in enumerate(same):
+        for s, j in enumerate(others):
+            sib[c, s] = torch.where(mask[j], token_ids[j], -1)
+    return sibling_targets(token_ids, mask, sib, image_ids)

@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from cpfean.model import ContrastiveLoss, prominence_loss, recurrence_targets
+from cpfean.model import ContrastiveLoss, prominence_loss
+
+from .conftest import batch_recurrence_targets as recurrence_targets
 
 SIMS = torch.tensor(
     [

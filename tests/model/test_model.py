@@ -12,8 +12,9 @@ from cpfean.model import (
     TextEmbeddings,
     build_model,
 )
+from cpfean.model.loss import prominence_loss
 
-from .conftest import CAPTIONS, LABELS, random_regions, tiny_config
+from .conftest import CAPTIONS, LABELS, batch_recurrence_targets, random_regions, tiny_config
 
 SWITCHES = {
     "full": {},
@@ -197,7 +198,8 @@ def test_prominence_loss_runs_and_has_gradient():
     model = build_model(tiny_config(), LABELS).train()
     caps = [CAPTIONS[0], CAPTIONS[1], CAPTIONS[2], CAPTIONS[3]]
     txt = model.encode_texts(**model.tokenize(caps))
-    loss = model.prominence_loss(txt, image_ids=torch.tensor([0, 0, 1, 1]))
+    targets = batch_recurrence_targets(txt.token_ids, txt.mask, torch.tensor([0, 0, 1, 1]))
+    loss = prominence_loss(txt.log_prominence, targets)
     assert torch.isfinite(loss) and loss > 0
     loss.backward()
     assert model.prominence[0].weight.grad.abs().sum() > 0
