@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cpfean.arrays import as_numpy
 from cpfean.data.dataset import collate_regions, record_arrays
 from cpfean.evaluation import encode_texts
 from cpfean.fileio import WriterLock, atomic_path, atomic_write_json, fsync_dir
@@ -93,11 +94,9 @@ def _resolve_class(name: str) -> type:
     return obj
 
 
-def _to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
-    a = t.detach().cpu()
-    if a.is_floating_point():
-        return a.to(getattr(torch, dtype)).numpy()
-    return a.numpy()
+def _on_disk(t: torch.Tensor, dtype: str) -> np.ndarray:
+    """An embedding field as stored: floats in the index's dtype, masks and ids as they are."""
+    return as_numpy(t, dtype if t.is_floating_point() else None)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -233,7 +232,7 @@ def _write_shard(path: Path, emb: Any, geometry: dict[str, np.ndarray], dtype: s
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, t in _fields(emb).items():
-        np.save(tmp / f"emb.{name}.npy", _to_numpy(t, dtype), allow_pickle=False)
+        np.save(tmp / f"emb.{name}.npy", _on_disk(t, dtype), allow_pickle=False)
     np.save(tmp / "pooled.npy", pooled_images(emb), allow_pickle=False)
     for name, a in geometry.items():
         np.save(tmp / f"{name}.npy", a, allow_pickle=False)
@@ -453,7 +452,7 @@ def _index_captions(
         model, list(captions), batch_size=batch_size, device=device, progress=progress
     )
     for name, t in _fields(txt).items():
-        _save_npy(dest / f"emb.{name}.npy", _to_numpy(t, dtype))
+        _save_npy(dest / f"emb.{name}.npy", _on_disk(t, dtype))
     _save_npy(dest / "pooled.npy", pooled_texts(txt))
     owners = list(image_ids) if image_ids is not None else [""] * len(captions)
     _write_json(dest / "texts.json", {"captions": list(captions), "image_ids": owners})

@@ -33,6 +33,8 @@ from typing import Any, NamedTuple, NotRequired, TypedDict
 import numpy as np
 import numpy.typing as npt
 
+from cpfean.arrays import as_numpy
+
 __all__ = [
     "CAPTIONS_PER_IMAGE",
     "PROTOCOLS",
@@ -99,17 +101,6 @@ class QueryRanks(NamedTuple):
     top1: np.ndarray
 
 
-def _to_numpy(sims: npt.ArrayLike) -> np.ndarray:
-    """Converts an array-like (numpy, nested lists, a torch tensor on any device) to numpy."""
-    if hasattr(sims, "detach"):  # torch.Tensor, without importing torch in this module
-        tensor = sims.detach().cpu()  # type: ignore[union-attr]
-        try:
-            return tensor.numpy()
-        except TypeError:  # bfloat16 has no numpy dtype
-            return tensor.float().numpy()
-    return np.asarray(sims)
-
-
 def _row_chunks(n_rows: int, row_len: int) -> Iterator[tuple[int, int]]:
     """Yields ``(start, stop)`` row ranges whose blocks hold about ``_CHUNK_ELEMENTS`` values."""
     step = max(1, _CHUNK_ELEMENTS // max(1, row_len))
@@ -130,7 +121,7 @@ def _check_sims(sims: npt.ArrayLike) -> np.ndarray:
         ValueError: wrong rank or shape, no images, or a NaN anywhere.
         TypeError: non-real dtype (bool, complex, object).
     """
-    arr = _to_numpy(sims)
+    arr = as_numpy(sims)
     if arr.ndim != 2:
         raise ValueError(
             f"sims must be 2-D [n_images, {CAPTIONS_PER_IMAGE} * n_images], got shape {arr.shape}"
@@ -469,7 +460,7 @@ def ensemble(sims_list: Sequence[npt.ArrayLike]) -> np.ndarray:
     """
     if len(sims_list) == 0:
         raise ValueError("ensemble needs at least one similarity matrix")
-    arrays = [_to_numpy(sims) for sims in sims_list]
+    arrays = [as_numpy(sims) for sims in sims_list]
     shape = arrays[0].shape
     for index, arr in enumerate(arrays):
         if arr.shape != shape:

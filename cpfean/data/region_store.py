@@ -36,6 +36,7 @@ import lmdb
 import numpy as np
 import torch
 
+from cpfean.arrays import as_numpy
 from cpfean.fileio import LockedError, WriterLock
 
 SCHEMA_VERSION = 1
@@ -105,13 +106,6 @@ def check_lmdb_file(path: str | os.PathLike) -> None:
         )
 
 
-def _to_numpy(x: Any, dtype: type) -> np.ndarray:
-    """numpy array from a numpy array, list or (possibly CUDA) torch tensor."""
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.ascontiguousarray(x, dtype=dtype)
-
-
 def _check_shapes(r: int, **arrays: np.ndarray) -> None:
     for name, arr in arrays.items():
         want = (r, 4) if name == "boxes" else (r,)
@@ -143,7 +137,7 @@ class RegionRecord:
             ("labels", np.int64),
             ("scores", np.float32),
         ):
-            object.__setattr__(self, name, _to_numpy(getattr(self, name), dtype))
+            object.__setattr__(self, name, as_numpy(getattr(self, name), dtype))
         f, hw, nv = self.features, tuple(map(operator.index, self.image_hw)), self.num_valid
         if f.ndim != 2 or f.shape[0] < 1 or f.shape[1] < 1:
             raise ValueError(f"features must be [R, D] with R, D >= 1, got shape {f.shape}")
@@ -191,15 +185,15 @@ class RegionRecord:
         Args (numpy arrays, lists or torch tensors): features [N, D]; boxes [N, 4] xyxy pixels;
             labels [N] (None: all -1, unknown); scores [N] (None: all 1); image_hw (h, w).
         Raises ValueError on more than num_regions detections or inconsistent shapes."""
-        f = _to_numpy(features, np.float32)
+        f = as_numpy(features, np.float32)
         if f.ndim != 2 or f.shape[1] < 1:
             raise ValueError(f"features must be [N, D] with D >= 1, got shape {f.shape}")
         n, d = f.shape
         if n > num_regions:
             raise ValueError(f"{n} detections for {num_regions} slots; keep the top ones first")
-        b = _to_numpy(boxes, np.float32)
-        lab = np.full(n, -1, np.int64) if labels is None else _to_numpy(labels, np.int64)
-        s = np.ones(n, np.float32) if scores is None else _to_numpy(scores, np.float32)
+        b = as_numpy(boxes, np.float32)
+        lab = np.full(n, -1, np.int64) if labels is None else as_numpy(labels, np.int64)
+        s = np.ones(n, np.float32) if scores is None else as_numpy(scores, np.float32)
         _check_shapes(n, boxes=b, labels=lab, scores=s)
         out = [
             np.zeros((num_regions, d), np.float32),
