@@ -59,6 +59,8 @@ from cpfean.progress import progress as progress_of
 
 FORMAT = "cpfean-index"
 VERSION = 1
+# embedding fields renamed since indexes were first written: old files still load
+RENAMED_FIELDS = {"gate_ctx": "gate_context"}
 IMAGES_ROOT_KEYS = ("images_root", "image_root", "images_dir")  # where a store's meta may say
 
 
@@ -492,7 +494,7 @@ class RetrievalIndex:
         self.label_names: list[str] = self.meta.get("label_names", [])
         self._image_cls = _resolve_class(self.meta["image_embeddings"]["class"])
         self._image_fields = {
-            n: _load_npy(self.path / "images" / f"emb.{n}.npy")
+            RENAMED_FIELDS.get(n, n): _load_npy(self.path / "images" / f"emb.{n}.npy")
             for n in self.meta["image_embeddings"]["fields"]
         }
         self.pooled = _load_npy(self.path / "images" / "pooled.npy")  # [N, d]
@@ -516,7 +518,8 @@ class RetrievalIndex:
             self.captions, self.caption_image_ids = texts["captions"], texts["image_ids"]
             self._text_cls = _resolve_class(cap["class"])
             self._text_fields = {
-                n: _load_npy(self.path / "captions" / f"emb.{n}.npy") for n in cap["fields"]
+                RENAMED_FIELDS.get(n, n): _load_npy(self.path / "captions" / f"emb.{n}.npy")
+                for n in cap["fields"]
             }
             self.caption_pooled = _load_npy(self.path / "captions" / "pooled.npy")
         self._first: dict[str, FirstStage] = {}

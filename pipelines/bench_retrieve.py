@@ -151,13 +151,13 @@ def image_embeddings(model, regions: np.ndarray, mask: np.ndarray):
     from cpfean.model import ImageEmbeddings
 
     v = torch.from_numpy(regions)
-    gate_self, gate_ctx = model.gates.image_terms(v)
+    gate_self, gate_context = model.gates.image_terms(v)
     return ImageEmbeddings(
         regions=v,
         mask=torch.from_numpy(mask),
         gram=v @ v.transpose(1, 2),
         gate_self=gate_self,
-        gate_ctx=gate_ctx,
+        gate_context=gate_context,
     )
 
 
@@ -170,14 +170,14 @@ def text_embeddings(model, words: list[np.ndarray]):
     mask = torch.zeros(len(words), size, dtype=torch.bool)
     for k, x in enumerate(words):
         w[k, : len(x)], mask[k, : len(x)] = torch.from_numpy(x), True
-    gate_self, gate_ctx = model.gates.text_terms(w)
+    gate_self, gate_context = model.gates.text_terms(w)
     logp = model.prominence(w).squeeze(-1).masked_fill(~mask, float("-inf")).log_softmax(-1)
     return TextEmbeddings(
         words=w,
         mask=mask,
         gram=w @ w.transpose(1, 2),
         gate_self=gate_self,
-        gate_ctx=gate_ctx,
+        gate_context=gate_context,
         log_prominence=logp,
         token_ids=torch.zeros_like(mask, dtype=torch.long),
     )
@@ -193,7 +193,13 @@ def write_index(
 
     (out / "images").mkdir(parents=True)
     n, d = gal.n, gal.d
-    specs = {"regions": (R, d), "mask": (R,), "gram": (R, R), "gate_self": (R,), "gate_ctx": (R,)}
+    specs = {
+        "regions": (R, d),
+        "mask": (R,),
+        "gram": (R, R),
+        "gate_self": (R,),
+        "gate_context": (R,),
+    }
     files = {
         k: np.lib.format.open_memmap(
             out / "images" / f"emb.{k}.npy", "w+", np.bool_ if k == "mask" else np.float16, (n, *s)

@@ -46,21 +46,21 @@ def random_embeddings(
     )
     logits = torch.randn(captions, L, generator=g).masked_fill(~mask, float("-inf"))
     with torch.no_grad():
-        gate_self, gate_ctx = gates.image_terms(V)
+        gate_self, gate_context = gates.image_terms(V)
         img = ImageEmbeddings(
             regions=V,
             mask=torch.ones(images, REGIONS, dtype=torch.bool),
             gram=V @ V.transpose(1, 2),
             gate_self=gate_self,
-            gate_ctx=gate_ctx,
+            gate_context=gate_context,
         )
-        gate_self, gate_ctx = gates.text_terms(W)
+        gate_self, gate_context = gates.text_terms(W)
         txt = TextEmbeddings(
             words=W,
             mask=mask,
             gram=W @ W.transpose(1, 2),
             gate_self=gate_self,
-            gate_ctx=gate_ctx,
+            gate_context=gate_context,
             log_prominence=logits.log_softmax(-1),
             token_ids=torch.zeros(captions, L, dtype=torch.long),
         )

@@ -361,3 +361,37 @@ def test_ivf_cache_is_reused(tmp_path):
     assert not hasattr(again, "_quantiser")  # loaded, not trained
     q = pooled[:3]
     np.testing.assert_array_equal(first.search(q, 5)[1], again.search(q, 5)[1])
+
+
+def test_an_index_written_before_a_field_was_renamed_still_loads(tmp_path):
+    """Indexes name their embedding files by field; gate_ctx became gate_context."""
+    from cpfean.model import build_model
+    from tests.model.conftest import tiny_config
+
+    torch.manual_seed(0)
+    store = make_store(tmp_path / "regions", KNOWN)
+    model = build_model(tiny_config(feature_dim=DIM), label_names=SHAPES).eval()
+    path = build_index(
+        model,
+        store,
+        tmp_path / "index",
+        checkpoint=CKPT,
+        config={},
+        captions=["a green cone"],
+        caption_image_ids=["001.png"],
+    )
+    index = RetrievalIndex(path)
+    want_img, want_txt = index.images(np.arange(4)), index.caption_embeddings(np.array([0]))
+    meta_path = path / "index.json"
+    meta = json.loads(meta_path.read_text())
+    for side, spec in (("images", meta["image_embeddings"]), ("captions", meta["captions"])):
+        spec["fields"] = ["gate_ctx" if f == "gate_context" else f for f in spec["fields"]]
+        (path / side / "emb.gate_context.npy").rename(path / side / "emb.gate_ctx.npy")
+    meta_path.write_text(json.dumps(meta))
+    old = RetrievalIndex(path)
+    assert torch.equal(old.images(np.arange(4)).gate_context, want_img.gate_context)
+    assert torch.equal(old.caption_embeddings(np.array([0])).gate_context, want_txt.gate_context)
+    a = search(model, index, query(model, "a green cone"), top_k=4)
+    b = search(model, old, query(model, "a green cone"), top_k=4)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])

@@ -111,21 +111,21 @@ class ImageEmbeddings(_Embeddings):
         mask: (B, R) bool, valid regions.
         gram: (B, R, R) region Gram matrix V V^T, computed once per image.
         gate_self: (B, R) u_r . v_r + b_r, the region's own term of its fusion gate.
-        gate_ctx: (B, R) u_wc . v_r, so a word's gate term u_wc . ctx_w = A_w . gate_ctx.
+        gate_context: (B, R) u_wc . v_r, so a word's gate term u_wc . ctx_w = A_w . gate_context.
     """
 
     regions: torch.Tensor
     mask: torch.Tensor
     gram: torch.Tensor
     gate_self: torch.Tensor
-    gate_ctx: torch.Tensor
+    gate_context: torch.Tensor
 
     _pad_dims: ClassVar[dict[str, int]] = {
         "regions": 1,
         "mask": 1,
         "gram": 2,
         "gate_self": 1,
-        "gate_ctx": 1,
+        "gate_context": 1,
     }
 
 
@@ -140,7 +140,7 @@ class TextEmbeddings(_Embeddings):
         mask: (C, L) bool, valid words.
         gram: (C, L, L) word Gram matrix W W^T, computed once per caption.
         gate_self: (C, L) u_w . w_l + b_w, the word's own term of its fusion gate.
-        gate_ctx: (C, L) u_rc . w_l, so a region's gate term u_rc . ctx_r = B_r . gate_ctx.
+        gate_context: (C, L) u_rc . w_l, so a region's gate term u_rc . ctx_r = B_r . gate_context.
         log_prominence: (C, L) log-softmax over valid words of the prominence MLP (-inf masked).
         token_ids: (C, L) long, the tokenizer ids of the word slots (for display / targets).
     """
@@ -149,7 +149,7 @@ class TextEmbeddings(_Embeddings):
     mask: torch.Tensor
     gram: torch.Tensor
     gate_self: torch.Tensor
-    gate_ctx: torch.Tensor
+    gate_context: torch.Tensor
     log_prominence: torch.Tensor
     token_ids: torch.Tensor
 
@@ -166,7 +166,7 @@ class TextEmbeddings(_Embeddings):
             mask=self.mask[:, :length],
             gram=self.gram[:, :length, :length],
             gate_self=self.gate_self[:, :length],
-            gate_ctx=self.gate_ctx[:, :length],
+            gate_context=self.gate_context[:, :length],
             log_prominence=self.log_prominence[:, :length],
             token_ids=self.token_ids[:, :length],
         )
@@ -176,7 +176,7 @@ class TextEmbeddings(_Embeddings):
         "mask": 1,
         "gram": 2,
         "gate_self": 1,
-        "gate_ctx": 1,
+        "gate_context": 1,
         "log_prominence": 1,
         "token_ids": 1,
     }

@@ -118,11 +118,11 @@ class FragmentGates(nn.Module):
         nn.init.zeros_(self.region_self.bias)
 
     def image_terms(self, regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """regions (B, R, d) -> gate_self (B, R) = u_r.v + b_r, gate_ctx (B, R) = u_wc.v."""
+        """regions (B, R, d) -> gate_self (B, R) = u_r.v + b_r, gate_context (B, R) = u_wc.v."""
         return self.region_self(regions).squeeze(-1), self.word_ctx(regions).squeeze(-1)
 
     def text_terms(self, words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """words (C, L, d) -> gate_self (C, L) = u_w.w + b_w, gate_ctx (C, L) = u_rc.w."""
+        """words (C, L, d) -> gate_self (C, L) = u_w.w + b_w, gate_context (C, L) = u_rc.w."""
         return self.word_self(words).squeeze(-1), self.region_ctx(words).squeeze(-1)
 
 
@@ -242,13 +242,13 @@ def _fusion_gates(
     w_dot_ctx = ES.sum(-1) * iZl  # (bi, bc, L) <w_l, ctx_l>
     v_dot_ctx = (ES if Eb is Ea else Eb * S).sum(-2) * iZr  # (bi, bc, R) <v_r, ctx_r>
     # [G_v | V u_wc] (R, R+1): <ctx_l, v_r> and u_wc.ctx_l in one product
-    Gv_ext = torch.cat([img.gram, img.gate_ctx[:, :, None]], dim=2)  # (bi, R, R+1)
+    Gv_ext = torch.cat([img.gram, img.gate_context[:, :, None]], dim=2)  # (bi, R, R+1)
     EGv_ext = torch.bmm(Ea.view(bi, bc * L, R), Gv_ext).view(bi, bc, L, R + 1)
     word_ctx_term = EGv_ext[..., R] * iZl  # (bi, bc, L) u_wc.ctx_l
     # |ctx_l|^2 = sum_r A_lr <ctx_l, v_r>, with EGv_ext[..., :R] = Z_l <ctx_l, v_r>
     ctx_w_sq = ((Ea * EGv_ext[..., :R]).sum(-1) * iZl * iZl).clamp_min(_EPS)
     # [G_w; (W u_rc)^T] (L+1, L) @ Eb (L, R): <w_l, ctx_r> and u_rc.ctx_r in one product
-    Gw_ext = torch.cat([txt.gram, txt.gate_ctx[:, None, :]], dim=1)  # (bc, L+1, L)
+    Gw_ext = torch.cat([txt.gram, txt.gate_context[:, None, :]], dim=1)  # (bc, L+1, L)
     GwE_ext = torch.matmul(Gw_ext[None], Eb)  # (bi, bc, L+1, R)
     region_ctx_term = GwE_ext[:, :, L] * iZr  # (bi, bc, R) u_rc.ctx_r
     # |ctx_r|^2 = sum_l B^T_lr <w_l, ctx_r>, with GwE_ext[:, :, :L] = Z_r <w_l, ctx_r>

@@ -92,11 +92,11 @@ class CPFEAN(nn.Module):
         V = self.region_encoder(features, boxes, labels, scores, mask)  # (B, R, d)
         gram = V @ V.transpose(1, 2)  # (B, R, R)
         if self.gates is not None:
-            gate_self, gate_ctx = self.gates.image_terms(V)
+            gate_self, gate_context = self.gates.image_terms(V)
         else:
-            gate_self = gate_ctx = V.new_zeros(V.shape[:2])
+            gate_self = gate_context = V.new_zeros(V.shape[:2])
         return ImageEmbeddings(
-            regions=V, mask=mask, gram=gram, gate_self=gate_self, gate_ctx=gate_ctx
+            regions=V, mask=mask, gram=gram, gate_self=gate_self, gate_context=gate_context
         )
 
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextEmbeddings:
@@ -104,9 +104,9 @@ class CPFEAN(nn.Module):
         W, mask, token_ids = self.word_encoder(input_ids, attention_mask)  # (C, L, d)
         gram = W @ W.transpose(1, 2)  # (C, L, L)
         if self.gates is not None:
-            gate_self, gate_ctx = self.gates.text_terms(W)
+            gate_self, gate_context = self.gates.text_terms(W)
         else:
-            gate_self = gate_ctx = W.new_zeros(W.shape[:2])
+            gate_self = gate_context = W.new_zeros(W.shape[:2])
         if self.prominence is not None:
             logits = self.prominence(W).squeeze(-1)  # (C, L)
         else:
@@ -118,7 +118,7 @@ class CPFEAN(nn.Module):
             mask=mask,
             gram=gram,
             gate_self=gate_self,
-            gate_ctx=gate_ctx,
+            gate_context=gate_context,
             log_prominence=log_prom,
             token_ids=token_ids,
         )
