@@ -102,6 +102,21 @@ def _thumbnail(path: str, size: int = 320) -> bytes:
     return out.getvalue()
 
 
+def _body_too_large(request: Request, limits: Limits) -> JSONResponse | None:
+    """413 (or 411) before a body is read: the multipart parser would otherwise spool any
+    upload to disk before the handler could look at its size."""
+    if request.method not in ("POST", "PUT", "PATCH"):
+        return None
+    length = request.headers.get("content-length")
+    if length is None:
+        return JSONResponse({"error": "send a Content-Length with the upload"}, status_code=411)
+    if not length.isdigit() or int(length) > limits.max_upload_bytes + (64 << 10):
+        return JSONResponse(
+            {"error": f"the upload is over {limits.max_upload_bytes} bytes"}, status_code=413
+        )
+    return None
+
+
 def create_app(
     searcher: Any, *, limits: Limits = Limits(), detector_factory: Callable[[], Any] | None = None
 ) -> Any:
@@ -143,7 +158,7 @@ def create_app(
             "/" + "/".join(request.url.path.split("/")[1:3]) if route == "api" else f"/{route}"
         )
         try:
-            response = await call_next(request)
+            response = _body_too_large(request, limits) or await call_next(request)
         except Exception:  # noqa: BLE001 - reported as JSON, logged with its traceback here
             log.exception("unexpected error on %s", request.url.path)
             response = error(500, "internal error")

@@ -363,3 +363,27 @@ def test_page_in_headless_chromium(live, served, tmp_path):
     finally:
         driver.quit()
     assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def test_oversized_or_unsized_bodies_are_refused_before_parsing(client):
+    huge = b"0" * 3_000_000  # over the test server's 2 MB limit: refused from the header
+    _error(
+        client.post(
+            "/api/search", content=huge, headers={"content-type": "multipart/form-data; boundary=x"}
+        ),
+        413,
+        "over 2000000 bytes",
+    )
+
+    def chunks():
+        yield b"--x\r\n"
+
+    _error(
+        client.post(
+            "/api/search",
+            content=chunks(),
+            headers={"content-type": "multipart/form-data; boundary=x"},
+        ),
+        411,
+        "Content-Length",
+    )
