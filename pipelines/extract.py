@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from cpfean.data.region_store import RegionStore, RegionStoreError, RegionWriter, merge_stores
-from cpfean.fileio import atomic_output, atomic_write
+from cpfean.fileio import WriterLock, atomic_output, atomic_write
 from cpfean.progress import progress as progress_of
 from detector.config import get_region_cfg
 from detector.data import ImageFolder, list_images, shard
@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         ids = list_images(root, rejected)
         if store.exists() and not store.is_dir():
             raise ValueError(f"--out {store} is a file, not a region store")
+        lock = WriterLock(store / "writer.lock", f"region store {store}")
+        if world == 1 and lock.is_held_elsewhere():  # say so before the detector loads
+            raise ValueError(f"region store {store} is being written by {lock.holder()}")
         if cfg.MODEL.WEIGHTS:
             check_weights_file(cfg.MODEL.WEIGHTS)
     except (OSError, ValueError, AssertionError, KeyError) as e:
