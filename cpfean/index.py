@@ -59,6 +59,7 @@ from cpfean.progress import progress as progress_of
 
 FORMAT = "cpfean-index"
 VERSION = 1
+PRELOAD_MAX_BYTES = 2 << 30  # galleries up to this size (float32) stay in memory when served
 # embedding fields renamed since indexes were first written: old files still load
 RENAMED_FIELDS = {"gate_ctx": "gate_context"}
 IMAGES_ROOT_KEYS = ("images_root", "image_root", "images_dir")  # where a store's meta may say
@@ -580,9 +581,31 @@ class RetrievalIndex:
             out[name] = (t.float() if t.is_floating_point() else t).to(device)
         return cls(**out)
 
+    def preload(self, max_bytes: int = PRELOAD_MAX_BYTES) -> bool:
+        """Keep the gallery's image embeddings in memory as float32 when they fit in
+        ``max_bytes``, so that a long-lived searcher does not convert the memory map on every
+        query. Returns whether it did."""
+        size = sum(
+            a.size * (4 if np.issubdtype(a.dtype, np.floating) else a.itemsize)
+            for a in self._image_fields.values()
+        )
+        if size > max_bytes:
+            return False
+        self._image_cache = self._rows(self._image_fields, self._image_cls, slice(None), "cpu")
+        return True
+
     def images(self, rows: np.ndarray | slice, device: torch.device | str = "cpu") -> Any:
         """The ImageEmbeddings of gallery ``rows`` (float32 on ``device``)."""
-        return self._rows(self._image_fields, self._image_cls, rows, device)
+        cache = getattr(self, "_image_cache", None)
+        if cache is None:
+            return self._rows(self._image_fields, self._image_cls, rows, device)
+        if not isinstance(rows, slice):
+            rows = np.asarray(rows)
+            if len(rows) and rows[-1] - rows[0] + 1 == len(rows) and (np.diff(rows) == 1).all():
+                rows = slice(int(rows[0]), int(rows[-1]) + 1)  # a view, not a copy
+            else:
+                rows = torch.as_tensor(rows, dtype=torch.long)
+        return cache[rows].to(device)
 
     def caption_embeddings(
         self, rows: np.ndarray | slice, device: torch.device | str = "cpu"

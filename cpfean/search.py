@@ -20,6 +20,7 @@ from cpfean.checkpoint import checkpoint_fingerprint, load_model, resolve_device
 from cpfean.data.dataset import collate_regions, record_arrays
 from cpfean.data.region_store import RegionRecord
 from cpfean.evaluation import encode_texts
+from cpfean.first_stage import TWO_STAGE_MIN
 from cpfean.index import IndexFormatError, RetrievalIndex, search
 
 __all__ = ["DETAILED", "QueryError", "Searcher", "region_weights", "top_words", "words_of"]
@@ -79,6 +80,8 @@ class Searcher:
         self, model: Any, index: RetrievalIndex, device: torch.device, checkpoint: str = ""
     ):
         self.model, self.index, self.device, self.checkpoint = model, index, device, checkpoint
+        if index.count <= TWO_STAGE_MIN:  # searched exhaustively: keep it in memory if it fits
+            index.preload()
         self.max_words = int(getattr(model, "max_words", 32))
         self._rows = {image_id: row for row, image_id in enumerate(index.image_ids)}
         self._captions_of: dict[str, list[str]] = {}

@@ -395,3 +395,15 @@ def test_an_index_written_before_a_field_was_renamed_still_loads(tmp_path):
     b = search(model, old, query(model, "a green cone"), top_k=4)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_preloaded_gallery_gives_the_same_rows(tmp_path):
+    """A served index keeps its gallery in memory; every way of asking for rows agrees."""
+    _, _, index = build(tmp_path, random_scenes(12), shard_size=5)
+    asked = [np.arange(12), np.arange(3, 9), np.array([7, 2, 11]), slice(2, 6), np.array([4])]
+    want = [index.images(rows) for rows in asked]
+    assert index.preload() and not RetrievalIndex(index.path).preload(max_bytes=10)
+    for rows, expected in zip(asked, want, strict=True):
+        got = index.images(rows)
+        for name in ("regions", "mask"):
+            assert torch.equal(getattr(got, name), getattr(expected, name)), (rows, name)
