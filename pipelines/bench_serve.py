@@ -57,12 +57,15 @@ def _serve(app) -> tuple[object, threading.Thread, str]:
     return server, thread, f"http://127.0.0.1:{port}"
 
 
-def measure(searcher, name: str, args: argparse.Namespace) -> dict:
+def measure(open_searcher, name: str, args: argparse.Namespace) -> dict:
+    """Serve the searcher ``open_searcher()`` loads, as pipelines.serve does, and time it."""
     import httpx
 
-    from pipelines.serve import Limits, create_app
+    from pipelines.serve import Limits, open_server
 
-    app = create_app(searcher, limits=Limits(workers=1, queue=4 * args.clients))
+    app, searcher = open_server(
+        open_searcher, limits=Limits(workers=1, queue=4 * args.clients), threads=args.threads
+    )
     server, thread, base = _serve(app)
     try:
         with httpx.Client(base_url=base, timeout=60) as c:
@@ -139,19 +142,18 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--requests, --clients, --per-client and --threads must be >= 1")
     if args.workdir is not None and not Path(args.workdir).is_dir():
         p.error(f"--workdir {args.workdir} is not an existing folder")
-    torch.set_num_threads(args.threads)
     from pipelines.retrieve import UsageError, open_searcher
 
     rows = []
     try:
-        rows.append(measure(open_searcher(args.index, None, "cpu"), args.index, args))
+        rows.append(measure(lambda: open_searcher(args.index, None, "cpu"), args.index, args))
     except (UsageError, OSError, ValueError) as e:
         return cli.fail(e)
     if args.synthetic:
         work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_serve_"))
         rows.append(
             measure(
-                synthetic_searcher(args.synthetic, work, args.seed),
+                lambda: synthetic_searcher(args.synthetic, work, args.seed),
                 f"synthetic {args.synthetic:,}",
                 args,
             )

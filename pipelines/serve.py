@@ -28,10 +28,12 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 from fastapi import FastAPI, File, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -71,21 +73,35 @@ class DetectorUnavailable(Exception):
 
 
 class WorkQueue:
-    """At most ``workers`` jobs run at once in threads; at most ``queue`` wait; more -> Busy."""
+    """At most ``workers`` jobs run at once, on threads of their own; at most ``queue`` wait;
+    more -> Busy.
 
-    def __init__(self, workers: int, queue: int):
+    The model runs only on these long-lived threads (loading included, see `open_server`):
+    torch's OpenMP team belongs to the thread that calls it, and two teams on a small CPU
+    spin against each other, which made a query through the server twice as slow as the
+    same query in one thread.
+    """
+
+    def __init__(self, workers: int, queue: int, threads: int = 0):
+        self.executor = ThreadPoolExecutor(
+            workers,
+            thread_name_prefix="cpfean-model",
+            initializer=(lambda: torch.set_num_threads(threads)) if threads else None,
+        )
         self._slots = asyncio.Semaphore(workers)
         self._capacity, self._waiting = workers + queue, 0
 
-    async def run(self, fn: Callable[[], Any]) -> Any:
-        from starlette.concurrency import run_in_threadpool
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on a model thread and wait for it (outside the event loop)."""
+        return self.executor.submit(fn).result()
 
+    async def run(self, fn: Callable[[], Any]) -> Any:
         if self._waiting >= self._capacity:
             raise Busy
         self._waiting += 1
         try:
             async with self._slots:
-                return await run_in_threadpool(fn)
+                return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
         finally:
             self._waiting -= 1
 
@@ -118,7 +134,11 @@ def _body_too_large(request: Request, limits: Limits) -> JSONResponse | None:
 
 
 def create_app(
-    searcher: Any, *, limits: Limits = Limits(), detector_factory: Callable[[], Any] | None = None
+    searcher: Any,
+    *,
+    limits: Limits = Limits(),
+    detector_factory: Callable[[], Any] | None = None,
+    work: WorkQueue | None = None,
 ) -> Any:
     """The ASGI app over a loaded `cpfean.search.Searcher`.
 
@@ -131,7 +151,7 @@ def create_app(
     from cpfean.search import QueryError
 
     app = FastAPI(title="cpfean", docs_url=None, redoc_url=None, openapi_url=None)
-    work = WorkQueue(limits.workers, limits.queue)
+    work = work or WorkQueue(limits.workers, limits.queue)
     registry = CollectorRegistry()
     requests = Counter(
         "cpfean_requests", "HTTP requests", ["endpoint", "status"], registry=registry
@@ -306,6 +326,29 @@ def create_app(
     return app
 
 
+def open_server(
+    open_searcher: Callable[[], Any],
+    *,
+    limits: Limits = Limits(),
+    threads: int = 0,
+    detector_factory: Callable[[Any], Any] | None = None,
+) -> tuple[Any, Any]:
+    """Load a searcher on the model threads, warm it up there, and build the app.
+
+    Args:
+        open_searcher: loads the searcher (called on a model thread).
+        detector_factory: given the searcher, builds the upload detector (None: no uploads).
+    Returns:
+        (app, searcher).
+    """
+    work = WorkQueue(limits.workers, limits.queue, threads)
+    searcher = work.call(open_searcher)
+    work.call(lambda: searcher.text_to_images("warm up", 1))  # lazy set-up before any user
+    factory = functools.partial(detector_factory, searcher) if detector_factory else None
+    app = create_app(searcher, limits=limits, detector_factory=factory, work=work)
+    return app, searcher
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(
         prog="python -m pipelines.serve", description=__doc__.split("\n\n")[0]
@@ -332,28 +375,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--port must be in 1..65535, got {args.port}")
     if args.workers < 1 or args.queue < 0 or args.threads < 0:
         parser.error("--workers must be >= 1, --queue and --threads >= 0")
-    import torch
     import uvicorn
 
     from pipelines.retrieve import UsageError, build_detector, open_searcher
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    def detector(searcher: Any) -> Any:
+        return build_detector(
+            searcher.index, args.detector_config, args.detector_weights, args.device
+        )
+
     try:
-        searcher = open_searcher(args.index, args.checkpoint, args.device)
+        app, searcher = open_server(
+            lambda: open_searcher(args.index, args.checkpoint, args.device),
+            limits=Limits(workers=args.workers, queue=args.queue),
+            threads=args.threads,
+            detector_factory=None if args.no_image_queries else detector,
+        )
     except (UsageError, OSError, ValueError) as e:
         return cli.fail(e)
-    factory = (
-        None
-        if args.no_image_queries
-        else functools.partial(
-            build_detector, searcher.index, args.detector_config, args.detector_weights, args.device
-        )
-    )
-    limits = Limits(workers=args.workers, queue=args.queue)
-    app = create_app(searcher, limits=limits, detector_factory=factory)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    searcher.text_to_images("warm up", 1)  # the first query should not pay for lazy set-up
     print(
         f"serving {searcher.index.path} ({searcher.index.count} images) on "
         f"http://{args.host}:{args.port}/",
