@@ -29,17 +29,17 @@ function boxesSvg(svg, regions, hw) {
   }
 }
 
-function markQuery(query, words) {
-  // the query with its prominent words marked, stronger for more prominent ones
+function markQuery(query, result) {
+  // the query with the words that weighed most in the best result marked (its top three)
   const box = $("query-words");
   box.replaceChildren();
-  if (!words || !words.length) return;
-  const top = Math.max(...words.map((w) => w[1]));
-  const weight = Object.fromEntries(words.map(([w, v]) => [w.toLowerCase(), v / (top || 1)]));
+  if (!result || !result.prominent_words) return;
+  const top = new Set(result.prominent_words.map((w) => w.toLowerCase()));
+  const weight = Object.fromEntries((result.words || []).map(([w, v]) => [w.toLowerCase(), v]));
   box.append("prominent words: ");
   for (const token of query.split(/(\s+)/)) {
-    const v = weight[token.toLowerCase().replace(/[^\w'-]/g, "")];
-    if (v && v > 0.35) box.append(el("mark", { textContent: token, title: `prominence ${v.toFixed(2)}` }));
+    const word = token.toLowerCase().replace(/[^\w'-]/g, "");
+    if (top.has(word)) box.append(el("mark", { textContent: token, title: `prominence ${(weight[word] || 0).toFixed(2)}` }));
     else box.append(token);
   }
 }
@@ -137,7 +137,7 @@ async function run() {
   const k = $("k").value;
   if (params.get("q")) {
     const payload = await fetchJson(`/api/search?q=${encodeURIComponent(params.get("q"))}&k=${k}`);
-    if (payload) { showImages(payload); markQuery(payload.query, payload.results[0] && payload.results[0].words); }
+    if (payload) { showImages(payload); markQuery(payload.query, payload.results[0]); }
   } else if (params.get("similar")) {
     const payload = await fetchJson(`/api/similar/${encodeURI(params.get("similar"))}?k=${k}`);
     if (payload) { showImages(payload); $("query-words").textContent = `images like ${params.get("similar")}`; }
