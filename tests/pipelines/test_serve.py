@@ -195,7 +195,7 @@ def test_a_full_queue_answers_429(served):
     class Slow:
         index = served["searcher"].index
 
-        def text_to_images(self, q, k):
+        def text_to_images(self, q, k, explain=0):
             time.sleep(0.4)
             return {"query": q, "mode": "text2image", "results": [], "search": {}}
 
