@@ -192,11 +192,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def merge_trees(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` merged into a copy of ``base``, nested mappings merged key by key."""
     out = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_trees(out[key], value)
         else:
             out[key] = value
     return out
@@ -209,7 +210,7 @@ def load_config(
 ) -> T:
     """Defaults, then the YAML file at ``path`` (and its ``_base_``), then overrides."""
     tree = _read_yaml(Path(path)) if path is not None else {}
-    tree = _merge(tree, parse_overrides(overrides or []))
+    tree = merge_trees(tree, parse_overrides(overrides or []))
     cfg = from_dict(cls, tree)
     if isinstance(cfg, Config):
         check_values(cfg)
@@ -295,7 +296,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: expected a mapping at the top level")
     base = tree.pop("_base_", None)
     if base is not None:
-        tree = _merge(_read_yaml(path.parent / base, seen + (path.resolve(),)), tree)
+        tree = merge_trees(_read_yaml(path.parent / base, seen + (path.resolve(),)), tree)
     return tree
 
 

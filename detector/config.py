@@ -20,6 +20,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
 import detector.butd  # noqa: F401  (registers the Caffe-BUTD backbone and ROI heads)
+from cpfean.config import merge_trees
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -75,16 +76,6 @@ def resolve_config_file(config_file: str | Path, bundled_only: bool = False) -> 
     raise FileNotFoundError(f"config {config_file!r} not found (bundled: {known})")
 
 
-def _merge_trees(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge_trees(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def load_yaml_safely(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """A detector config file as plain data, its `_BASE_` chain merged in (base first).
 
@@ -124,7 +115,7 @@ def load_yaml_safely(path: Path, seen: tuple[Path, ...] = ()) -> dict:
             raise ValueError(
                 f"config {path}: _BASE_ {base!r} is neither a file beside it nor a bundled config"
             ) from None
-    return _merge_trees(load_yaml_safely(base_path, seen + (path,)), tree)
+    return merge_trees(load_yaml_safely(base_path, seen + (path,)), tree)
 
 
 def merge_config_file(cfg: CN, path: Path) -> None:
