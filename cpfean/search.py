@@ -184,19 +184,21 @@ class Searcher:
     @torch.no_grad()
     def similar_images(self, image_id: str, top_k: int = 10) -> dict:
         """Gallery images nearest to a gallery image in the joint space (its pooled region
-        embedding against the others'), the image itself left out."""
+        embedding against the others', through the index's first stage), itself left out."""
         row = self.row_of(image_id)
-        pooled = np.asarray(self.index.pooled, dtype=np.float32)
-        sims = pooled @ pooled[row]
-        sims[row] = -np.inf
-        k = min(top_k, len(sims) - 1)
-        order = np.argsort(-sims, kind="stable")[:k]
-        results = [self._image_result(rank, int(r), float(sims[r])) for rank, r in enumerate(order)]
+        n = self.index.count
+        scores, rows = self.index.first_stage("images").search(self.index.pooled[row], top_k + 1)
+        found = [
+            (int(r), float(s))
+            for r, s in zip(rows[0], scores[0], strict=True)
+            if r >= 0 and r != row
+        ][:top_k]
+        results = [self._image_result(rank, r, s) for rank, (r, s) in enumerate(found)]
         return {
             "mode": "image2image",
             "query": image_id,
             "results": results,
-            "search": {"path": "pooled cosine", "candidates": len(sims) - 1, "gallery": len(sims)},
+            "search": {"path": "pooled cosine", "candidates": n - 1, "gallery": n},
             "notes": [],
         }
 

@@ -46,6 +46,15 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _refuse_pickle(path: str) -> None:
+    if path.endswith((".pkl", ".pyth")):
+        raise ValueError(
+            f"detector weights {path} are a Python pickle, which runs code when loaded; "
+            f"convert them once with python -m pipelines.convert_weights {path}, then use "
+            "the .pth it writes"
+        )
+
+
 def check_weights_file(path: str, expected_sha256: str | None = None) -> str:
     """The sha256 of a local weights file, checked before anything reads it as weights.
 
@@ -58,12 +67,7 @@ def check_weights_file(path: str, expected_sha256: str | None = None) -> str:
         )
     if not os.path.isfile(path):
         raise ValueError(f"detector weights not found: {path}")
-    if path.endswith((".pkl", ".pyth")):
-        raise ValueError(
-            f"detector weights {path} are a Python pickle, which runs code when "
-            f"loaded; convert them once with python -m pipelines.convert_weights "
-            f"{path}, then use the .pth it writes"
-        )
+    _refuse_pickle(path)
     sha256 = file_sha256(path)
     if expected_sha256 and sha256 != expected_sha256:
         raise ValueError(
@@ -132,12 +136,7 @@ class _RecordingCheckpointer(DetectionCheckpointer):
     incompatible = None
 
     def _load_file(self, filename):
-        if filename.endswith((".pkl", ".pyth")):
-            raise ValueError(
-                f"detector weights {filename} are a Python pickle, which runs code "
-                "when loaded; convert them once with python -m "
-                f"pipelines.convert_weights {filename}, then use the .pth it writes"
-            )
+        _refuse_pickle(filename)
         return super()._load_file(filename)
 
     def _torch_load(self, f):

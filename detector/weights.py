@@ -85,9 +85,13 @@ def _state_dict(data: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, extra
 
 
-def convert_pickle(src: str | os.PathLike, dst: str | os.PathLike) -> dict[str, Any]:
+def convert_pickle(
+    src: str | os.PathLike, dst: str | os.PathLike, expected_sha256: str | None = None
+) -> dict[str, Any]:
     """Convert a weights pickle to a tensors-only `.pth` (written atomically).
 
+    Args:
+        expected_sha256: refuse a source with another checksum, before unpickling it.
     Returns:
         {"source", "source_sha256", "output", "sha256", "tensors", "parameters"}.
     """
@@ -95,6 +99,11 @@ def convert_pickle(src: str | os.PathLike, dst: str | os.PathLike) -> dict[str, 
 
     src, dst = Path(src), Path(dst)
     source_sha = file_sha256(src)
+    if expected_sha256 and source_sha != expected_sha256.lower():
+        raise ValueError(
+            f"{src} has sha256 {source_sha}, not the expected {expected_sha256}; "
+            "refusing to read it"
+        )
     tensors, extra = _state_dict(read_array_pickle(src), src)
     with atomic_path(dst) as tmp:
         torch.save({"model": tensors, **extra}, tmp)

@@ -34,7 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="the .pth to write (default: SOURCE.pth)")
     parser.add_argument("--sha256", help="expected sha256 of SOURCE, checked before reading")
     args = parser.parse_args(argv)
-    from detector.extractor import file_sha256
     from detector.weights import convert_pickle
 
     src, out = args.source, args.out or args.source.with_suffix(".pth")
@@ -45,17 +44,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--out {out} would overwrite the source")
         if out.suffix != ".pth":
             raise ValueError(f"--out {out} must end in .pth (runs read .pth files as tensors)")
-        if args.sha256 and file_sha256(src) != args.sha256.lower():
-            raise ValueError(
-                f"{src} has sha256 {file_sha256(src)}, not the expected "
-                f"{args.sha256}; refusing to read it"
-            )
         if out.exists():
             raise ValueError(f"{out} exists; remove it or choose another --out")
-        report = convert_pickle(src, out)
+        report = convert_pickle(src, out, expected_sha256=args.sha256)
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     print(json.dumps(report))
     return 0
 

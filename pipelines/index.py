@@ -94,7 +94,6 @@ def run(args: argparse.Namespace) -> int:
             "--force rebuilds it"
         )
         return 0
-    check_replaceable(out)
     build_index(
         model,
         store,

@@ -45,6 +45,22 @@ def _evaluate(capsys, *argv) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+def _evaluate_f30k(capsys, run: Path, out_json: Path) -> dict:
+    """The f30k protocol on a small test set (--any-size); its metrics."""
+    code, _, err = _evaluate(
+        capsys,
+        "--checkpoint",
+        run / "best.pt",
+        "--protocol",
+        "f30k",
+        "--any-size",
+        "--json",
+        out_json,
+    )
+    assert code == 0, err
+    return json.loads(out_json.read_text())
+
+
 def test_f30k_precomp_import_train_evaluate(tmp_path, capsys, caplog):
     published.flickr30k(tmp_path)
     run = tmp_path / "run"
@@ -93,19 +109,7 @@ def test_f30k_precomp_import_train_evaluate(tmp_path, capsys, caplog):
 
     code, _, err = _evaluate(capsys, "--checkpoint", run / "best.pt", "--protocol", "f30k")
     assert code == 2 and "expects 1000 test images, got 8" in err  # strict: the real size
-    out_json = tmp_path / "f30k.json"
-    code, out, err = _evaluate(
-        capsys,
-        "--checkpoint",
-        run / "best.pt",
-        "--protocol",
-        "f30k",
-        "--any-size",
-        "--json",
-        out_json,
-    )
-    assert code == 0, err
-    metrics = json.loads(out_json.read_text())
+    metrics = _evaluate_f30k(capsys, run, tmp_path / "f30k.json")
     assert metrics["protocol"] == "f30k" and metrics["n_images"] == 8
     assert 0 < metrics["rsum"] <= 600
 
@@ -223,19 +227,7 @@ def test_raw_images_butd_extraction_train_evaluate(tmp_path, capsys):
     )
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"]["use_spatial"] and saved["model"]["use_label_prior"]
-    out_json = tmp_path / "m.json"
-    code, _, err = _evaluate(
-        capsys,
-        "--checkpoint",
-        run / "best.pt",
-        "--protocol",
-        "f30k",
-        "--any-size",
-        "--json",
-        out_json,
-    )
-    assert code == 0, err
-    metrics = json.loads(out_json.read_text())
+    metrics = _evaluate_f30k(capsys, run, tmp_path / "m.json")
     assert metrics["n_images"] == 4 and np.isfinite(metrics["rsum"])
 
 
