@@ -11,11 +11,11 @@ unrelated "function" words. The re-ranker is the real ``CPFEAN.score`` (fusion g
 prominence, top-k alignment) with randomly initialised gate/prominence weights, so latency is
 the real scoring cost; "exhaustive" is that same score over every image.
 
-- 5K and 100K: the gallery is written as a real index directory (``cpfean.index`` layout,
-  float16 memory maps: regions, Gram matrices, gate terms, pooled vectors) in ``--workdir``
-  and queried through ``cpfean.index.search``, the code path of ``pipelines.retrieve``
-  (encoding the query text is not included: ~10-30 ms for MiniLM on this CPU). The exhaustive
-  top-10 of every query is computed in the generation pass (same float16 values).
+- 5K and 100K: the gallery is written by ``cpfean.index.build_index`` as a real index
+  directory (float16 memory maps: regions, Gram matrices, gate terms, pooled vectors) in
+  ``--workdir`` and queried through ``cpfean.index.search``, the code path of
+  ``pipelines.retrieve`` (encoding the query text is not included). The exhaustive top-10 of
+  every query is computed over the index's stored values, block by block.
 - 1M: 1M x 36 x 1024 float16 region embeddings (73 GB) do not fit, so only the pooled vectors
   are materialised (IVF first stage) and the candidates' region embeddings are regenerated
   deterministically from their ids at query time (timed separately, as "gather"; a real index
@@ -26,8 +26,6 @@ the real scoring cost; "exhaustive" is that same score over every image.
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -146,118 +144,83 @@ class SyntheticGallery:
         return out
 
 
-def image_embeddings(model, regions: np.ndarray, mask: np.ndarray):
-    """The model's ImageEmbeddings of given unit-norm regions [n, R, d] (Gram, gate terms)."""
-    from cpfean.model import ImageEmbeddings
+class GivenRegions(torch.nn.Module):
+    """A region encoder for a gallery that is already encoded: the features are the unit-norm
+    region embeddings, so ``CPFEAN.encode_images`` only adds the Gram matrices and gate terms."""
 
-    v = torch.from_numpy(regions)
-    gate_self, gate_context = model.gates.image_terms(v)
-    return ImageEmbeddings(
-        regions=v,
-        mask=torch.from_numpy(mask),
-        gram=v @ v.transpose(1, 2),
-        gate_self=gate_self,
-        gate_context=gate_context,
-    )
+    def forward(self, features, boxes, labels, scores, mask) -> torch.Tensor:
+        return torch.where(mask[..., None], features, 0)
+
+
+class SyntheticStore:
+    """The gallery seen as a region store by ``build_index``: a record's features are its
+    region embeddings (with a ``GivenRegions`` encoder), with no geometry."""
+
+    def __init__(self, gal: SyntheticGallery, path: Path):
+        self.gal, self.path, self.meta = gal, path, {"label_names": []}
+
+    def ids(self) -> list[str]:
+        return [f"{i:07d}" for i in range(self.gal.n)]
+
+    def fingerprint(self) -> str:
+        return f"synthetic gallery n={self.gal.n} d={self.gal.d} seed={self.gal.seed}"
+
+    def __getitem__(self, image_id: str):
+        from cpfean.data.region_store import RegionRecord
+
+        regions, mask = self.gal.regions(np.array([int(image_id)]))
+        return RegionRecord(
+            features=regions[0],
+            boxes=np.zeros((R, 4), np.float32),
+            labels=np.full(R, -1),
+            scores=np.zeros(R, np.float32),
+            image_hw=(0, 0),
+            num_valid=int(mask[0].sum()),
+        )
 
 
 def text_embeddings(model, words: list[np.ndarray]):
     """The model's TextEmbeddings of given unit-norm word vectors (one [L, d] per query)."""
-    from cpfean.model import TextEmbeddings
-
     size = max(len(w) for w in words)
     w = torch.zeros(len(words), size, words[0].shape[1])
     mask = torch.zeros(len(words), size, dtype=torch.bool)
     for k, x in enumerate(words):
         w[k, : len(x)], mask[k, : len(x)] = torch.from_numpy(x), True
-    gate_self, gate_context = model.gates.text_terms(w)
-    logp = model.prominence(w).squeeze(-1).masked_fill(~mask, float("-inf")).log_softmax(-1)
-    return TextEmbeddings(
-        words=w,
-        mask=mask,
-        gram=w @ w.transpose(1, 2),
-        gate_self=gate_self,
-        gate_context=gate_context,
-        log_prominence=logp,
-        token_ids=torch.zeros_like(mask, dtype=torch.long),
+    return model.text_embeddings(w, mask, torch.zeros_like(mask, dtype=torch.long))
+
+
+@torch.no_grad()
+def write_index(model, gal: SyntheticGallery, out: Path) -> None:
+    """Write ``gal`` as a cpfean index at ``out`` through ``cpfean.index.build_index``."""
+    from cpfean.index import build_index
+
+    build_index(
+        model,
+        SyntheticStore(gal, out.with_name("synthetic-store")),
+        out,
+        checkpoint={"path": "synthetic", "sha256": "0" * 64},
+        config={},
+        shard_size=10_000,
+        batch_size=500,
+        progress=True,
     )
 
 
 @torch.no_grad()
-def write_index(
-    model, gal: SyntheticGallery, out: Path, txt, top_k: int, block: int = 1000
-) -> tuple[np.ndarray, float]:
-    """Write ``gal`` as a cpfean index at ``out``; returns the exhaustive top-k rows [Q, k] of
-    the queries ``txt`` (scored on the same float16 values) and the scoring seconds."""
-    from cpfean.index import FORMAT, VERSION, _class_name, pooled_images
-
-    (out / "images").mkdir(parents=True)
-    n, d = gal.n, gal.d
-    specs = {
-        "regions": (R, d),
-        "mask": (R,),
-        "gram": (R, R),
-        "gate_self": (R,),
-        "gate_context": (R,),
-    }
-    files = {
-        k: np.lib.format.open_memmap(
-            out / "images" / f"emb.{k}.npy", "w+", np.bool_ if k == "mask" else np.float16, (n, *s)
-        )
-        for k, s in specs.items()
-    }
-    pooled = np.lib.format.open_memmap(out / "images" / "pooled.npy", "w+", np.float32, (n, d))
+def exhaustive_top_k(model, index, txt, top_k: int, block: int = 1000) -> np.ndarray:
+    """The exhaustive top-k rows [Q, k] of the queries ``txt`` over the index's stored values,
+    every query scored per block of the gallery (the ground truth of the two-stage search)."""
     best = [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in range(len(txt))]
-    score_s = 0.0
-    for start in range(0, n, block):
-        rows = np.arange(start, min(start + block, n))
-        regions, mask = gal.regions(rows)
-        emb = image_embeddings(model, regions.astype(np.float16).astype(np.float32), mask)
-        for k in specs:
-            files[k][rows] = getattr(emb, k).numpy()
-        pooled[rows] = pooled_images(emb)
-        stored = type(emb)(
-            **{
-                k: torch.from_numpy(
-                    np.asarray(files[k][rows], np.float32) if k != "mask" else files[k][rows]
-                )
-                for k in specs
-            }
-        )
-        t = time.perf_counter()
-        sims = model.score(stored, txt, image_chunk=block, text_chunk=len(txt)).numpy()
-        score_s += time.perf_counter() - t
+    for start in range(0, index.count, block):
+        rows = np.arange(start, min(start + block, index.count))
+        sims = model.score(index.images(rows), txt, image_chunk=block, text_chunk=len(txt))
+        sims = sims.numpy()
         for q in range(len(txt)):
             r, s = best[q]
             best[q] = first_stage.top_k(
                 np.concatenate([s, sims[:, q]]), np.concatenate([r, rows]), top_k
             )
-    for f in (*files.values(), pooled):
-        f.flush()
-    for name, arr in (
-        ("boxes", np.zeros((n, R, 4), np.float32)),
-        ("labels", np.full((n, R), -1, np.int32)),
-        ("hw", np.zeros((n, 2), np.int32)),
-    ):
-        np.save(out / "images" / f"{name}.npy", arr, allow_pickle=False)
-    (out / "images" / "ids.json").write_text(json.dumps([f"{i:07d}" for i in range(n)]))
-    from cpfean.model import ImageEmbeddings
-
-    meta = {
-        "format": FORMAT,
-        "version": VERSION,
-        "checkpoint": {"path": "synthetic", "sha256": "0" * 64},
-        "config": {},
-        "regions": "synthetic",
-        "images_root": None,
-        "count": n,
-        "label_names": [],
-        "dtype": "float16",
-        "captions": None,
-        "image_embeddings": {"class": _class_name(ImageEmbeddings), "fields": sorted(specs)},
-    }
-    (out / "index.json").write_text(json.dumps(meta))
-    return np.stack([r for r, _ in best]), score_s
+    return np.stack([r for r, _ in best])
 
 
 def _ms(xs: list[float]) -> str:
@@ -281,9 +244,12 @@ def bench_indexed(model, n: int, args, rows_out: list[dict]) -> None:
     txt = text_embeddings(model, words)
     work = Path(tempfile.mkdtemp(prefix=f"bench_{n}_", dir=args.workdir))
     try:
-        truth, score_s = write_index(model, gal, work / "index", txt, args.top_k)
+        write_index(model, gal, work / "index")
         build_s = time.perf_counter() - t0
         index = RetrievalIndex(work / "index")
+        t = time.perf_counter()
+        truth = exhaustive_top_k(model, index, txt, args.top_k)
+        score_s = time.perf_counter() - t
         t = time.perf_counter()
         index.first_stage("images")
         fs_build = time.perf_counter() - t
@@ -384,7 +350,7 @@ def bench_generated(model, n: int, args, rows_out: list[dict]) -> None:
     def rerank(q: int, cand: np.ndarray, timing: dict) -> np.ndarray:
         t = time.perf_counter()
         regions, mask = gal.regions(cand)
-        emb = image_embeddings(model, regions, mask)
+        emb = model.image_embeddings(torch.from_numpy(regions), torch.from_numpy(mask))
         timing["gather"] = time.perf_counter() - t
         t = time.perf_counter()
         scores = model.score(emb, txt[q], image_chunk=1024, text_chunk=1)[:, 0].numpy()
@@ -457,11 +423,7 @@ def _pooled_queries(txt) -> list[np.ndarray]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = cli.ArgumentParser(
-        prog="python -m pipelines.benchmark retrieve",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = cli.parser("python -m pipelines.benchmark retrieve", __doc__)
     p.add_argument("--sizes", default="5000,100000,1000000", help="gallery sizes")
     p.add_argument("--dim", type=int, default=1024, help="embedding size d")
     p.add_argument("--queries", type=int, default=40)
@@ -503,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         ModelConfig(text_encoder="tiny-random", feature_dim=16, embed_dim=args.dim, region_heads=1),
         label_names=[],
     ).eval()
+    model.region_encoder = GivenRegions()  # the synthetic galleries are already encoded
     rows: list[dict] = []
     for n in sizes:
         (bench_indexed if n <= 200_000 else bench_generated)(model, n, args, rows)

@@ -23,8 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from cpfean.model.embeddings import ImageEmbeddings, TextEmbeddings
-from cpfean.model.fusion import FragmentGates, score_chunked
+from cpfean.model import CPFEAN, ImageEmbeddings, ModelConfig, TextEmbeddings, build_model
 from cpfean.model.reference import scan_t2i_naive
 from pipelines import cli
 
@@ -32,11 +31,16 @@ REGIONS = 36
 
 
 def random_embeddings(
-    *, images: int, captions: int, dim: int, seed: int
-) -> tuple[ImageEmbeddings, TextEmbeddings, FragmentGates]:
-    """Encoded-looking inputs: unit-norm regions (images, 36, d), words (captions, 20, d)."""
+    *, images: int, captions: int, dim: int, topk: int, seed: int
+) -> tuple[CPFEAN, CPFEAN, ImageEmbeddings, TextEmbeddings]:
+    """The CPFEAN and SCAN-style models (randomly initialised) and encoded-looking inputs:
+    unit-norm regions (images, 36, d), words (captions, 8-20, d), embedded by the CPFEAN model
+    (Gram matrices, gate terms, prominence)."""
     g = torch.Generator().manual_seed(seed)
-    gates = FragmentGates(embed_dim=dim, cos_init=5.0)
+    torch.manual_seed(seed)
+    tiny = dict(text_encoder="tiny-random", feature_dim=16, embed_dim=dim, region_heads=1)
+    cpfean = build_model(ModelConfig(**tiny, topk=topk), label_names=[]).eval()
+    baseline = build_model(ModelConfig.scan_baseline(**tiny), label_names=[]).eval()
     V = F.normalize(torch.randn(images, REGIONS, dim, generator=g), dim=-1)
     lengths = torch.randint(8, 21, (captions,), generator=g)
     L = int(lengths.max())
@@ -44,27 +48,10 @@ def random_embeddings(
     W = torch.where(
         mask[..., None], F.normalize(torch.randn(captions, L, dim, generator=g), dim=-1), 0
     )
-    logits = torch.randn(captions, L, generator=g).masked_fill(~mask, float("-inf"))
     with torch.no_grad():
-        gate_self, gate_context = gates.image_terms(V)
-        img = ImageEmbeddings(
-            regions=V,
-            mask=torch.ones(images, REGIONS, dtype=torch.bool),
-            gram=V @ V.transpose(1, 2),
-            gate_self=gate_self,
-            gate_context=gate_context,
-        )
-        gate_self, gate_context = gates.text_terms(W)
-        txt = TextEmbeddings(
-            words=W,
-            mask=mask,
-            gram=W @ W.transpose(1, 2),
-            gate_self=gate_self,
-            gate_context=gate_context,
-            log_prominence=logits.log_softmax(-1),
-            token_ids=torch.zeros(captions, L, dtype=torch.long),
-        )
-    return img, txt, gates
+        img = cpfean.image_embeddings(V, torch.ones(images, REGIONS, dtype=torch.bool))
+        txt = cpfean.text_embeddings(W, mask, torch.zeros(captions, L, dtype=torch.long))
+    return cpfean, baseline, img, txt
 
 
 def floor_scores(
@@ -136,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.images, args.captions, args.dim, args.naive_captions = 40, 100, 64, 10
     torch.set_num_threads(args.threads)
-    img, txt, gates = random_embeddings(
-        images=args.images, captions=args.captions, dim=args.dim, seed=args.seed
+    cpfean_model, baseline, img, txt = random_embeddings(
+        images=args.images, captions=args.captions, dim=args.dim, topk=args.topk, seed=args.seed
     )
     pairs = args.images * args.captions
     chunks = dict(image_chunk=args.image_chunk, text_chunk=args.text_chunk)
@@ -146,23 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     def add(name: str, n_pairs: int, seconds: float, peak: float, note: str = "") -> None:
         rows.append((name, n_pairs, seconds, n_pairs / seconds, peak, note))
 
-    sec, peak, cpfean = measure(
-        lambda: score_chunked(
-            img, txt, gates=gates, lambda_softmax=9.0, topk=args.topk, use_prominence=True, **chunks
-        )
-    )
+    sec, peak, cpfean = measure(lambda: cpfean_model.score(img, txt, **chunks))
     add(f"CPFEAN score (fusion, top-{args.topk}, prominence)", pairs, sec, peak)
-    sec, peak, scan = measure(
-        lambda: score_chunked(
-            img, txt, gates=None, lambda_softmax=9.0, topk=0, use_prominence=False, **chunks
-        )
-    )
+    sec, peak, scan = measure(lambda: baseline.score(img, txt, **chunks))
     add("SCAN-style baseline score (t-i AVG)", pairs, sec, peak)
     sec, peak, _ = measure(lambda: floor_scores(img, txt, **chunks))
     add("floor: S = W V^T + max/mean", pairs, sec, peak)
     n = min(args.naive_captions, args.captions)
     words = [txt.words[c][txt.mask[c]] for c in range(n)]
-    sec, peak, naive = measure(lambda: scan_t2i_naive(img.regions, words, lambda_softmax=9.0))
+    sec, peak, naive = measure(
+        lambda: scan_t2i_naive(img.regions, words, lambda_softmax=baseline.lambda_softmax)
+    )
     add(
         "naive SCAN loop (explicit d-dim contexts)",
         args.images * n,

@@ -72,12 +72,14 @@ Implementation notes (all exact, tested against an explicit d-dim reference):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from cpfean.model.embeddings import ImageEmbeddings, TextEmbeddings
 
-__all__ = ["FragmentGates", "score_block", "score_chunked"]
+__all__ = ["FragmentGates", "Scoring", "score_block", "score_chunked"]
 
 _NEG = -1e4  # finite "minus infinity": exp underflows to 0 yet gradients stay finite
 _EPS = 1e-6
@@ -126,15 +128,30 @@ class FragmentGates(nn.Module):
         return self.word_self(words).squeeze(-1), self.region_ctx(words).squeeze(-1)
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """How a block is scored: the model's fusion gates and switches (``CPFEAN.scoring``).
+
+    Args:
+        gates: the fusion gates, or None for plain cross attention (fusion off).
+        lambda_softmax: inverse temperature lambda of the cross attention.
+        topk: regions per word (0 = softmax attention over all regions).
+        use_prominence: pool words with the caption's prominence (else uniformly).
+        region_alignment: average in the region-to-word score (gate-pooled region cosines).
+    """
+
+    gates: FragmentGates | None
+    lambda_softmax: float
+    topk: int
+    use_prominence: bool
+    region_alignment: bool = False
+
+
 def score_block(
     img: ImageEmbeddings,
     txt: TextEmbeddings,
+    scoring: Scoring,
     *,
-    gates: FragmentGates | None,
-    lambda_softmax: float,
-    topk: int,
-    use_prominence: bool,
-    region_alignment: bool = False,
     return_details: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Scores of every image in ``img`` against every caption in ``txt``.
@@ -142,11 +159,7 @@ def score_block(
     Args:
         img: bi images (regions (bi, R, d)).
         txt: bc captions (words (bc, L, d)).
-        gates: the fusion gates, or None for plain cross attention (fusion off).
-        lambda_softmax: inverse temperature lambda of the cross attention.
-        topk: regions per word (0 = softmax attention over all regions).
-        use_prominence: pool words with the caption's prominence (else uniformly).
-        region_alignment: average in the region-to-word score (gate-pooled region cosines).
+        scoring: the gates and switches.
         return_details: also return the per-fragment numbers (keep the block small).
 
     Returns:
@@ -161,15 +174,10 @@ def score_block(
         # 1/Z^2 and exp() need float32 range; the block is small enough to upcast
         with torch.autocast(device_type=device_type, enabled=False):
             return score_block(
-                img.to(torch.float32),
-                txt.to(torch.float32),
-                gates=gates,
-                lambda_softmax=lambda_softmax,
-                topk=topk,
-                use_prominence=use_prominence,
-                region_alignment=region_alignment,
-                return_details=return_details,
+                img.to(torch.float32), txt.to(torch.float32), scoring, return_details=return_details
             )
+    gates, lambda_softmax, topk = scoring.gates, scoring.lambda_softmax, scoring.topk
+    region_alignment = scoring.region_alignment
     S, rbias = _similarity(img, txt)  # (bi, bc, L, R), (bi, 1, 1, R)
     logits = torch.add(rbias, S, alpha=lambda_softmax)  # (bi, bc, L, R) alignment logits
     g_w = g_r = s_r = None
@@ -183,7 +191,7 @@ def score_block(
         s_r = _plain_region_to_word(txt, S, lambda_softmax)
     A, align = _topk_attention(img, S, rbias, logits, topk, return_details)
     s_l = _word_scores(img, A, S)
-    scores, pi, rho = _pool(img, txt, s_l, g_w, g_r, s_r, use_prominence)
+    scores, pi, rho = _pool(img, txt, s_l, g_w, g_r, s_r, scoring.use_prominence)
     if not return_details:
         return scores
     return scores, _details(img, txt, S, A, align, s_l, pi, g_w, g_r, rho, s_r)
@@ -378,14 +386,10 @@ def _details(
 def score_chunked(
     img: ImageEmbeddings,
     txt: TextEmbeddings,
+    scoring: Scoring,
     *,
     image_chunk: int,
     text_chunk: int,
-    gates: FragmentGates | None,
-    lambda_softmax: float,
-    topk: int,
-    use_prominence: bool,
-    region_alignment: bool = False,
 ) -> torch.Tensor:
     """``score_block`` over blocks of image_chunk x text_chunk; returns (B, C) scores.
 
@@ -404,15 +408,7 @@ def score_chunked(
         cols.append(
             torch.cat(
                 [
-                    score_block(
-                        img[i : i + image_chunk],
-                        txt_j,
-                        gates=gates,
-                        lambda_softmax=lambda_softmax,
-                        topk=topk,
-                        use_prominence=use_prominence,
-                        region_alignment=region_alignment,
-                    )
+                    score_block(img[i : i + image_chunk], txt_j, scoring)
                     for i in range(0, len(img), image_chunk)
                 ],
                 dim=0,

@@ -12,7 +12,7 @@ from torch import nn
 
 from cpfean.model.config import ModelConfig
 from cpfean.model.embeddings import ImageEmbeddings, TextEmbeddings
-from cpfean.model.fusion import FragmentGates, score_block, score_chunked
+from cpfean.model.fusion import FragmentGates, Scoring, score_block, score_chunked
 from cpfean.model.region_encoder import RegionEncoder
 from cpfean.model.text_encoder import WordEncoder, encode_names, load_text_backbone
 
@@ -89,32 +89,42 @@ class CPFEAN(nn.Module):
         """Args: features (B, R, D), boxes (B, R, 4) normalised xyxy, labels (B, R) long
         (-1 = none), scores (B, R), mask (B, R) bool. Returns the cacheable ImageEmbeddings."""
         mask = mask.bool()
-        V = self.region_encoder(features, boxes, labels, scores, mask)  # (B, R, d)
-        gram = V @ V.transpose(1, 2)  # (B, R, R)
-        if self.gates is not None:
-            gate_self, gate_context = self.gates.image_terms(V)
-        else:
-            gate_self = gate_context = V.new_zeros(V.shape[:2])
+        return self.image_embeddings(
+            self.region_encoder(features, boxes, labels, scores, mask), mask
+        )
+
+    def image_embeddings(self, regions: torch.Tensor, mask: torch.Tensor) -> ImageEmbeddings:
+        """Unit-norm regions (B, R, d) and mask (B, R) -> ImageEmbeddings with their Gram
+        matrices and gate terms (``encode_images`` after the region encoder)."""
+        gram = regions @ regions.transpose(1, 2)  # (B, R, R)
+        zeros = regions.new_zeros(regions.shape[:2])
+        gate_self, gate_context = (
+            self.gates.image_terms(regions) if self.gates is not None else (zeros, zeros)
+        )
         return ImageEmbeddings(
-            regions=V, mask=mask, gram=gram, gate_self=gate_self, gate_context=gate_context
+            regions=regions, mask=mask, gram=gram, gate_self=gate_self, gate_context=gate_context
         )
 
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextEmbeddings:
         """Args: input_ids, attention_mask (C, T) from ``tokenize``. Returns TextEmbeddings."""
         W, mask, token_ids = self.word_encoder(input_ids, attention_mask)  # (C, L, d)
-        gram = W @ W.transpose(1, 2)  # (C, L, L)
-        if self.gates is not None:
-            gate_self, gate_context = self.gates.text_terms(W)
-        else:
-            gate_self = gate_context = W.new_zeros(W.shape[:2])
-        if self.prominence is not None:
-            logits = self.prominence(W).squeeze(-1)  # (C, L)
-        else:
-            logits = W.new_zeros(W.shape[:2])
+        return self.text_embeddings(W, mask, token_ids)
+
+    def text_embeddings(
+        self, words: torch.Tensor, mask: torch.Tensor, token_ids: torch.Tensor
+    ) -> TextEmbeddings:
+        """Unit-norm words (C, L, d), mask (C, L) and their token ids (C, L) -> TextEmbeddings
+        with Gram matrices, gate terms and prominence (``encode_texts`` after the word encoder)."""
+        gram = words @ words.transpose(1, 2)  # (C, L, L)
+        zeros = words.new_zeros(words.shape[:2])
+        gate_self, gate_context = (
+            self.gates.text_terms(words) if self.gates is not None else (zeros, zeros)
+        )
+        logits = self.prominence(words).squeeze(-1) if self.prominence is not None else zeros
         log_prom = logits.masked_fill(~mask, float("-inf")).log_softmax(-1)
         log_prom = log_prom.masked_fill(~mask, float("-inf"))  # captions with no word
         return TextEmbeddings(
-            words=W,
+            words=words,
             mask=mask,
             gram=gram,
             gate_self=gate_self,
@@ -146,18 +156,22 @@ class CPFEAN(nn.Module):
         Returns:
             (B, C) scores (and the details dict).
         """
-        kwargs = dict(
+        if return_details:
+            if len(img) * len(txt) > 4096:
+                raise ValueError("return_details is meant for a few pairs; score fewer")
+            return score_block(img, txt, self.scoring, return_details=True)
+        return score_chunked(img, txt, self.scoring, image_chunk=image_chunk, text_chunk=text_chunk)
+
+    @property
+    def scoring(self) -> Scoring:
+        """The gates and switches ``score`` passes to the scoring functions."""
+        return Scoring(
             gates=self.gates,
             lambda_softmax=self.lambda_softmax,
             topk=self.topk,
             use_prominence=self.prominence is not None,
             region_alignment=self.region_alignment,
         )
-        if return_details:
-            if len(img) * len(txt) > 4096:
-                raise ValueError("return_details is meant for a few pairs; score fewer")
-            return score_block(img, txt, return_details=True, **kwargs)
-        return score_chunked(img, txt, image_chunk=image_chunk, text_chunk=text_chunk, **kwargs)
 
     def forward(
         self,

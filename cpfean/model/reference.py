@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from cpfean.model.embeddings import ImageEmbeddings, TextEmbeddings
-from cpfean.model.fusion import FragmentGates
+from cpfean.model.fusion import Scoring
 
 __all__ = ["reference_pair_score", "scan_t2i_naive"]
 
@@ -19,14 +19,10 @@ __all__ = ["reference_pair_score", "scan_t2i_naive"]
 def reference_pair_score(
     img: ImageEmbeddings,
     txt: TextEmbeddings,
-    *,
-    gates: FragmentGates | None,
-    lambda_softmax: float,
-    topk: int,
-    use_prominence: bool,
-    region_alignment: bool = False,
+    scoring: Scoring,
 ) -> torch.Tensor:
     """Score of img[0] against txt[0], explicitly. Returns a 0-dim tensor."""
+    gates, lambda_softmax, topk = scoring.gates, scoring.lambda_softmax, scoring.topk
     V = img.regions[0][img.mask[0]]  # (R, d) valid regions only
     W = txt.words[0][txt.mask[0]]  # (L, d) valid words only
     S = W @ V.T  # (L, R)
@@ -52,13 +48,13 @@ def reference_pair_score(
         logits = logits.masked_fill(~keep, float("-inf"))
     context = logits.softmax(-1) @ V  # (L, d)
     s_l = F.cosine_similarity(W, context, dim=-1)
-    if use_prominence:
+    if scoring.use_prominence:
         p = txt.log_prominence[0][txt.mask[0]].exp()
     else:
         p = torch.full((len(W),), 1.0 / len(W))
     pi = p * g_w
     score = (pi * s_l).sum()
-    if region_alignment:
+    if scoring.region_alignment:
         s_r = F.cosine_similarity(V, ctx_r, dim=-1)  # (R,)
         score = 0.5 * (score + (g_r * s_r).sum() / len(V))
     return score

@@ -11,11 +11,8 @@ score s_r:
 Every add-on starts as a no-op and grows only as far as training finds it useful: the last
 layer of MLP_box, W_p (with its bias) and the output layers of both residual branches of each
 Transformer layer start at zero, so at initialisation the region embedding is the projected
-feature alone (as in SCAN). With default random initialisation, on the bundled regions, the box
-and label terms started as large as the projected feature (mean norms 2.9, 2.9 and ~2), and the
-pre-norm Transformer's branches (which see a LayerNorm'd input of norm ~22) added a vector of
-norm 7.8 to the feature's 2.8 (cosine 0.32 between input and output): training started with
-the content the words must match buried under noise.
+feature alone (as in SCAN). With default initialisation the add-ons started as large as the
+feature and buried the content the words must match under noise (docs/lab-notes.md).
 
 T (K, H) is the label-name table: each name of the detector vocabulary encoded once by the
 pretrained text encoder and mean-pooled, kept as a buffer so checkpoints carry it. Then a
@@ -94,15 +91,8 @@ class RegionEncoder(nn.Module):
                 _zero_(block.self_attn.out_proj)
                 _zero_(block.linear2)
 
-    def forward(
-        self,
-        features: torch.Tensor,
-        boxes: torch.Tensor,
-        labels: torch.Tensor,
-        scores: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """Args:
+    def forward(self, features, boxes, labels, scores, mask) -> torch.Tensor:
+        """Args (tensors):
             features: (B, R, D).
             boxes: (B, R, 4) xyxy normalised to [0, 1].
             labels: (B, R) long, -1 for padding / unknown.

@@ -50,18 +50,7 @@ def test_algebraic_equals_explicit_reference(overrides):
         ref = torch.stack(
             [
                 torch.stack(
-                    [
-                        reference_pair_score(
-                            img[i],
-                            txt[j],
-                            gates=model.gates,
-                            lambda_softmax=model.lambda_softmax,
-                            topk=model.topk,
-                            use_prominence=model.prominence is not None,
-                            region_alignment=model.region_alignment,
-                        )
-                        for j in range(len(txt))
-                    ]
+                    [reference_pair_score(img[i], txt[j], model.scoring) for j in range(len(txt))]
                 )
                 for i in range(len(img))
             ]
