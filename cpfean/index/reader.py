@@ -1,0 +1,258 @@
+"""Reading an index (memory-mapped) and searching it: exhaustive or two-stage."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cpfean.first_stage import DEFAULT_CANDIDATES, TWO_STAGE_MIN, FirstStage, two_stage
+from cpfean.first_stage import exhaustive as exhaustive_search
+from cpfean.index.format import (
+    FORMAT,
+    PRELOAD_MAX_BYTES,
+    RENAMED_FIELDS,
+    VERSION,
+    IndexFormatError,
+    IndexMismatchError,
+    _load_npy,
+    _resolve_class,
+    pooled_images,
+    pooled_texts,
+)
+
+
+# ----------------------------------------------------------------------------------- loading
+class RetrievalIndex:
+    """Read access to an index directory; arrays are memory-mapped, rows loaded on demand."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        meta_path = self.path / "index.json"
+        if not meta_path.is_file():
+            hint = (
+                " (an interrupted build? re-run pipelines.index)"
+                if self.path.with_name(self.path.name + ".building").exists()
+                else ""
+            )
+            hint = hint or " (build one with python -m pipelines.index)"
+            raise IndexFormatError(f"no index at {self.path}: {meta_path.name} not found{hint}")
+        try:
+            self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise IndexFormatError(f"{meta_path} is not valid JSON: {e}") from None
+        if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
+            raise IndexFormatError(
+                f"{self.path} is not a {FORMAT} v{VERSION} index "
+                f"(format {self.meta.get('format')!r}, "
+                f"version {self.meta.get('version')!r})"
+            )
+        self.count: int = self.meta["count"]
+        self.label_names: list[str] = self.meta.get("label_names", [])
+        self._image_cls = _resolve_class(self.meta["image_embeddings"]["class"])
+        self._image_fields = {
+            RENAMED_FIELDS.get(n, n): _load_npy(self.path / "images" / f"emb.{n}.npy")
+            for n in self.meta["image_embeddings"]["fields"]
+        }
+        self.pooled = _load_npy(self.path / "images" / "pooled.npy")  # [N, d]
+        self.boxes = _load_npy(self.path / "images" / "boxes.npy")  # [N, R, 4] pixels
+        self.labels = _load_npy(self.path / "images" / "labels.npy")  # [N, R]
+        self.hw = _load_npy(self.path / "images" / "hw.npy")  # [N, 2]
+        self.image_ids: list[str] = json.loads(
+            (self.path / "images" / "ids.json").read_text(encoding="utf-8")
+        )
+        if len(self.image_ids) != self.count or len(self.pooled) != self.count:
+            raise IndexFormatError(
+                f"{self.path} is inconsistent: index.json says {self.count} "
+                f"images, ids.json {len(self.image_ids)}, pooled "
+                f"{len(self.pooled)}"
+            )
+        self.captions: list[str] = []
+        self.caption_image_ids: list[str] = []
+        cap = self.meta.get("captions")
+        if cap:
+            texts = json.loads((self.path / "captions" / "texts.json").read_text("utf-8"))
+            self.captions, self.caption_image_ids = texts["captions"], texts["image_ids"]
+            self._text_cls = _resolve_class(cap["class"])
+            self._text_fields = {
+                RENAMED_FIELDS.get(n, n): _load_npy(self.path / "captions" / f"emb.{n}.npy")
+                for n in cap["fields"]
+            }
+            self.caption_pooled = _load_npy(self.path / "captions" / "pooled.npy")
+        self._first: dict[str, FirstStage] = {}
+        self._images_root = self._locate(
+            self.meta.get("images_root"), self.meta.get("images_root_from_index")
+        )
+
+    def _locate(self, recorded: str | None, from_index: str | None) -> str | None:
+        """A recorded path as given when it exists, else relative to the index directory."""
+        if recorded and Path(recorded).exists():
+            return recorded
+        if from_index and (self.path / from_index).exists():
+            return os.path.normpath(self.path / from_index)
+        return recorded
+
+    @property
+    def checkpoint_path(self) -> str:
+        ckpt = self.meta["checkpoint"]
+        return self._locate(ckpt["path"], ckpt.get("path_from_index")) or ckpt["path"]
+
+    @property
+    def regions_path(self) -> str | None:
+        return self._locate(self.meta.get("regions"), self.meta.get("regions_from_index"))
+
+    @property
+    def checkpoint_sha256(self) -> str:
+        return self.meta["checkpoint"]["sha256"]
+
+    def check_checkpoint(self, path: str | os.PathLike, sha256: str) -> None:
+        """Refuse a checkpoint other than the one the index was built with."""
+        if sha256 != self.checkpoint_sha256:
+            raise IndexMismatchError(
+                f"index {self.path} was built with checkpoint {self.checkpoint_path} "
+                f"(sha256 {self.checkpoint_sha256[:12]}), not {path} (sha256 {sha256[:12]}); "
+                "rebuild the index with python -m pipelines.index --checkpoint "
+                f"{path}, or pass --checkpoint {self.checkpoint_path}"
+            )
+
+    def image_path(self, row: int) -> str:
+        """The image's path: images root / id (the id alone when no root is recorded)."""
+        root = self._images_root
+        image_id = self.image_ids[row]
+        return str(Path(root) / image_id) if root else image_id
+
+    @staticmethod
+    def _rows(
+        fields: dict[str, np.ndarray],
+        cls: type,
+        rows: np.ndarray | slice,
+        device: torch.device | str,
+    ) -> Any:
+        out = {}
+        for name, arr in fields.items():
+            part = arr[rows]
+            if not part.flags.writeable:  # a slice of the read-only memory map: copy it out
+                part = np.array(part)
+            t = torch.from_numpy(np.ascontiguousarray(part))
+            out[name] = (t.float() if t.is_floating_point() else t).to(device)
+        return cls(**out)
+
+    def preload(self, max_bytes: int = PRELOAD_MAX_BYTES) -> bool:
+        """Keep the gallery's image embeddings in memory as float32 when they fit in
+        ``max_bytes``, so that a long-lived searcher does not convert the memory map on every
+        query. Returns whether it did."""
+        size = sum(
+            a.size * (4 if np.issubdtype(a.dtype, np.floating) else a.itemsize)
+            for a in self._image_fields.values()
+        )
+        if size > max_bytes:
+            return False
+        self._image_cache = self._rows(self._image_fields, self._image_cls, slice(None), "cpu")
+        return True
+
+    def images(self, rows: np.ndarray | slice, device: torch.device | str = "cpu") -> Any:
+        """The ImageEmbeddings of gallery ``rows`` (float32 on ``device``)."""
+        cache = getattr(self, "_image_cache", None)
+        if cache is None:
+            return self._rows(self._image_fields, self._image_cls, rows, device)
+        if not isinstance(rows, slice):
+            rows = np.asarray(rows)
+            if len(rows) and rows[-1] - rows[0] + 1 == len(rows) and (np.diff(rows) == 1).all():
+                rows = slice(int(rows[0]), int(rows[-1]) + 1)  # a view, not a copy
+            else:
+                rows = torch.as_tensor(rows, dtype=torch.long)
+        return cache[rows].to(device)
+
+    def caption_embeddings(
+        self, rows: np.ndarray | slice, device: torch.device | str = "cpu"
+    ) -> Any:
+        """The TextEmbeddings of indexed captions ``rows``."""
+        if not self.captions:
+            raise IndexFormatError(
+                f"index {self.path} holds no captions (build it with --captions)"
+            )
+        return self._rows(self._text_fields, self._text_cls, rows, device)
+
+    def first_stage(self, which: str = "images", kind: str = "auto") -> FirstStage:
+        """The faiss first stage over the pooled image (or caption) vectors, built once."""
+        key = f"{which}:{kind}"
+        if key not in self._first:
+            pooled = self.pooled if which == "images" else self.caption_pooled
+            self._first[key] = FirstStage(
+                pooled, kind=kind, cache=self.path / which / f"first_stage_{kind}.faiss"
+            )
+        return self._first[key]
+
+
+# ----------------------------------------------------------------------------------- search
+@torch.no_grad()
+def search(
+    model: Any,
+    index: RetrievalIndex,
+    query: Any,
+    *,
+    direction: str = "text2image",
+    top_k: int = 10,
+    first_stage: int | None = None,
+    exhaustive: bool = False,
+    chunk: int = 1024,
+    device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Rank the gallery (images, or indexed captions) for one encoded query.
+
+    Args:
+        query: TextEmbeddings of one caption (text2image) or ImageEmbeddings of one image
+            (image2text), on ``device``.
+        first_stage: re-rank this many first-stage candidates; None = automatic (two-stage
+            above ``TWO_STAGE_MIN`` items with ``DEFAULT_CANDIDATES`` candidates).
+        exhaustive: score every item with the full model (overrides ``first_stage``).
+    Returns:
+        rows [k], scores [k] (CPFEAN scores, best first) and {"path": "exhaustive" |
+        "two-stage", "candidates": n, "gallery": N}.
+    """
+    if direction == "text2image":
+        size, pooled_query = index.count, pooled_texts(query)[0]
+
+        def score_rows(rows: np.ndarray) -> np.ndarray:
+            return (
+                model.score(index.images(rows, device), query, image_chunk=chunk, text_chunk=1)[
+                    :, 0
+                ]
+                .float()
+                .cpu()
+                .numpy()
+            )
+    elif direction == "image2text":
+        size, pooled_query = len(index.captions), pooled_images(query)[0]
+        if not size:
+            raise IndexFormatError(
+                f"index {index.path} holds no captions (build it with --captions)"
+            )
+
+        def score_rows(rows: np.ndarray) -> np.ndarray:
+            return (
+                model.score(
+                    query, index.caption_embeddings(rows, device), image_chunk=1, text_chunk=chunk
+                )[0]
+                .float()
+                .cpu()
+                .numpy()
+            )
+    else:
+        raise ValueError(f"unknown direction {direction!r}")
+    use_first = not exhaustive and (first_stage is not None or size > TWO_STAGE_MIN)
+    if not use_first:
+        rows, scores = exhaustive_search(score_rows, size, top_k, chunk=chunk)
+        return rows, scores, {"path": "exhaustive", "candidates": size, "gallery": size}
+    n = first_stage or DEFAULT_CANDIDATES
+    which = "images" if direction == "text2image" else "captions"
+    rows, scores = two_stage(pooled_query, index.first_stage(which), score_rows, top_k, n)
+    return (
+        rows,
+        scores,
+        {"path": "two-stage", "candidates": min(max(n, top_k), size), "gallery": size},
+    )
