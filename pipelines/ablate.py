@@ -20,7 +20,6 @@ write that table to OUT/results_heldout.md and .json: 100 test images are a nois
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import replace
@@ -83,11 +82,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(
-        prog="python -m pipelines.ablate",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.parser("python -m pipelines.ablate", __doc__)
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"from {', '.join(ROWS)}")
     parser.add_argument("--out", default="runs/demo/ablations")

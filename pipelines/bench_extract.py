@@ -33,15 +33,10 @@ TRAINED = Path("weights/scenes_r18_fpn/config.yaml")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = cli.ArgumentParser(
-        prog="python -m pipelines.benchmark extract",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = cli.parser("python -m pipelines.benchmark extract", __doc__)
     p.add_argument(
         "--images",
         type=Path,
-        default=None,
         help="images folder (default: generate --num scenes in a temp folder)",
     )
     p.add_argument("--num", type=int, default=64, help="images to use")

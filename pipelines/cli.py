@@ -17,6 +17,13 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+def parser(prog: str, description: str | None) -> ArgumentParser:
+    """A command's parser: ``description`` (its module docstring) shown as written."""
+    return ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
 def fail(message: object) -> int:
     """Print one ``error:`` line (whitespace folded) and return the usage exit status."""
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr)

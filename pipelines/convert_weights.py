@@ -16,7 +16,6 @@ existing output that is not a previous conversion of the same file).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -25,11 +24,7 @@ from pipelines import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(
-        prog="python -m pipelines.convert_weights",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.parser("python -m pipelines.convert_weights", __doc__)
     parser.add_argument("source", type=Path, help="the weights pickle (.pkl)")
     parser.add_argument("--out", type=Path, help="the .pth to write (default: SOURCE.pth)")
     parser.add_argument("--sha256", help="expected sha256 of SOURCE, checked before reading")

@@ -10,7 +10,6 @@ continues where it stopped. ``--quick`` is a small variant for smoke tests.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -41,11 +40,7 @@ def _stage(name: str, done: bool, run: Callable[[], int | None], timings: dict) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(
-        prog="python -m pipelines.demo",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.parser("python -m pipelines.demo", __doc__)
     parser.add_argument("--out", default="runs/demo", help="where every stage writes")
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run")
     parser.add_argument("--images", type=int, help="number of generated scenes")

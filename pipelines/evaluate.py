@@ -43,11 +43,7 @@ def _protocols(protocol: str, n_images: int, fold_size: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(
-        prog="python -m pipelines.evaluate",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.parser("python -m pipelines.evaluate", __doc__)
     parser.add_argument(
         "--checkpoint",
         action="append",

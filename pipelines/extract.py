@@ -49,11 +49,7 @@ TRAINED_CONFIG = Path("weights/scenes_r18_fpn/config.yaml")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = cli.ArgumentParser(
-        prog="python -m pipelines.extract",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = cli.parser("python -m pipelines.extract", __doc__)
     p.add_argument("images", type=Path, help="images root folder (walked recursively)")
     p.add_argument(
         "--out",

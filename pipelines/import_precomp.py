@@ -245,11 +245,7 @@ def import_precomp(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = cli.ArgumentParser(
-        prog="python -m pipelines.import_precomp",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = cli.parser("python -m pipelines.import_precomp", __doc__)
     p.add_argument(
         "dir",
         type=Path,

@@ -119,11 +119,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(
-        prog="python -m pipelines.index",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.parser("python -m pipelines.index", __doc__)
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="model checkpoint")
     parser.add_argument("--regions", help="region store (default: the checkpoint's)")
     parser.add_argument(

@@ -30,11 +30,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.ArgumentParser(
-        prog="python -m pipelines.make_demo_data",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = cli.parser("python -m pipelines.make_demo_data", __doc__)
     p.add_argument("out", help="output directory")
     p.add_argument("--images", type=int, default=500, help="number of images (>= 3)")
     p.add_argument("--seed", type=int, default=0, help="data set seed")

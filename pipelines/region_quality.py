@@ -10,7 +10,6 @@ per role (salient, minor, background) and overall; ``--json`` writes the numbers
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import defaultdict
@@ -58,11 +57,7 @@ def region_quality(store: RegionStore, images: list[dict], iou: float = 0.5) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(
-        prog="python -m pipelines.region_quality",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.parser("python -m pipelines.region_quality", __doc__)
     parser.add_argument("--regions", required=True)
     parser.add_argument("--captions", required=True, help="the generator's captions.json")
     parser.add_argument("--split", default="test")

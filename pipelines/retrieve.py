@@ -257,11 +257,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(
-        prog="python -m pipelines.retrieve",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.parser("python -m pipelines.retrieve", __doc__)
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--query", help="text query -> ranked images")
     what.add_argument("--image", help="image file -> ranked captions of the index")

@@ -9,7 +9,6 @@ last.pt (resume), best.pt (best validation rSum), metrics.csv and best.json.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -23,11 +22,7 @@ from pipelines import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(
-        prog="python -m pipelines.train",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.parser("python -m pipelines.train", __doc__)
     parser.add_argument("--config", help="YAML config file (defaults apply to missing keys)")
     parser.add_argument("--resume", action="store_true", help="continue RUN_DIR/last.pt exactly")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

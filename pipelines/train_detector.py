@@ -29,11 +29,7 @@ from pipelines import cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = cli.ArgumentParser(
-        prog="python -m pipelines.train_detector",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = cli.parser("python -m pipelines.train_detector", __doc__)
     p.add_argument(
         "--data",
         type=Path,
