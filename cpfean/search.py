@@ -152,6 +152,9 @@ class Searcher:
         exhaustive: bool = False,
         explain: int = DETAILED,
     ) -> dict:
+        """Gallery images ranked for a caption: {"mode", "query", "results", "notes", ...};
+        ``first_stage``/``exhaustive`` choose the path as in ``cpfean.index.search``, and the
+        ``explain`` best results carry their prominent words and regions."""
         encoded, notes = self.encode_text(query)
         return {
             **self._rank(encoded, "text2image", top_k, first_stage, exhaustive, explain),
@@ -169,6 +172,7 @@ class Searcher:
         exhaustive: bool = False,
         explain: int = DETAILED,
     ) -> dict:
+        """Indexed captions ranked for one image's regions (options as ``text_to_images``)."""
         encoded = self.encode_record(record)
         answer = self._rank(
             encoded,
