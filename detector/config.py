@@ -21,6 +21,7 @@ from detectron2.config import get_cfg
 
 import detector.butd  # noqa: F401  (registers the Caffe-BUTD backbone and ROI heads)
 from cpfean.config import merge_trees
+from detector.efficientnet import add_efficientnet_config
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -62,6 +63,7 @@ def add_region_config(cfg: CN) -> None:
     # a batch are zero-padded to one size, which changes features near the borders; 1 is what
     # the Caffe bottom-up-attention extractor did.
     cfg.REGIONS.IMAGES_PER_BATCH = 4
+    add_efficientnet_config(cfg)  # MODEL.EFFICIENTNET: the bundled detector's backbone
 
 
 def resolve_config_file(config_file: str | Path, bundled_only: bool = False) -> Path:

@@ -132,6 +132,7 @@ def export_run(
     saved.defrost()
     saved.MODEL.WEIGHTS = "model_final.pth"  # resolved against the config's folder on load
     saved.MODEL.DEVICE = "auto"
+    saved.MODEL.EFFICIENTNET.PRETRAINED = False  # model_final.pth holds every trained weight
     for name, text in (
         ("config.yaml", saved.dump()),
         ("metrics.json", json.dumps(metrics, indent=2) + "\n"),
