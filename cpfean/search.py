@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 import torch
@@ -71,6 +71,14 @@ def top_words(words: list[tuple[str, float]], n: int = 3) -> list[str]:
         if w not in out:
             out.append(w)
     return out[:n]
+
+
+class RankOptions(TypedDict, total=False):
+    """Keyword options of `Searcher.text_to_images` and `Searcher.image_to_captions`."""
+
+    first_stage: int | None  # re-rank this many first-stage candidates (None: automatic)
+    exhaustive: bool  # score every item with the full model
+    explain: int  # the best results that carry their prominent words and regions
 
 
 class Searcher:
@@ -143,45 +151,24 @@ class Searcher:
 
     # ------------------------------------------------------------------------ queries
     @torch.no_grad()
-    def text_to_images(
-        self,
-        query: str,
-        top_k: int = 10,
-        *,
-        first_stage: int | None = None,
-        exhaustive: bool = False,
-        explain: int = DETAILED,
-    ) -> dict:
-        """Gallery images ranked for a caption: {"mode", "query", "results", "notes", ...};
-        ``first_stage``/``exhaustive`` choose the path as in ``cpfean.index.search``, and the
-        ``explain`` best results carry their prominent words and regions."""
+    def text_to_images(self, query: str, top_k: int = 10, **options: Unpack[RankOptions]) -> dict:
+        """Gallery images ranked for a caption: {"mode", "query", "results", "notes", ...}
+        (``options``: see `RankOptions`)."""
         encoded, notes = self.encode_text(query)
         return {
-            **self._rank(encoded, "text2image", top_k, first_stage, exhaustive, explain),
+            **self._rank(encoded, "text2image", top_k, **options),
             "query": " ".join(query.split()),
             "notes": notes,
         }
 
     @torch.no_grad()
     def image_to_captions(
-        self,
-        record: RegionRecord,
-        top_k: int = 10,
-        *,
-        first_stage: int | None = None,
-        exhaustive: bool = False,
-        explain: int = DETAILED,
+        self, record: RegionRecord, top_k: int = 10, **options: Unpack[RankOptions]
     ) -> dict:
-        """Indexed captions ranked for one image's regions (options as ``text_to_images``)."""
+        """Indexed captions ranked for one image's regions (``options``: see `RankOptions`)."""
         encoded = self.encode_record(record)
         answer = self._rank(
-            encoded,
-            "image2text",
-            top_k,
-            first_stage,
-            exhaustive,
-            explain,
-            query_geometry=(record.boxes, record.labels),
+            encoded, "image2text", top_k, query_geometry=(record.boxes, record.labels), **options
         )
         return {**answer, "notes": []}
 
@@ -244,9 +231,10 @@ class Searcher:
         encoded: Any,
         direction: str,
         top_k: int,
-        first_stage: int | None,
-        exhaustive: bool,
-        explain: int,
+        *,
+        first_stage: int | None = None,
+        exhaustive: bool = False,
+        explain: int = DETAILED,
         query_geometry: tuple | None = None,
     ) -> dict:
         index, model, device = self.index, self.model, self.device
