@@ -14,6 +14,18 @@ D2_WHEEL_VERSION=0.7.2
 stamp="$VENV/.cpfean-installed"
 want=$(cat requirements.txt pyproject.toml scripts/install.sh scripts/repack_detectron2.py | sha256sum | cut -d' ' -f1)-${D2_FROM_SOURCE:-0}
 
+# Debian's drawings and photographs behind the photo detection set (cpfean/scenes/photos.py)
+debs=(openclipart-png mate-backgrounds plasma-workspace-wallpapers)
+if [[ ! -d /usr/share/openclipart/png || ! -d /usr/share/backgrounds/mate/nature \
+      || ! -d /usr/share/wallpapers/Path ]]; then
+  if command -v apt-get >/dev/null && [[ "$(id -u)" == 0 ]]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -qq --no-install-recommends "${debs[@]}" >/dev/null
+  else
+    echo "install: note: the photo set needs Debian's ${debs[*]} (apt-get install them as root)"
+  fi
+fi
+
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
   echo "install: $VENV is up to date"
   exit 0

@@ -1,0 +1,74 @@
+"""The photo detection set: Debian's drawings on Debian's photographs, with held-out drawings
+for val, reproducible from a seed, and its sources recorded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cpfean.scenes import photos
+from pipelines import make_photo_set
+
+pytestmark = pytest.mark.skipif(
+    not photos.CLIPART_ROOT.is_dir() or not Path(photos.PHOTOGRAPHS[0][0]).is_file(),
+    reason="needs Debian's openclipart-png, mate-backgrounds, plasma-workspace-wallpapers "
+    "(make install installs them)",
+)
+
+
+def test_val_drawings_are_held_out_and_every_category_has_both():
+    cat = photos.catalogue()
+    assert set(cat["train"]) == set(cat["val"]) == set(photos.CATEGORIES)
+    for name in photos.CATEGORIES:
+        train, val = set(cat["train"][name]), set(cat["val"][name])
+        assert train and val and not train & val, name
+    assert all(Path(p).is_file() for p in photos.PHOTOGRAPHS for p in [p[0]])
+
+
+def test_a_scene_is_reproducible_and_its_boxes_hold_the_drawings():
+    a, objs = photos.make_photo_scene(3, "val", 7)
+    b, again = photos.make_photo_scene(3, "val", 7)
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and objs == again
+    other, _ = photos.make_photo_scene(3, "val", 8)
+    assert not np.array_equal(np.asarray(a), np.asarray(other))
+    assert 1 <= len(objs) <= 5
+    val_files = {str(p) for files in photos.catalogue()["val"].values() for p in files}
+    for k, o in enumerate(objs):
+        x, y, w, h = o.bbox
+        assert 0 <= x and 0 <= y and x + w <= a.width and y + h <= a.height and w * h > 0
+        assert o.drawing in val_files  # val scenes use only held-out drawings
+        for later in objs[k + 1 :]:
+            assert photos._overlap(o.bbox, later.bbox) <= photos._MAX_OVERLAP
+
+
+def test_command_writes_coco_and_sources(tmp_path, capsys):
+    out = tmp_path / "set"
+    assert make_photo_set.main([str(out), "--train", "4", "--val", "2", "--size", "160x120"]) == 0
+    train = json.loads((out / "instances_train.json").read_text())
+    val = json.loads((out / "instances_val.json").read_text())
+    assert [c["name"] for c in train["categories"]] == list(photos.CATEGORIES)
+    assert len(train["images"]) == 4 and len(val["images"]) == 2
+    for split in (train, val):
+        ids = {im["id"] for im in split["images"]}
+        assert all(a["image_id"] in ids for a in split["annotations"])
+        for im in split["images"]:
+            assert (out / "images" / im["file_name"]).is_file()
+            assert (im["width"], im["height"]) == (160, 120)
+    sources = json.loads((out / "SOURCES.json").read_text())
+    assert {p["licence"] for p in sources["photographs"]} <= {"GPL-2+", "LGPL-3", "CC-BY-SA-4.0"}
+    assert sources["drawings"]["package"] == "openclipart-png" and sources["drawings"]["files"]
+
+
+def test_a_missing_package_is_one_error_line_before_any_image(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(photos, "CLIPART_ROOT", tmp_path / "no-openclipart")
+    photos.catalogue.cache_clear()
+    try:
+        assert make_photo_set.main([str(tmp_path / "out"), "--train", "2", "--val", "1"]) == 2
+    finally:
+        photos.catalogue.cache_clear()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "openclipart-png" in err[0]
+    assert not list((tmp_path / "out").glob("images/*.jpg"))
