@@ -1,9 +1,12 @@
 """The bundled captioned-scene generator: synthetic images, grounded captions, detection boxes.
 
-No real captioned image set is available offline, so the project makes its own. A scene is a
-textured background with small unlabeled clutter marks and 3-6 objects from `CATEGORIES`, each
-with a colour from `COLOURS` and a size (small/large). The large objects are salient and named in
-almost every caption; some small objects are never named (the non-significant fragments).
+No real captioned image set is available offline, so the project makes its own. A scene takes
+place in a setting (grass, sand, water, snow, a road, indoors: `cpfean.scenes.settings`) with
+small unlabeled clutter marks and 3-6 objects from `CATEGORIES`: coloured shapes (`COLOURS`)
+and drawings of real things (dogs, cats, horses, trucks, boats ...) from Debian's openclipart-png,
+each small or large. The large objects are salient and named in almost every caption; some
+small objects are never named (the non-significant fragments). Captions name the setting now
+and then ("a dog on the grass").
 
 Output layout of `generate_dataset(out_dir, ...)`:
 
@@ -24,7 +27,6 @@ larger one.
 
 from __future__ import annotations
 
-import colorsys
 import io
 import multiprocessing
 import os
@@ -37,8 +39,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from cpfean.fileio import atomic_write, atomic_write_json
-from cpfean.scenes.shapes import CATEGORIES, COLOURS, draw_shape
-from cpfean.scenes.templates import Caption, SceneObject, tokenize, write_captions
+from cpfean.scenes.settings import EXCLUDED, LIKELY, SETTINGS, draw_setting
+from cpfean.scenes.shapes import CATEGORIES, COLOURS, THINGS, draw_shape
+from cpfean.scenes.templates import Caption, SceneObject, overlap, tokenize, write_captions
 
 __all__ = [
     "CATEGORIES",
@@ -53,10 +56,11 @@ __all__ = [
     "split_sizes",
 ]
 
-BACKGROUNDS: tuple[str, ...] = ("gradient", "hazy", "striped", "checkered", "grainy", "mottled")
+# things that may be anywhere in the picture; the others stand on the ground
+FLYING = frozenset({"bird", "airplane", "kite", "moon", "star"})
 CAPTIONS_PER_IMAGE = 5
 _MAX_OVERLAP = 0.08  # intersection / smaller box area allowed between two objects
-_VERSION = 1
+_VERSION = 2  # 2: settings, and real things drawn from openclipart-png
 
 
 @dataclass(frozen=True)
@@ -67,47 +71,9 @@ class Scene:
     file_name: str  # image path relative to the images root, e.g. "000123.jpg"
     width: int
     height: int
-    background: str  # one of BACKGROUNDS
+    background: str  # the setting, one of SETTINGS
     objects: tuple[SceneObject, ...]  # in drawing order (later ones on top)
     captions: tuple[Caption, ...]
-
-
-def _muted(rng: np.random.Generator) -> np.ndarray:
-    """A low-saturation colour, so the saturated object colours stand out."""
-    h, s, v = rng.random(), rng.uniform(0.05, 0.35), rng.uniform(0.35, 0.85)
-    return np.array(colorsys.hsv_to_rgb(h, s, v), dtype=np.float32) * 255
-
-
-def _background(rng: np.random.Generator, width: int, height: int) -> tuple[np.ndarray, str]:
-    """A textured background. Returns (uint8 array (height, width, 3), its name)."""
-    kind = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
-    c1, c2 = _muted(rng), _muted(rng)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    angle = rng.uniform(0, 2 * np.pi)
-    along = x * np.cos(angle) + y * np.sin(angle)  # (height, width)
-    if kind == "gradient":
-        t = (along - along.min()) / max(1.0, float(np.ptp(along)))
-    elif kind == "hazy":
-        cx, cy = rng.uniform(0, width), rng.uniform(0, height)
-        r = np.hypot(x - cx, y - cy)
-        t = r / max(1.0, float(r.max()))
-    elif kind == "striped":
-        period = rng.uniform(8, 30)
-        t = 0.5 + 0.35 * np.sin(2 * np.pi * along / period)
-    elif kind == "checkered":
-        cell = int(rng.integers(10, 32))
-        t = (((x // cell) + (y // cell)) % 2) * 0.6 + 0.2
-    elif kind == "mottled":
-        coarse = rng.random((height // 16 + 2, width // 16 + 2)).astype(np.float32)
-        t = np.asarray(
-            Image.fromarray(coarse, mode="F").resize((width, height), Image.Resampling.BILINEAR)
-        )
-    else:  # grainy: one colour, strong noise below
-        t = np.zeros((height, width), np.float32)
-    img = c1 * (1 - t[..., None]) + c2 * t[..., None]
-    sigma = 14.0 if kind == "grainy" else float(rng.uniform(2, 6))
-    img += rng.normal(0, sigma, size=img.shape).astype(np.float32)
-    return np.clip(img, 0, 255).astype(np.uint8), kind
 
 
 def _clutter(rng: np.random.Generator, image: Image.Image) -> None:
@@ -130,44 +96,42 @@ def _clutter(rng: np.random.Generator, image: Image.Image) -> None:
             d.line((x, y - s, x, y + s), fill=c, width=1)
 
 
-def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
-    """Intersection area over the smaller box's area (boxes x, y, w, h)."""
-    iw = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
-    ih = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    return iw * ih / min(a[2] * a[3], b[2] * b[3])
-
-
 def _layout(
-    rng: np.random.Generator, width: int, height: int
+    rng: np.random.Generator, width: int, height: int, setting: str, horizon: int
 ) -> list[tuple[str, str, str, Image.Image, int, int]]:
     """Choose and place the objects: (category, colour, size, layer, x, y), large ones first.
 
-    Categories are distinct within a scene; an object that finds no place after 60 tries is
-    dropped, and the whole layout is redrawn if fewer than 3 objects or no small one remain.
+    Categories are distinct within a scene, fit the setting (`EXCLUDED`) and favour the things it
+    makes likely (`LIKELY`); things that stand
+    on the ground have their feet below the horizon, flying ones go anywhere. An object that
+    finds no place after 60 tries is dropped, and the whole layout is redrawn if fewer than 3
+    objects or no small one remain.
     """
     unit = min(width, height)
+    allowed = [c for c in CATEGORIES if c not in EXCLUDED[setting]]
+    weight = np.array([3.0 if c in LIKELY[setting] else 1.0 for c in allowed])
     while True:
         k = int(rng.integers(3, 7))
-        cats = rng.choice(len(CATEGORIES), size=k, replace=False)
+        picked = rng.choice(len(allowed), size=k, replace=False, p=weight / weight.sum())
+        cats = [allowed[int(j)] for j in picked]
         n_large = 2 if rng.random() < 0.45 else 1
         placed: list[tuple[str, str, str, Image.Image, int, int]] = []
-        for j, c in enumerate(cats):
+        for j, category in enumerate(cats):
             size = "large" if j < n_large else "small"
             side = unit * (rng.uniform(0.27, 0.36) if size == "large" else rng.uniform(0.1, 0.16))
-            colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
-            layer = draw_shape(CATEGORIES[int(c)], side, colour, rng)
+            colour = "" if category in THINGS else list(COLOURS)[int(rng.integers(len(COLOURS)))]
+            layer = draw_shape(category, side, colour, rng)
             lw, lh = layer.size
-            if lw > width or lh > height:
+            low = 0 if category in FLYING else max(0, horizon + (height - horizon) // 8 - lh)
+            if lw > width or lh > height or low > height - lh:
                 continue
             for _ in range(60):
-                x, y = int(rng.integers(0, width - lw + 1)), int(rng.integers(0, height - lh + 1))
+                x, y = int(rng.integers(0, width - lw + 1)), int(rng.integers(low, height - lh + 1))
                 if all(
-                    _overlap((x, y, lw, lh), (p[4], p[5], *p[3].size)) <= _MAX_OVERLAP
+                    overlap((x, y, lw, lh), (p[4], p[5], *p[3].size)) <= _MAX_OVERLAP
                     for p in placed
                 ):
-                    placed.append((CATEGORIES[int(c)], colour, size, layer, x, y))
+                    placed.append((category, colour, size, layer, x, y))
                     break
         if len(placed) >= 3 and any(p[2] == "small" for p in placed):
             return placed
@@ -182,10 +146,10 @@ def make_scene(
         The scene description and the RGB image (width x height).
     """
     rng = np.random.default_rng([seed, index])
-    array, background = _background(rng, width, height)
-    image = Image.fromarray(array, mode="RGB")
+    background = SETTINGS[int(rng.integers(len(SETTINGS)))]
+    image, horizon = draw_setting(rng, background, width, height)
     _clutter(rng, image)
-    placed = _layout(rng, width, height)
+    placed = _layout(rng, width, height, background, horizon)
     small = [i for i, p in enumerate(placed) if p[2] == "small"]
     n_bg = 1 if len(small) <= 2 else int(rng.integers(1, len(small)))
     hidden = {small[int(j)] for j in rng.choice(len(small), size=n_bg, replace=False)}

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from cpfean.fileio import atomic_output, atomic_write_json
-from cpfean.scenes.generate import _overlap
+from cpfean.scenes.templates import overlap
 
 __all__ = [
     "CATEGORIES",
@@ -166,7 +166,7 @@ def _photo(path: str) -> Image.Image:
 
 
 @lru_cache(maxsize=1024)
-def _drawing(path: Path) -> Image.Image:
+def drawing(path: Path) -> Image.Image:
     """A drawing as RGBA, cropped to its opaque pixels."""
     with Image.open(path) as im:
         im = im.convert("RGBA")
@@ -185,7 +185,7 @@ def _paste(
     rng: np.random.Generator, canvas: Image.Image, path: Path, side: float
 ) -> tuple[Image.Image, int, int] | None:
     """The drawing scaled so that its longer side is ``side``, maybe mirrored; a place for it."""
-    art = _drawing(path)
+    art = drawing(path)
     scale = side / max(art.size)
     w, h = max(4, round(art.width * scale)), max(4, round(art.height * scale))
     if w >= canvas.width or h >= canvas.height:
@@ -229,7 +229,7 @@ def make_photo_scene(
                 continue
             art, x, y = placed
             box = (x, y, art.width, art.height)
-            if all(_overlap(box, o.bbox) <= _MAX_OVERLAP for o in objects):
+            if all(overlap(box, o.bbox) <= _MAX_OVERLAP for o in objects):
                 canvas.alpha_composite(art, (x, y))
                 objects.append(PhotoObject(category, str(path), box))
                 break

@@ -7,6 +7,7 @@ categories differ in silhouette (not only in colour) so that a detector can lear
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -223,8 +224,40 @@ _DRAWERS: dict[str, Callable[[ImageDraw.ImageDraw, int, int, RGB], None]] = {
     "umbrella": _umbrella,
 }
 
+#: Real things too intricate for primitives: openclipart-png drawings of them (their own colours,
+#: so they take no colour word), chosen and scaled per object (`cpfean.scenes.photos`).
+THINGS: tuple[str, ...] = ("dog", "cat", "bird", "horse", "truck", "airplane", "boat")
+
 #: The object categories, in detector label order (COCO category id = index + 1).
-CATEGORIES: tuple[str, ...] = tuple(_DRAWERS)
+CATEGORIES: tuple[str, ...] = (*_DRAWERS, *THINGS)
+
+
+@functools.cache
+def _thing_files(category: str) -> tuple:
+    """The category's drawings solid enough to read at a few dozen pixels (a quarter of their
+    box opaque), line art left out."""
+    from cpfean.scenes.photos import catalogue, drawing
+
+    found = catalogue()
+    files = sorted(found["train"][category] + found["val"][category])
+    solid = tuple(f for f in files if (np.asarray(drawing(f).getchannel("A")) > 96).mean() > 0.25)
+    return solid or tuple(files)
+
+
+def _draw_thing(category: str, side: float, rng: np.random.Generator) -> Image.Image:
+    """One of the category's openclipart drawings, scaled to a box area of side^2, its alpha
+    made binary so that the object is a crisp cut-out."""
+    from cpfean.scenes.photos import drawing
+
+    files = _thing_files(category)
+    art = drawing(files[int(rng.integers(len(files)))])
+    scale = side / (art.width * art.height) ** 0.5
+    size = (max(8, round(art.width * scale)), max(8, round(art.height * scale)))
+    layer = art.resize(size, Image.Resampling.LANCZOS)
+    layer.putalpha(layer.getchannel("A").point(lambda a: 255 if a > 96 else 0))
+    if rng.random() < 0.5:
+        layer = layer.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return layer
 
 
 def draw_shape(category: str, side: float, colour: str, rng: np.random.Generator) -> Image.Image:
@@ -234,23 +267,26 @@ def draw_shape(category: str, side: float, colour: str, rng: np.random.Generator
         category: one of `CATEGORIES`.
         side: square root of the nominal box area in pixels; the category's aspect ratio
             decides width and height.
-        colour: one of `COLOURS`.
+        colour: one of `COLOURS` ("" for `THINGS`, drawn in their own colours).
         rng: source of the small random variations (mirroring, tilt).
 
     Returns:
         An RGBA image whose alpha is non-zero exactly on the shape and whose size is the
         shape's tight bounding box (no fully transparent border row or column).
     """
-    aspect = ASPECT[category]
-    w = max(8, round(side * aspect**0.5))
-    h = max(8, round(side / aspect**0.5))
-    layer = Image.new("RGBA", (w, h), (0, 0, 0, 0))
-    _DRAWERS[category](ImageDraw.Draw(layer), w, h, COLOURS[colour])
-    if category in _FLIPPABLE and rng.random() < 0.5:
-        layer = layer.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    tilt = float(rng.uniform(-10.0, 10.0))
-    if abs(tilt) > 2.0:
-        layer = layer.rotate(tilt, resample=Image.Resampling.NEAREST, expand=True)
+    if category in THINGS:
+        layer = _draw_thing(category, side, rng)
+    else:
+        aspect = ASPECT[category]
+        w = max(8, round(side * aspect**0.5))
+        h = max(8, round(side / aspect**0.5))
+        layer = Image.new("RGBA", (w, h), (0, 0, 0, 0))
+        _DRAWERS[category](ImageDraw.Draw(layer), w, h, COLOURS[colour])
+        if category in _FLIPPABLE and rng.random() < 0.5:
+            layer = layer.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        tilt = float(rng.uniform(-10.0, 10.0))
+        if abs(tilt) > 2.0:
+            layer = layer.rotate(tilt, resample=Image.Resampling.NEAREST, expand=True)
     bbox = layer.getchannel("A").getbbox()
     if bbox is None:  # cannot happen for the sizes used; guards against a silent empty box
         raise RuntimeError(f"drawing {category!r} at side {side:.1f} produced no pixels")

@@ -32,6 +32,23 @@ CATEGORY_WORDS: dict[str, tuple[str, ...]] = {
     "moon": ("moon", "crescent"),
     "kite": ("kite",),
     "umbrella": ("umbrella", "parasol"),
+    "dog": ("dog", "puppy", "hound"),
+    "cat": ("cat", "kitten", "kitty"),
+    "bird": ("bird",),
+    "horse": ("horse", "pony"),
+    "truck": ("truck", "lorry"),
+    "airplane": ("airplane", "plane", "aeroplane"),
+    "boat": ("boat", "ship"),
+}
+
+#: Phrases that place a scene in its setting (`cpfean.scenes.settings`).
+SETTING_WORDS: dict[str, tuple[str, ...]] = {
+    "grass": ("on the grass", "on grass", "on a lawn", "in a field"),
+    "sand": ("on the sand", "on the beach", "on sand"),
+    "water": ("on the water", "in the water", "on a lake", "at sea"),
+    "snow": ("in the snow", "on snow", "on a snowy field"),
+    "road": ("on the road", "on a street", "on the road"),
+    "indoors": ("indoors", "in a room", "inside a room"),
 }
 
 #: Words for each named colour; the first is the plain name and is used most often.
@@ -106,6 +123,15 @@ def relation(a: Box, b: Box, width: int) -> str:
     return "above" if dy < 0 else "below"
 
 
+def overlap(a: Box, b: Box) -> float:
+    """Intersection area over the smaller box's area (boxes x, y, w, h)."""
+    iw = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    ih = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    return iw * ih / min(a[2] * a[3], b[2] * b[3])
+
+
 def _position(box: Box, width: int, height: int) -> str:
     """Where in the picture a box sits, as a phrase ("in the top left corner")."""
     cx, cy = (box[0] + box[2] / 2) / width, (box[1] + box[3] / 2) / height
@@ -151,11 +177,15 @@ class _Writer:
         p_size = 0.55 if obj.role == "salient" else 0.3
         if self.rng.random() < p_size:
             words.append(self.pick(SIZE_WORDS[obj.size]))
-        words.append(self.pick(COLOUR_WORDS[obj.colour], 0.6))
+        if obj.colour:  # drawings of real things keep their own colours and take no word
+            words.append(self.pick(COLOUR_WORDS[obj.colour], 0.6))
         words.append(self.noun(i))
         if article == "a" and words[0][0] in "aeiou":
             article = "an"
         return " ".join([article, *words])
+
+    def setting(self) -> str:
+        return self.pick(SETTING_WORDS[self.background], 0.3)
 
     def rel(self, a: int, b: int) -> str:
         """A wording of the relation of object a to object b, recorded for grounding."""
@@ -168,7 +198,8 @@ class _Writer:
         templates = (
             f"{self.phrase(a)} {pos}",
             f"a picture of {self.phrase(a)}",
-            f"{self.phrase(a)} on a {self.background} background",
+            f"{self.phrase(a)} {self.setting()}",
+            f"{self.phrase(a)} {pos}, {self.setting()}",
             f"there is {self.phrase(a)} {pos}",
             f"{self.phrase(a, 'the')} is {pos} of the image",
             f"an image showing {self.phrase(a)}",
@@ -178,7 +209,8 @@ class _Writer:
     def pair(self, a: int, b: int) -> str:
         kind = int(self.rng.integers(6))
         if kind == 0:
-            return f"{self.phrase(a)} {self.rel(a, b)} {self.phrase(b)}"
+            where = f" {self.setting()}" if self.rng.random() < 0.4 else ""
+            return f"{self.phrase(a)} {self.rel(a, b)} {self.phrase(b)}{where}"
         if kind == 1:
             return f"{self.phrase(a, 'the')} is {self.rel(a, b)} {self.phrase(b, 'the')}"
         if kind == 2:
@@ -187,7 +219,7 @@ class _Writer:
             return f"{self.phrase(b)} with {self.phrase(a)} {self.rel(a, b)} it"
         if kind == 4:
             return f"a picture of {self.phrase(a)} and {self.phrase(b)}"
-        return f"{self.phrase(a)} and {self.phrase(b)} on a {self.background} background"
+        return f"{self.phrase(a)} and {self.phrase(b)} {self.setting()}"
 
     def tail(self, head: int, rest: Sequence[int]) -> str:
         """Attach the remaining mentions to a caption whose first object is `head`."""
@@ -256,7 +288,7 @@ def write_captions(
         rng: the scene's generator (captions are part of the scene's deterministic output).
         objects: the scene's objects; at least one has role "salient".
         width, height: image size in pixels (for position and relation thresholds).
-        background: a one-word background description ("striped", ...).
+        background: the scene's setting, a key of SETTING_WORDS.
         n_captions: how many captions to write.
     """
     if not any(o.role == "salient" for o in objects):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cpfean.scenes import photos
+from cpfean.scenes.templates import overlap
 from pipelines import make_photo_set
 
 pytestmark = pytest.mark.skipif(
@@ -41,7 +42,7 @@ def test_a_scene_is_reproducible_and_its_boxes_hold_the_drawings():
         assert 0 <= x and 0 <= y and x + w <= a.width and y + h <= a.height and w * h > 0
         assert o.drawing in val_files  # val scenes use only held-out drawings
         for later in objs[k + 1 :]:
-            assert photos._overlap(o.bbox, later.bbox) <= photos._MAX_OVERLAP
+            assert overlap(o.bbox, later.bbox) <= photos._MAX_OVERLAP
 
 
 def test_command_writes_coco_and_sources(tmp_path, capsys):

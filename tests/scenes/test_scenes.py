@@ -19,6 +19,7 @@ from cpfean.scenes.templates import (
     CATEGORY_WORDS,
     COLOUR_WORDS,
     SceneObject,
+    overlap,
     relation,
     tokenize,
     write_captions,
@@ -123,7 +124,7 @@ def test_boxes_inside_images_and_barely_overlapping(karpathy: dict) -> None:
             assert x + w <= im["width"] and y + h <= im["height"]
         for i, a in enumerate(boxes):
             for b in boxes[i + 1 :]:
-                assert scenes_mod._overlap(tuple(a), tuple(b)) <= scenes_mod._MAX_OVERLAP
+                assert overlap(tuple(a), tuple(b)) <= scenes_mod._MAX_OVERLAP
 
 
 @pytest.mark.parametrize("category", CATEGORIES)
@@ -136,14 +137,35 @@ def test_shapes_are_cropped_tight(category: str) -> None:
             assert alpha.mean() > 0.2, "a shape must fill a fair part of its box"
 
 
-def test_objects_are_drawn_where_their_boxes_are() -> None:
-    scene, image = make_scene(3, 0)
-    pixels = np.asarray(image).astype(int)
-    for obj in scene.objects:
-        x, y, w, h = obj.bbox
-        fill = np.array(COLOURS[obj.colour])
-        inside = np.abs(pixels[y : y + h, x : x + w] - fill).sum(-1) < 40
-        assert inside.sum() >= 0.2 * obj.area, f"{obj.category} not visible in its box"
+def test_objects_are_drawn_where_their_boxes_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn: list[tuple[str, Image.Image]] = []
+
+    def recording(category, side, colour, rng):
+        layer = draw_shape(category, side, colour, rng)
+        drawn.append((category, layer))
+        return layer
+
+    monkeypatch.setattr(scenes_mod, "draw_shape", recording)
+    for index in range(4):  # coloured shapes and drawings of things, in several settings
+        drawn.clear()
+        scene, image = make_scene(3, index)
+        pixels = np.asarray(image).astype(int)
+        for k, obj in enumerate(scene.objects):
+            x, y, w, h = obj.bbox
+            (layer,) = [lay for c, lay in drawn if c == obj.category and lay.size == (w, h)][-1:]
+            rgba = np.asarray(layer).astype(int)
+            opaque = rgba[..., 3] == 255
+            for later in scene.objects[k + 1 :]:  # drawn on top: not this object's pixels
+                lx, ly, lw, lh = later.bbox
+                opaque[
+                    max(ly - y, 0) : max(ly + lh - y, 0), max(lx - x, 0) : max(lx + lw - x, 0)
+                ] = 0
+            shown = pixels[y : y + h, x : x + w][opaque]
+            assert opaque.sum() >= 0.2 * obj.area, f"{obj.category} hidden"
+            assert np.array_equal(shown, rgba[..., :3][opaque]), f"{obj.category} not in its box"
+            if obj.colour:
+                fill = np.abs(rgba[..., :3] - np.array(COLOURS[obj.colour])).sum(-1) < 40
+                assert (fill & opaque).sum() >= 0.2 * obj.area, f"{obj.category} not {obj.colour}"
 
 
 def test_exactly_five_distinct_captions(karpathy: dict) -> None:
@@ -161,6 +183,8 @@ def test_every_mention_is_grounded(karpathy: dict) -> None:
             named = {WORD_TO_CATEGORY[t] for t in s["tokens"] if t in WORD_TO_CATEGORY}
             assert named == {objs[i]["category"] for i in s["mentions"]}, s["raw"]
             for i in s["mentions"]:  # its colour is named too ("snow-white" -> "white")
+                if not objs[i]["colour"]:  # a drawing of a real thing: no colour
+                    continue
                 colour_tokens = {tokenize(w)[-1] for w in COLOUR_WORDS[objs[i]["colour"]]}
                 assert colour_tokens & set(s["tokens"]), s["raw"]
 
