@@ -16,6 +16,7 @@ import time
 
 from cpfean.progress import progress as progress_of
 from cpfean.scenes.generate import generate_dataset, split_sizes
+from cpfean.scenes.photos import catalogue
 from pipelines import cli
 
 
@@ -54,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     workers = min(workers, max(1, args.images // 16))  # a pool is not worth it for tiny runs
     width, height = args.size
     start = time.perf_counter()
+    try:
+        catalogue()
+    except (OSError, ValueError) as e:
+        return cli.fail(e)
     with progress_of(total=args.images, desc="scenes", unit="img", enabled=not args.quiet) as bar:
         generate_dataset(
             args.out,

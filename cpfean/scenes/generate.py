@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from cpfean.fileio import atomic_write, atomic_write_json
+from cpfean.scenes.photos import catalogue
 from cpfean.scenes.settings import EXCLUDED, LIKELY, SETTINGS, draw_setting
 from cpfean.scenes.shapes import CATEGORIES, COLOURS, THINGS, draw_shape
 from cpfean.scenes.templates import Caption, SceneObject, overlap, tokenize, write_captions
@@ -311,6 +312,7 @@ def generate_dataset(
     if width < 64 or height < 64:
         raise ValueError(f"image size must be at least 64x64, got {width}x{height}")
     split_sizes(num_images)  # fail before drawing anything
+    catalogue()  # the drawings of real things: a missing package is an error before any image
     out = Path(out_dir)
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)

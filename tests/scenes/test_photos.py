@@ -73,3 +73,17 @@ def test_a_missing_package_is_one_error_line_before_any_image(tmp_path, monkeypa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "openclipart-png" in err[0]
     assert not list((tmp_path / "out").glob("images/*.jpg"))
+
+
+def test_scenes_without_the_drawings_are_one_error_line(tmp_path, monkeypatch, capsys):
+    from pipelines import make_demo_data
+
+    monkeypatch.setattr(photos, "CLIPART_ROOT", tmp_path / "no-openclipart")
+    photos.catalogue.cache_clear()
+    try:
+        assert make_demo_data.main([str(tmp_path / "out"), "--images", "5", "--quiet"]) == 2
+    finally:
+        photos.catalogue.cache_clear()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "apt-get install" in err[0]
+    assert not (tmp_path / "out").exists()
