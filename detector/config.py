@@ -24,6 +24,10 @@ from cpfean.config import merge_trees
 from detector.efficientnet import add_efficientnet_config
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# The bundled detector (ImageNet-pretrained EfficientNet-Lite0 + FPN), and where
+# `pipelines.train_detector` writes it trained by default.
+DEFAULT_DETECTOR = "scenes_effl0_fpn"
+TRAINED_DEFAULT = Path("weights") / DEFAULT_DETECTOR / "config.yaml"
 
 FEATURE_SOURCES = ("box_head", "pooler")
 BOX_SOURCES = ("proposal", "regressed")

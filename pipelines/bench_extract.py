@@ -11,7 +11,8 @@ Region-extraction throughput and peak memory, two ways, on the same images and d
 
 Each variant runs in its own fresh process (so peak RSS is its own). Prints a markdown table.
 Images default to generated scenes (320x240); the detector defaults to the trained scenes
-config when `weights/scenes_r18_fpn/config.yaml` exists, else a random-init one (same speed).
+config when `weights/scenes_effl0_fpn/config.yaml` exists, else the untrained bundled one (same
+speed).
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ from pathlib import Path
 
 from cpfean.fileio import atomic_write_json
 from pipelines import cli
-
-TRAINED = Path("weights/scenes_r18_fpn/config.yaml")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,9 +58,11 @@ def _peak_rss_mb() -> tuple[float, float]:
 
 
 def _cfg(args: argparse.Namespace):
-    from detector.config import get_region_cfg
+    from detector.config import DEFAULT_DETECTOR, TRAINED_DEFAULT, get_region_cfg
 
-    config = args.config or (str(TRAINED) if TRAINED.is_file() else "scenes_r18_fpn")
+    config = args.config or (
+        str(TRAINED_DEFAULT) if TRAINED_DEFAULT.is_file() else DEFAULT_DETECTOR
+    )
     return get_region_cfg(config, ["MODEL.DEVICE", args.device])
 
 

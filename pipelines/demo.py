@@ -3,7 +3,8 @@
     python -m pipelines.demo [--out runs/demo] [--quick]
 
 generate scenes -> train the detector -> extract 36 regions per image -> train CPFEAN ->
-evaluate on the test split -> build the retrieval index -> answer an example query.
+evaluate on the test split -> build the retrieval index -> score the plain-English queries
+(precision@5, `pipelines.queries`) -> answer an example query.
 Each stage is skipped when its output is already whole, so a re-run after an interrupt
 continues where it stopped. ``--quick`` is a small variant for smoke tests.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 from pipelines import cli
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLE_QUERY = "a large red ball to the left of a blue box"
+EXAMPLE_QUERY = "a dog on grass"
 
 # (images, detector iterations, CPFEAN epochs) for the full and the quick variant;
 # None = the epochs of configs/demo.yaml.
@@ -50,7 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
 
-    from pipelines import evaluate, extract, index, make_demo_data, retrieve, train, train_detector
+    from pipelines import (
+        evaluate,
+        extract,
+        index,
+        make_demo_data,
+        queries,
+        retrieve,
+        train,
+        train_detector,
+    )
 
     images, iters, epochs = SIZES["quick" if args.quick else "full"]
     images, iters = args.images or images, args.detector_iters or iters
@@ -152,6 +162,24 @@ def main(argv: list[str] | None = None) -> int:
         ),
         timings,
     )
+    queries_path = out / "queries.json"
+    _stage(
+        "plain-English queries",
+        queries_path.is_file(),
+        lambda: queries.main(
+            [
+                "--index",
+                str(idx),
+                "--captions",
+                str(data / "captions.json"),
+                "--device",
+                args.device,
+                "--json",
+                str(queries_path),
+            ]
+        ),
+        timings,
+    )
     print(f'[demo] example query: "{args.query}"', flush=True)
     status = retrieve.main(["--query", args.query, "--index", str(idx), "--top-k", "5"])
 
@@ -166,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         f"  test rSum:   {metrics['rsum']:.1f}  (i2t R@1 {metrics['i2t']['r1']:.1f}, "
         f"t2i R@1 {metrics['t2i']['r1']:.1f})"
     )
+    precision = json.loads(queries_path.read_text())["mean_precision@5"]
+    print(f"  queries:     precision@5 {precision:.2f} over the plain-English queries")
     print(f"  stage times: {json.dumps(timings)}; total {time.time() - started:.0f} s")
     print(f'  try:         python -m pipelines.retrieve --query "{args.query}"')
     serve = "python -m pipelines.serve" + (

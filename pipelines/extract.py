@@ -39,13 +39,12 @@ from torch.utils.data import DataLoader
 from cpfean.data.region_store import RegionStore, RegionStoreError, RegionWriter, merge_stores
 from cpfean.fileio import WriterLock, atomic_output, atomic_write
 from cpfean.progress import progress as progress_of
-from detector.config import get_region_cfg
+from detector.config import DEFAULT_DETECTOR, TRAINED_DEFAULT, get_region_cfg
 from detector.data import ImageFolder, list_images, shard
 from detector.extractor import RegionExtractor, check_weights_file
 from pipelines import cli
 
 EXIT_OK, EXIT_USAGE, EXIT_SKIPPED = 0, 2, 3
-TRAINED_CONFIG = Path("weights/scenes_r18_fpn/config.yaml")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -61,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--config",
         default=None,
         help=f"detector config: a YAML path or a bundled name (default: "
-        f"{TRAINED_CONFIG} when present, else scenes_r18_fpn)",
+        f"{TRAINED_DEFAULT} when present, else {DEFAULT_DETECTOR})",
     )
     p.add_argument("--weights", default=None, help="checkpoint (overrides MODEL.WEIGHTS)")
     p.add_argument(
@@ -104,7 +103,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 def build_cfg(args: argparse.Namespace, local_rank: int, world: int):
     """The frozen region config from the command line."""
-    config = args.config or (str(TRAINED_CONFIG) if TRAINED_CONFIG.is_file() else "scenes_r18_fpn")
+    config = args.config or (
+        str(TRAINED_DEFAULT) if TRAINED_DEFAULT.is_file() else DEFAULT_DETECTOR
+    )
     opts = list(args.opts)
     if args.weights is not None:
         opts += ["MODEL.WEIGHTS", args.weights]

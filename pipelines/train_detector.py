@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from detectron2.utils.logger import setup_logger
 
-from detector.config import get_region_cfg
+from detector.config import DEFAULT_DETECTOR, TRAINED_DEFAULT, get_region_cfg
 from detector.extractor import check_weights_file
 from detector.train import RegionTrainer, export_run, register_scenes, scale_schedule
 from pipelines import cli
@@ -36,14 +36,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         required=True,
         help="folder with instances_{train,val}.json and images/",
     )
-    p.add_argument("--config", default="scenes_r18_fpn", help="YAML path or bundled name")
+    p.add_argument("--config", default=DEFAULT_DETECTOR, help="YAML path or bundled name")
     p.add_argument(
         "--iters",
         type=int,
         default=None,
         help="training iterations (LR steps and warm-up scale with it)",
     )
-    p.add_argument("--out", type=Path, default=Path("weights/scenes_r18_fpn"), help="output folder")
+    p.add_argument("--out", type=Path, default=TRAINED_DEFAULT.parent, help="output folder")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
     p.add_argument(
         "--resume", action="store_true", help="resume from the last checkpoint in OUT/train"
