@@ -121,7 +121,7 @@ class EfficientNetLite(Backbone):
             raise ValueError(f"MODEL.EFFICIENTNET.OUT_FEATURES must be among {sorted(taps)}")
         self.drop_connect_rate = net._global_params.drop_connect_rate or 0.0
         self._num_blocks = len(net._blocks)
-        self._taps = {k: name for name, k in taps.items() if name in out_features}
+        self._taps = {k: level for level, k in taps.items() if level in out_features}
         self._out_features = list(out_features)
         self._out_feature_strides = {n: 2 ** int(n[3:]) for n in out_features}
         self._out_feature_channels = {
