@@ -18,6 +18,7 @@ def test_quick_demo_end_to_end_then_retrieve_and_rerun(quick_demo, capsys):
         "train CPFEAN",
         "evaluate",
         "build index",
+        "plain-English queries",
     ):
         assert f"[demo] {stage}: done" in text, stage
     assert "rank" in text and "score" in text  # the example query's table
@@ -52,4 +53,4 @@ def test_quick_demo_end_to_end_then_retrieve_and_rerun(quick_demo, capsys):
     # a re-run finds every stage whole and redoes nothing
     assert demo.main(["--out", str(out), "--quick", "--device", "cpu"]) == 0
     rerun = capsys.readouterr().out
-    assert rerun.count("already done, skipping") == 6
+    assert rerun.count("already done, skipping") == 7

@@ -47,3 +47,13 @@ def test_every_query_is_answered_in_300_scenes_and_none_by_most(gallery):
     for q in QUERIES:
         n = sum(relevant(q, s) for s in gallery)
         assert 1 <= n <= 0.3 * len(gallery), (q.text, n)
+
+
+def test_the_command_refuses_captions_not_made_by_the_generator(tmp_path, capsys):
+    from pipelines import queries
+
+    foreign = tmp_path / "dataset_flickr30k.json"
+    foreign.write_text('{"dataset": "flickr30k", "images": []}')
+    assert queries.main(["--index", str(tmp_path), "--captions", str(foreign)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "scene generator" in err[0]
