@@ -10,7 +10,7 @@ The front door, one name per level of abstraction::
     model, cfg, _ = cpfean.load_model("runs/demo/cpfean/best.pt")
     store = cpfean.RegionStore("runs/demo/regions")
     images = cpfean.encode_images(model, store, store.ids()[:8])  # cacheable embeddings
-    texts = cpfean.encode_texts(model, ["a red ball", "a blue box"])
+    texts = cpfean.encode_texts(model, ["a dog on grass", "a red car on the road"])
     scores = model.score(images, texts)                        # [8, 2], in chunks
 
 - `load_model(checkpoint)`: the model (eval mode), its config and the checkpoint dict.

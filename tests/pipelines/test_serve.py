@@ -277,6 +277,7 @@ def test_load_8_clients_200_requests_each_without_an_error(live):
 )
 def test_page_in_headless_chromium(live, served, tmp_path):
     from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -298,7 +299,8 @@ def test_page_in_headless_chromium(live, served, tmp_path):
     ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    wait = WebDriverWait(driver, 60)
+    # the grid re-renders as results arrive: an element read mid-render is looked up again
+    wait = WebDriverWait(driver, 60, ignored_exceptions=(StaleElementReferenceException,))
     try:
         driver.get(f"{live}/?q=a+red+ball")  # a shared link opens its search
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .result")) > 0)
@@ -322,7 +324,7 @@ def test_page_in_headless_chromium(live, served, tmp_path):
         first_id = cards[0].get_attribute("data-id")
         driver.save_screenshot(str(tmp_path / "page.png"))
         if os.environ.get("CPFEAN_SCREENSHOT"):  # the README's picture of the page
-            driver.get(f"{live}/?q=a+large+red+ball+to+the+left+of+a+blue+box&k=10")
+            driver.get(f"{live}/?q=a+dog+on+grass&k=10")
             wait.until(lambda d: "results in" in d.find_element(By.ID, "status").text)
             wait.until(
                 lambda d: d.execute_script(
@@ -333,6 +335,7 @@ def test_page_in_headless_chromium(live, served, tmp_path):
             driver.get(f"{live}/?q=a+blue+box")
             wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .result")) > 0)
             cards = driver.find_elements(By.CSS_SELECTOR, "#grid .result")
+            first_id = cards[0].get_attribute("data-id")
         cards[0].click()
         wait.until(ec.visibility_of_element_located((By.ID, "detail")))
         captions = driver.find_elements(By.CSS_SELECTOR, "#captions li")
