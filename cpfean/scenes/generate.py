@@ -102,11 +102,10 @@ def _layout(
 ) -> list[tuple[str, str, str, Image.Image, int, int]]:
     """Choose and place the objects: (category, colour, size, layer, x, y), large ones first.
 
-    Categories are distinct within a scene, fit the setting (`EXCLUDED`) and favour the things it
-    makes likely (`LIKELY`); things that stand
-    on the ground have their feet below the horizon, flying ones go anywhere. An object that
-    finds no place after 60 tries is dropped, and the whole layout is redrawn if fewer than 3
-    objects or no small one remain.
+    Categories are distinct within a scene, fit the setting (`EXCLUDED`) and favour the things
+    it makes likely (`LIKELY`); things that stand on the ground have their feet below the
+    horizon, flying ones go anywhere. An object that finds no place after 60 tries is dropped,
+    and the whole layout is redrawn if fewer than 3 objects or no small one remain.
     """
     unit = min(width, height)
     allowed = [c for c in CATEGORIES if c not in EXCLUDED[setting]]
