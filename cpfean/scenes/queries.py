@@ -22,39 +22,45 @@ class Query:
     setting: str | None = None  # one of cpfean.scenes.settings.SETTINGS, None = any
 
 
-def _q(text: str, *things: str, setting: str | None = None) -> Query:
-    """``_q("a red car on the road", "red car", setting="road")``: "colour category" or
-    "category" per thing."""
-    parsed = tuple((t.split()[-1], t.split()[0] if len(t.split()) == 2 else "") for t in things)
-    return Query(text, parsed, setting)
+# query | the things it names ("colour category" or "category", comma-separated) | setting
+_TABLE = """
+a dog on grass                 | dog             | grass
+a dog on the beach             | dog             | sand
+a cat in a room                | cat             | indoors
+a cat in the snow              | cat             | snow
+a horse in the snow            | horse           | snow
+a horse on the grass           | horse           | grass
+a boat on the water            | boat            | water
+a bird over the water          | bird            | water
+an airplane above the beach    | airplane        | sand
+a truck on the road            | truck           | road
+a red car on the road          | red car         | road
+a black car                    | black car       | -
+a tree in the snow             | tree            | snow
+a house on the grass           | house           | grass
+a yellow umbrella on the beach | yellow umbrella | sand
+a blue ball in a room          | blue ball       | indoors
+a fish in the water            | fish            | water
+a kite on the beach            | kite            | sand
+a cup indoors                  | cup             | indoors
+a dog and a cat                | dog, cat        | -
+a bird and an airplane         | bird, airplane  | -
+a horse and a tree             | horse, tree     | -
+a green tree on the grass      | green tree      | grass
+a red ball on the grass        | red ball        | grass
+"""
 
 
-QUERIES: tuple[Query, ...] = (
-    _q("a dog on grass", "dog", setting="grass"),
-    _q("a dog on the beach", "dog", setting="sand"),
-    _q("a cat in a room", "cat", setting="indoors"),
-    _q("a cat in the snow", "cat", setting="snow"),
-    _q("a horse in the snow", "horse", setting="snow"),
-    _q("a horse on the grass", "horse", setting="grass"),
-    _q("a boat on the water", "boat", setting="water"),
-    _q("a bird over the water", "bird", setting="water"),
-    _q("an airplane above the beach", "airplane", setting="sand"),
-    _q("a truck on the road", "truck", setting="road"),
-    _q("a red car on the road", "red car", setting="road"),
-    _q("a black car", "black car"),
-    _q("a tree in the snow", "tree", setting="snow"),
-    _q("a house on the grass", "house", setting="grass"),
-    _q("a yellow umbrella on the beach", "yellow umbrella", setting="sand"),
-    _q("a blue ball in a room", "blue ball", setting="indoors"),
-    _q("a fish in the water", "fish", setting="water"),
-    _q("a kite on the beach", "kite", setting="sand"),
-    _q("a cup indoors", "cup", setting="indoors"),
-    _q("a dog and a cat", "dog", "cat"),
-    _q("a bird and an airplane", "bird", "airplane"),
-    _q("a horse and a tree", "horse", "tree"),
-    _q("a green tree on the grass", "green tree", setting="grass"),
-    _q("a red ball on the grass", "red ball", setting="grass"),
-)
+def _parse(line: str) -> Query:
+    text, things, setting = (part.strip() for part in line.split("|"))
+    named = tuple(
+        (words[-1], words[0] if len(words) == 2 else "")
+        for words in (t.split() for t in things.split(","))
+    )
+    return Query(text, named, None if setting == "-" else setting)
+
+
+QUERIES: tuple[Query, ...] = tuple(_parse(line) for line in _TABLE.strip().splitlines())
 
 
 def relevant(query: Query, scene: Mapping[str, Any]) -> bool:
