@@ -37,7 +37,7 @@ LIKELY: dict[str, frozenset[str]] = {
     "indoors": frozenset({"cup", "cat", "ball", "box", "heart"}),
 }
 
-# (ground hue, saturation, value) ranges per setting, and its sky or wall
+# the (hue, saturation, value) ranges of each setting's ground or floor
 _GROUND = {
     "grass": ((0.22, 0.32), (0.45, 0.75), (0.35, 0.65)),
     "sand": ((0.09, 0.13), (0.25, 0.45), (0.75, 0.92)),
@@ -86,7 +86,7 @@ def draw_setting(
             bx, by = rng.uniform(0, width), rng.uniform(horizon, height)
             shade = tuple(int(c) for c in np.clip(ground * rng.uniform(0.6, 1.3), 0, 255))
             d.line((bx, by, bx + rng.uniform(-2, 2), by - rng.uniform(3, 8)), fill=shade)
-    elif setting == "snow":  # speckles and drifts
+    elif setting == "snow":  # speckles
         for _ in range(int(width * height / 150)):
             sx, sy = rng.uniform(0, width), rng.uniform(horizon, height)
             d.point((sx, sy), fill=(255, 255, 255))
