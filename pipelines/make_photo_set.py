@@ -6,7 +6,8 @@ Writes `OUT/images/*.jpg`, `OUT/instances_{train,val}.json` (COCO detection, 16 
 `OUT/SOURCES.json` (every photograph and drawing used, with its package, author and licence);
 see `cpfean.scenes.photos`. Needs Debian's openclipart-png, mate-backgrounds and
 plasma-workspace-wallpapers (`make install` installs them). Train a detector on it with
-`python -m pipelines.train_detector --data OUT`.
+`python -m pipelines.train_detector --data OUT`. OUT must be absent, empty or a set this command
+made: a folder holding anything else (annotations of your own) is refused.
 """
 
 from __future__ import annotations

@@ -260,6 +260,28 @@ def _instances(split: str, scenes: list[tuple[str, list[PhotoObject]]], size) ->
     }
 
 
+_SET_ENTRIES = {"images", "instances_train.json", "instances_val.json", "SOURCES.json"}
+
+
+def check_replaceable(out: Path) -> None:
+    """Raise ValueError unless ``out`` is absent, empty, or a photo set this code wrote (or
+    began): a build never overwrites a user's own annotations or files."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder for the photo set")
+    entries = {p.name for p in out.iterdir()}
+    foreign = sorted(entries - _SET_ENTRIES)
+    unowned = entries & {"instances_train.json", "instances_val.json"} and (
+        "SOURCES.json" not in entries
+    )
+    if foreign or unowned:
+        what = f"holds {foreign[0]!r}" if foreign else "has annotations but no SOURCES.json"
+        raise ValueError(
+            f"{out} is not a photo set made by this command ({what}); choose another OUT"
+        )
+
+
 def generate_photo_set(
     out_dir: str | Path,
     *,
@@ -272,8 +294,10 @@ def generate_photo_set(
     """Write the set (layout in the module docstring); returns SOURCES.json's content."""
     catalogue()  # a missing package is one error before anything is written
     out = Path(out_dir)
+    check_replaceable(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
+    instances = {}
     for split, count in (("train", train), ("val", val)):
         scenes = []
         for i in range(count):
@@ -283,9 +307,10 @@ def generate_photo_set(
                 image.save(f, format="JPEG", quality=90)
             scenes.append((name, objects))
             used.update(o.drawing for o in objects)
-        atomic_write_json(
-            out / f"instances_{split}.json", _instances(split, scenes, (width, height))
-        )
+        instances[split] = _instances(split, scenes, (width, height))
+    # the annotations only once every image is on disk, so a stopped run leaves images alone
+    for split, content in instances.items():
+        atomic_write_json(out / f"instances_{split}.json", content)
     sources = {
         "photographs": [
             {"file": p, "package": pkg, "author": a, "licence": lic}

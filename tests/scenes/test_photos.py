@@ -4,6 +4,7 @@ for val, reproducible from a seed, and its sources recorded."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +88,21 @@ def test_scenes_without_the_drawings_are_one_error_line(tmp_path, monkeypatch, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "apt-get install" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_of_the_users_is_refused_and_left_as_it_was(tmp_path, capsys):
+    theirs = tmp_path / "coco"
+    (theirs / "images").mkdir(parents=True)
+    (theirs / "instances_train.json").write_text('{"mine": true}')
+    assert make_photo_set.main([str(theirs), "--train", "2", "--val", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "SOURCES.json" in err[0]
+    assert (theirs / "instances_train.json").read_text() == '{"mine": true}'
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "thesis.tex").write_text("x")
+    assert make_photo_set.main([str(other), "--train", "2", "--val", "1"]) == 2
+    assert "thesis.tex" in capsys.readouterr().err and sorted(os.listdir(other)) == ["thesis.tex"]
+    made = tmp_path / "set"
+    assert make_photo_set.main([str(made), "--train", "2", "--val", "1"]) == 0
+    assert make_photo_set.main([str(made), "--train", "2", "--val", "1"]) == 0  # its own: rebuilt
