@@ -232,6 +232,9 @@ THINGS: tuple[str, ...] = ("dog", "cat", "bird", "horse", "truck", "airplane", "
 CATEGORIES: tuple[str, ...] = (*_DRAWERS, *THINGS)
 
 
+_OPAQUE = 96  # alpha above which a drawing's pixel belongs to the cut-out
+
+
 @functools.cache
 def _thing_files(category: str) -> tuple:
     """The category's drawings solid enough to read at a few dozen pixels (a quarter of their
@@ -240,7 +243,8 @@ def _thing_files(category: str) -> tuple:
 
     found = catalogue()
     files = sorted(found["train"][category] + found["val"][category])
-    solid = tuple(f for f in files if (np.asarray(drawing(f).getchannel("A")) > 96).mean() > 0.25)
+    opaque = {f: (np.asarray(drawing(f).getchannel("A")) > _OPAQUE).mean() for f in files}
+    solid = tuple(f for f in files if opaque[f] > 0.25)
     return solid or tuple(files)
 
 
@@ -254,7 +258,7 @@ def _draw_thing(category: str, side: float, rng: np.random.Generator) -> Image.I
     scale = side / (art.width * art.height) ** 0.5
     size = (max(8, round(art.width * scale)), max(8, round(art.height * scale)))
     layer = art.resize(size, Image.Resampling.LANCZOS)
-    layer.putalpha(layer.getchannel("A").point(lambda a: 255 if a > 96 else 0))
+    layer.putalpha(layer.getchannel("A").point(lambda a: 255 if a > _OPAQUE else 0))
     if rng.random() < 0.5:
         layer = layer.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return layer
