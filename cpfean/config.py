@@ -57,6 +57,9 @@ class TrainConfig:
     margin: float = 0.2  # triplet ranking margin
     all_negatives_epochs: int = 1  # epochs that sum over all negatives before the hardest one
     recurrence_weight: float = 1.0  # weight of the word-recurrence supervision (0 = off)
+    # give "a", "the", "of", "left", ... no recurrence target: captions of one image share their
+    # phrasing, so these recur by template, not because they name what is shown
+    recurrence_skip_function_words: bool = False
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     seed: int = 0  # seeds Python, NumPy and torch
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...

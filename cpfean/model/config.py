@@ -30,6 +30,9 @@ class ModelConfig:
     region_heads: int = 8  # attention heads in the region Transformer (must divide embed_dim)
     region_ff_dim: int = 2048  # feed-forward width of the region Transformer
     dropout: float = 0.1  # dropout inside the region Transformer
+    # subtract the image's mean Transformer update: otherwise it can add one image-wide vector
+    # to every region, and an image's regions grow alike (docs/lab-notes.md)
+    center_region_context: bool = False
     # --- pairwise scoring ----------------------------------------------------------------
     use_fusion: bool = True  # gated cross-modal semantic fusion; off = plain cross attention
     use_prominence: bool = True  # learned word prominence pooling; off = uniform (x word gates)

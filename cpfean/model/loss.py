@@ -12,13 +12,12 @@ occurs in the captions of other images of the batch, is prominent:
 
     t_l = [ rate(token_l in the other captions of the same image)
             - rate(token_l in the captions of other images) ]_+
-    L_prom = sum over captions with sum t > 0 of  - sum_l (t_l / sum t) log p_l
+    L_prom = sum over captions with sum t > 0 of  KL(q || p),   q_l = t_l / sum t
 
-summed over the batch like the triplet loss, so that ``train.recurrence_weight`` keeps its
-meaning at any batch size: as a mean it was too small beside the summed triplet loss to move
-the prominence MLP at all (docs/lab-notes.md).
-
-where p is the caption's prominence distribution (``TextEmbeddings.log_prominence``).
+where p is the caption's prominence distribution (``TextEmbeddings.log_prominence``), summed
+over the batch like the triplet loss, so that ``train.recurrence_weight`` keeps its meaning at
+any batch size: as a mean it was too small beside the summed triplet loss to move the
+prominence MLP at all (docs/lab-notes.md).
 """
 
 from __future__ import annotations
@@ -86,7 +85,11 @@ class ContrastiveLoss(nn.Module):
 
 
 def prominence_loss(log_prominence: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the prominence distribution against normalised recurrence targets.
+    """KL divergence from the normalised recurrence targets to the prominence distribution.
+
+    The cross-entropy against the targets has the same gradient, but its value never falls
+    below the targets' own entropy, so a log of it reads as a loss that cannot be fitted;
+    the divergence is 0 at a perfect fit.
 
     Args:
         log_prominence: (C, L) log p over valid words (-inf at masked words).
@@ -100,5 +103,7 @@ def prominence_loss(log_prominence: torch.Tensor, targets: torch.Tensor) -> torc
     if not keep.any():
         return log_prominence.clamp_min(-1e4).sum() * 0  # keeps the graph connected
     q = targets[keep] / total[keep]
-    logp = log_prominence[keep].masked_fill(q == 0, 0)  # avoid 0 * -inf
-    return -(q * logp).sum()
+    on = q > 0
+    logp = log_prominence[keep].masked_fill(~on, 0)  # avoid 0 * -inf
+    logq = q.masked_fill(~on, 1).log()
+    return (q * (logq - logp)).sum()

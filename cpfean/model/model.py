@@ -214,6 +214,7 @@ def build_model(cfg: ModelConfig, label_names: list[str]) -> CPFEAN:
         heads=cfg.region_heads,
         ff_dim=cfg.region_ff_dim,
         dropout=cfg.dropout,
+        center_context=cfg.center_region_context,
     )
     special = [tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id]
     word_encoder = WordEncoder(

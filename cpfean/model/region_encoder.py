@@ -18,6 +18,11 @@ T (K, H) is the label-name table: each name of the detector vocabulary encoded o
 pretrained text encoder and mean-pooled, kept as a buffer so checkpoints carry it. Then a
 Transformer encoder over the valid regions (key padding mask) and L2 normalisation; padded
 slots come out exactly zero whatever they held on input.
+
+With ``center_context`` the Transformer's update u_r = T(x)_r - x_r loses its mean over the
+image's valid regions, x_r + u_r - mean_r' u_r': left free, the layer learns to add one
+image-wide vector to every region, which fits the training images but makes an image's regions
+alike, so a word can no longer pick out its region (docs/lab-notes.md).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class RegionEncoder(nn.Module):
     use_spatial: add the box embedding.
     use_transformer: run a Transformer encoder over the regions.
     layers, heads, ff_dim, dropout: the Transformer's shape.
+    center_context: remove the image-wide mean of the Transformer's update.
     """
 
     def __init__(
@@ -58,6 +64,7 @@ class RegionEncoder(nn.Module):
         heads: int,
         ff_dim: int,
         dropout: float,
+        center_context: bool = False,
     ) -> None:
         super().__init__()
         self.proj = nn.Linear(feature_dim, embed_dim)
@@ -75,6 +82,7 @@ class RegionEncoder(nn.Module):
             _zero_(self.label_proj)
             self.label_gate = nn.Linear(2 * embed_dim, embed_dim)
         self.transformer = None
+        self.center_context = center_context
         if use_transformer and layers > 0:
             layer = nn.TransformerEncoderLayer(
                 embed_dim,
@@ -119,5 +127,10 @@ class RegionEncoder(nn.Module):
         if self.transformer is not None:
             pad = ~mask
             pad = pad & ~pad.all(dim=1, keepdim=True)  # an image with no region: avoid NaN
-            x = self.transformer(x, src_key_padding_mask=pad)
+            y = self.transformer(x, src_key_padding_mask=pad)
+            if self.center_context:
+                update = torch.where(m, y - x, 0)
+                mean = update.sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1)
+                y = x + update - mean
+            x = y
         return torch.where(m, F.normalize(x, dim=-1), 0)

@@ -73,3 +73,13 @@ def test_recurrence_targets_and_prominence_loss():
     # summed over the captions that have a target, like the triplet loss
     torch.testing.assert_close(loss, torch.tensor(-math.log(0.5) - math.log(0.2)))
     assert prominence_loss(log_p, torch.zeros(3, 3)).item() == 0
+
+
+def test_prominence_loss_is_the_divergence_from_the_targets():
+    """0 when the prominence equals the normalised targets; else KL(q || p), by hand."""
+    targets = torch.tensor([[2.0, 1.0, 1.0, 0.0]])
+    log_q = torch.tensor([[0.5, 0.25, 0.25, 1e-30]]).log()
+    torch.testing.assert_close(prominence_loss(log_q, targets), torch.tensor(0.0))
+    p = torch.tensor([[0.25, 0.25, 0.25, 0.25]])
+    expected = (0.5 * math.log(0.5 / 0.25)) + 2 * (0.25 * math.log(0.25 / 0.25))
+    torch.testing.assert_close(prominence_loss(p.log(), targets), torch.tensor(expected))

@@ -26,6 +26,7 @@ SWITCHES = {
     "no_priors": {"use_spatial": False, "use_label_prior": False},
     "no_intra": {"use_gcn": False, "use_region_transformer": False},
     "frozen_text": {"freeze_text_encoder": True, "region_layers": 2},
+    "centered_context": {"center_region_context": True},
     "scan_baseline": "scan",
 }
 
@@ -98,7 +99,31 @@ def test_add_on_components_start_as_no_ops():
     torch.testing.assert_close(words[wmask], plain_w[wmask])
 
 
-@pytest.mark.parametrize("name", ["full", "region_alignment", "scan_baseline"])
+def test_centered_context_removes_an_image_wide_update():
+    """A Transformer whose update is the same vector for every region changes nothing once
+    centred; uncentred, that one vector moves every region."""
+    torch.manual_seed(0)
+    feats, boxes, labels, scores, mask = random_regions(2, n_valid=[36, 7])
+    out = {}
+    for centered in (False, True):
+        model = build_model(
+            tiny_config(use_spatial=False, use_label_prior=False, center_region_context=centered),
+            LABELS,
+        ).eval()
+        enc = model.region_encoder
+        with torch.no_grad():
+            for block in enc.transformer.layers:  # both branches emit a constant
+                block.self_attn.out_proj.bias.normal_()
+                block.linear1.weight.zero_()
+                block.linear1.bias.fill_(1.0)
+                block.linear2.weight.normal_()
+            out[centered] = enc(feats, boxes, labels, scores, mask)
+            plain = torch.nn.functional.normalize(enc.proj(feats), dim=-1) * mask[..., None]
+    torch.testing.assert_close(out[True], plain, atol=1e-5, rtol=0)
+    assert (out[False] - plain)[mask].norm(dim=-1).min() > 0.1
+
+
+@pytest.mark.parametrize("name", ["full", "region_alignment", "scan_baseline", "centered_context"])
 def test_padding_does_not_change_scores(name):
     torch.manual_seed(0)
     model = build_model(_config(SWITCHES[name]), LABELS).eval()
