@@ -1,7 +1,8 @@
 """Evaluate checkpoints with the field's protocols.
 
     python -m pipelines.evaluate --checkpoint RUN/best.pt [--protocol f30k|coco-5k|...]
-                                 [--split test|all] [--regions STORE] [--captions FILE] [--json OUT]
+                                 [--split test|all] [--images N] [--regions STORE]
+                                 [--captions FILE] [--json OUT]
 
 Several ``--checkpoint`` values form an ensemble: their similarity matrices are averaged.
 The region store and caption source default to the ones the (first) checkpoint trained on.
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 from cpfean.checkpoint import load_model, resolve_device
-from cpfean.data.captions import MissingImagesError, check_ids, load_captions
+from cpfean.data.captions import CaptionSet, MissingImagesError, check_ids, load_captions
 from cpfean.data.region_store import RegionStore
 from cpfean.evaluation import similarity_blocks, similarity_matrix
 from cpfean.fileio import atomic_write_json
@@ -62,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         help="caption split (default: config's test); 'all' = every image of the "
         "caption file, e.g. a separately generated held-out set",
     )
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=0,
+        help="score only the first N images of the split (0 = all), e.g. to compare how "
+        "well a model fits its training images with how it does on new ones",
+    )
     parser.add_argument("--regions", help="region store (default: the checkpoint's)")
     parser.add_argument("--captions", help="caption source (default: the checkpoint's)")
     parser.add_argument(
@@ -86,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("resamples", "batch_size", "fold_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.images < 0:
+        parser.error(f"--images must be >= 0 (0 = all), got {args.images}")
     if args.json and Path(args.json).is_dir():
         parser.error(f"--json {args.json} is a folder; give a file name")
     if args.against and args.protocol == "coco-5fold-1k":
@@ -162,6 +172,11 @@ def _similarities(paths: list[str], args: argparse.Namespace, device):
             split=None if args.split == "all" else args.split or ckpt_cfg.data.test_split,
         )
         check_ids(caps, store.ids())
+        if 0 < args.images < len(caps):
+            keep = slice(0, args.images)
+            caps = CaptionSet(
+                caps.image_ids[keep], caps.captions[keep], caps.splits[keep], caps.source
+            )
         n = len(caps.image_ids)
         for protocol in _protocols(args.protocol, n, args.fold_size):  # before any scoring
             check_protocol_size(protocol, n, fold_size=args.fold_size, strict=not args.any_size)

@@ -11,7 +11,7 @@ import torch
 
 from cpfean.checkpoint import load_checkpoint, load_model, save_checkpoint
 from cpfean.config import load_config
-from cpfean.data.captions import load_captions
+from cpfean.data.captions import CaptionSet, load_captions
 from cpfean.data.region_store import RegionStore
 from cpfean.engine import MetricsLog, build_optimizer, train
 from cpfean.evaluation import evaluate_split
@@ -231,6 +231,19 @@ def test_cli_train_then_evaluate(tmp_path, data, capsys):
     )
     every = json.loads(out.read_text())
     assert every["n_images"] == len(load_captions(captions).image_ids) > metrics["n_images"]
+    # --images: the first N images of the split, scored as a split of their own
+    ckpt_path = str(tmp_path / "cli" / "best.pt")
+    first = ["--checkpoint", ckpt_path, "--json", str(out)]
+    assert evaluate.main([*first, "--split", "train", "--images", "5", "--device", "cpu"]) == 0
+    five = json.loads(out.read_text())
+    model, _, _ = load_model(ckpt_path)
+    train_caps = load_captions(captions, split="train")
+    head = CaptionSet(train_caps.image_ids[:5], train_caps.captions[:5], train_caps.splits[:5])
+    expected, _ = evaluate_split(model, RegionStore(store), head)
+    assert five["n_images"] == 5 and five["rsum"] == pytest.approx(expected["rsum"], abs=1e-6)
+    with pytest.raises(SystemExit):
+        evaluate.main([*first, "--images", "-1"])
+    assert "--images must be >= 0" in capsys.readouterr().err
     assert evaluate.main(["--checkpoint", str(tmp_path / "nope.pt")]) == 2
     # --against: the same table for a second model plus the paired rSum difference
     ckpt = str(tmp_path / "cli" / "best.pt")
