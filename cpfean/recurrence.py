@@ -10,7 +10,7 @@ words every caption uses ("a", "the", "of"):
              - mean_{c' in batch, img(c') != img(c)} 1[token_cl in c'] ]_+
 
 (word-piece tokens; zero at padding). ``cpfean.model.loss.prominence_loss`` turns them into a
-cross-entropy against the caption's prominence distribution.
+KL divergence from them to the caption's prominence distribution.
 
 Captions of one image also share their phrasing ("the ... is left of the ..."), so function
 words can recur more within an image than across the batch and win target mass that the
