@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from cpfean.data.captions import CaptionSet
 from cpfean.data.dataset import CaptionPairDataset, ImageDataset, PairCollator, collate_regions
 from cpfean.data.region_store import RegionStore
+from cpfean.model.loss import prominence_loss
 from cpfean.recurrence import function_word_ids, sibling_targets
 
 __all__ = ["recurrence_report", "region_report", "within_image_cosine"]
@@ -51,8 +52,9 @@ def _mean(values: torch.Tensor) -> float:
     return round(float(values.mean()), 4) if values.numel() else math.nan
 
 
-def _layer_stats(layer, x: torch.Tensor, mask: torch.Tensor) -> dict:
-    """The two residual updates of a pre-norm ``nn.TransformerEncoderLayer`` (eval mode)."""
+def _layer_values(layer, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per valid region (norms, entropy) or per image (cosines): the two residual updates of a
+    pre-norm ``nn.TransformerEncoderLayer`` in eval mode, given its input ``x``."""
     h = layer.norm1(x)
     attn, weights = layer.self_attn(
         h, h, h, key_padding_mask=~mask, need_weights=True, average_attn_weights=False
@@ -62,12 +64,12 @@ def _layer_stats(layer, x: torch.Tensor, mask: torch.Tensor) -> dict:
     n = mask.sum(-1).float().clamp_min(2)
     entropy = (entropy / n.log()[:, None, None]).mean(1)  # (B, R), 1 = uniform attention
     return {
-        "input_norm": _mean(x.norm(dim=-1)[mask]),
-        "attention_update_norm": _mean(attn.norm(dim=-1)[mask]),
-        "feedforward_update_norm": _mean(ff.norm(dim=-1)[mask]),
-        "attention_update_within_image_cosine": _mean(within_image_cosine(attn, mask)),
-        "feedforward_update_within_image_cosine": _mean(within_image_cosine(ff, mask)),
-        "attention_entropy_over_uniform": _mean(entropy[mask]),
+        "input_norm": x.norm(dim=-1)[mask],
+        "attention_update_norm": attn.norm(dim=-1)[mask],
+        "feedforward_update_norm": ff.norm(dim=-1)[mask],
+        "attention_update_within_image_cosine": within_image_cosine(attn, mask),
+        "feedforward_update_within_image_cosine": within_image_cosine(ff, mask),
+        "attention_entropy_over_uniform": entropy[mask],
     }
 
 
@@ -79,15 +81,15 @@ def region_report(
     model.eval()
     encoder = model.region_encoder
     layers = list(encoder.transformer.layers) if encoder.transformer is not None else []
-    inputs: list[list[torch.Tensor]] = [[] for _ in layers]
+    inputs: dict[int, torch.Tensor] = {}  # each layer's input in the current batch
     hooks = [
         layer.register_forward_pre_hook(
-            lambda _mod, args, kwargs, k=k: inputs[k].append(args[0] if args else kwargs["src"]),
+            lambda _mod, args, kwargs, k=k: inputs.update({k: args[0] if args else kwargs["src"]}),
             with_kwargs=True,
         )
         for k, layer in enumerate(layers)
     ]
-    cosines, masks = [], []
+    values: dict[str, list[torch.Tensor]] = {}
     device = next(model.parameters()).device
     loader = DataLoader(
         ImageDataset(store, image_ids), batch_size=batch_size, collate_fn=collate_regions
@@ -95,20 +97,21 @@ def region_report(
     try:
         for batch in loader:
             tensors = batch.to(device).as_tuple()
-            regions = encoder(*tensors)
-            cosines.append(within_image_cosine(regions, tensors[-1]))
-            masks.append(tensors[-1])
+            mask = tensors[-1]
+            values.setdefault("region_within_image_cosine", []).append(
+                within_image_cosine(encoder(*tensors), mask)
+            )
+            for k, layer in enumerate(layers):
+                for key, v in _layer_values(layer, inputs[k], mask).items():
+                    values.setdefault(f"{k}/{key}", []).append(v)
     finally:
         for hook in hooks:
             hook.remove()
-    report = {"images": len(image_ids), "region_within_image_cosine": _mean(torch.cat(cosines))}
-    for k, layer in enumerate(layers):
-        stats = [_layer_stats(layer, x, m) for x, m in zip(inputs[k], masks, strict=True)]
-        sizes = [int(m.shape[0]) for m in masks]
-        report[f"transformer_layer_{k}"] = {
-            key: round(sum(s[key] * w for s, w in zip(stats, sizes, strict=True)) / sum(sizes), 4)
-            for key in stats[0]
-        }
+    report: dict = {"images": len(image_ids)}
+    for name, parts in values.items():
+        layer, _, key = name.rpartition("/")
+        target = report.setdefault(f"transformer_layer_{layer}", {}) if layer else report
+        target[key] = _mean(torch.cat(parts))
     return report
 
 
@@ -147,15 +150,13 @@ def recurrence_report(
         t = sibling_targets(txt.token_ids, txt.mask, siblings, image_index)
         keep = t.sum(-1) > 0
         q = t[keep] / t[keep].sum(-1, keepdim=True)
-        mask = txt.mask[keep]
-        log_q = q.clamp_min(1e-30).log()
-        log_p = txt.log_prominence[keep].float().masked_fill(~mask, 0)
-        log_u = -mask.sum(-1, keepdim=True).float().log().expand_as(log_p)
-        p = log_p.exp() * mask
-        sums["target_entropy"] += float(-(q * log_q).sum())
-        sums["kl_model"] += float((q * (log_q - log_p)).sum())
-        sums["kl_uniform"] += float((q * (log_q - log_u)).sum())
-        sums["prominence_entropy"] += float(-(p * log_p).sum())
+        log_p = txt.log_prominence.float()
+        log_uniform = -txt.mask.sum(-1, keepdim=True).float().log().expand_as(log_p)
+        p = log_p[keep].exp()  # 0 at masked words
+        sums["target_entropy"] += float(-(q * q.clamp_min(1e-30).log()).sum())
+        sums["kl_model"] += float(prominence_loss(log_p, t))
+        sums["kl_uniform"] += float(prominence_loss(log_uniform, t))
+        sums["prominence_entropy"] += float(-(p * log_p[keep].clamp_min(-1e4)).sum())
         function = torch.isin(txt.token_ids[keep], function_words)
         sums["function_word_share"] += float((q * function).sum())
         n += int(keep.sum())
