@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.images < 2 or args.batches < 1:
         return cli.fail("--images must be at least 2 and --batches at least 1")
+    if args.json and args.json.is_dir():
+        return cli.fail(f"--json {args.json} is a folder; give a file name")
     if not args.checkpoint.is_file():
         return cli.fail(f"{args.checkpoint}: no such checkpoint")
     torch.manual_seed(args.seed)

@@ -127,3 +127,8 @@ def test_cli_reports_and_refuses_a_missing_checkpoint(data, tmp_path, capsys):
     assert diagnose.main(["--checkpoint", str(tmp_path / "none.pt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "none.pt" in err[0]
+    # a folder as --json is refused before any work, not after it
+    ckpt = str(tmp_path / "best.pt")
+    assert diagnose.main(["--checkpoint", ckpt, "--json", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a folder" in err[0]
