@@ -18,6 +18,8 @@ from cpfean.model.text_encoder import WordEncoder, encode_names, load_text_backb
 
 __all__ = ["CPFEAN", "build_model"]
 
+TRAIN_TEXT_CHUNK = 16  # captions per scoring block in the training forward
+
 
 class CPFEAN(nn.Module):
     """The matching model. Build it with ``build_model(cfg, label_names)``.
@@ -191,7 +193,9 @@ class CPFEAN(nn.Module):
         """
         img = self.encode_images(features, boxes, labels, scores, mask)
         txt = self.encode_texts(input_ids, attention_mask)
-        sims = self.score(img, txt, image_chunk=max(len(img), 1), text_chunk=max(len(txt), 1))
+        # captions in chunks of similar length: each chunk's (B, bc, L, R) block is cut to its
+        # own longest caption, so word padding costs no scoring time (the scores are the same)
+        sims = self.score(img, txt, image_chunk=max(len(img), 1), text_chunk=TRAIN_TEXT_CHUNK)
         return (sims, txt) if return_text else sims
 
 

@@ -95,6 +95,8 @@ class WordEncoder(nn.Module):
     embed_dim: d.
     use_gcn: apply the residual GCN layer.
     freeze: keep the backbone fixed and in eval mode.
+    length_group: run the backbone on groups of this many captions of similar length, each
+        cut to its own longest (0 = the whole batch at once, padded to its longest).
     """
 
     def __init__(
@@ -105,10 +107,12 @@ class WordEncoder(nn.Module):
         embed_dim: int,
         use_gcn: bool,
         freeze: bool,
+        length_group: int = 16,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.freeze = freeze
+        self.length_group = length_group
         if freeze:
             self.backbone.requires_grad_(False)
         self.register_buffer("special_ids", torch.tensor(special_ids), persistent=False)
@@ -142,8 +146,7 @@ class WordEncoder(nn.Module):
         pos = word_mask.any(0).nonzero()
         start, stop = (int(pos[0]), int(pos[-1]) + 1) if len(pos) else (0, 1)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
-            h = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
-        h = h.last_hidden_state[:, start:stop]  # (C, L, H)
+            h = self._hidden(input_ids, attention_mask)[:, start:stop]  # (C, L, H)
         mask = word_mask[:, start:stop]  # (C, L)
         x = self.proj(h)  # (C, L, d)
         if self.gcn_q is not None:
@@ -152,3 +155,28 @@ class WordEncoder(nn.Module):
             x = x + self.gcn_out(aff @ x)
         words = torch.where(mask[..., None], F.normalize(x, dim=-1), 0)
         return words, mask, input_ids[:, start:stop]
+
+    def _hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The backbone's last hidden state (C, T, H); what it holds at padding is unused.
+
+        Padding is masked out of attention, so a caption's states do not depend on how far it
+        is padded; captions run in groups of similar length, each cut to its own longest, so
+        that padding tokens (about half of a batch of short captions) cost no backbone time.
+        """
+        C, T = input_ids.shape
+        positions = torch.arange(1, T + 1, device=input_ids.device)
+        lengths = (attention_mask.bool() * positions).amax(-1)  # (C,) past the last real token
+        group = self.length_group
+        if group <= 0 or C <= group:
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+            return out.last_hidden_state
+        order = torch.argsort(lengths, descending=True, stable=True)
+        spans = lengths[order].tolist()  # one host read per batch, not per group
+        parts = []
+        for i in range(0, C, group):
+            rows, span = order[i : i + group], max(int(spans[i]), 1)
+            h = self.backbone(
+                input_ids=input_ids[rows, :span], attention_mask=attention_mask[rows, :span]
+            ).last_hidden_state  # (g, span, H)
+            parts.append(F.pad(h, (0, 0, 0, T - span)))
+        return torch.cat(parts)[torch.argsort(order)]

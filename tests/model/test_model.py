@@ -274,3 +274,33 @@ def test_overfits_a_tiny_set():
     pos = sims[cap_ids, torch.arange(16)]  # (16,) each caption with its own image
     neg = sims.masked_fill(image_ids[:, None] == cap_ids[None, :], float("-inf"))
     assert (pos > neg.max(dim=0).values).float().mean() >= 0.9
+
+
+def test_grouping_captions_by_length_changes_no_word_embedding_nor_gradient():
+    """The backbone runs on groups of similar length, each cut to its longest caption: the
+    words, their gradients and the in-batch scores equal one padded pass over the batch."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(), LABELS).train()
+    model.word_encoder.backbone.eval()  # dropout off: the two passes must see the same net
+    captions = CAPTIONS + ["a dog", "the cat on the sofa sleeps and the dog on the grass runs"]
+    tok = model.tokenize(captions)
+    feats, boxes, labels, scores, mask = random_regions(len(captions), n_valid=[36, 7] * 5)
+    outs = {}
+    for group in (0, 3):
+        model.word_encoder.length_group = group
+        model.zero_grad(set_to_none=True)
+        sims = model(feats, boxes, labels, scores, mask, tok["input_ids"], tok["attention_mask"])
+        words, wmask, _ = model.word_encoder(tok["input_ids"], tok["attention_mask"])
+        ContrastiveLoss(margin=0.2, max_violation=False)(sims).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        outs[group] = (sims.detach(), words.detach(), wmask, grads)
+    (s0, w0, m0, g0), (s3, w3, m3, g3) = outs[0], outs[3]
+    assert torch.equal(m0, m3)
+    torch.testing.assert_close(w3, w0, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(s3, s0, atol=1e-5, rtol=1e-4)
+    assert set(g0) == set(g3)
+    for name in g0:
+        torch.testing.assert_close(g3[name], g0[name], atol=1e-4, rtol=1e-3, msg=name)
+    # the spread of lengths is real: the longest caption is over twice the shortest
+    lengths = tok["attention_mask"].sum(-1)
+    assert lengths.max() > 2 * lengths.min()
