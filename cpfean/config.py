@@ -60,7 +60,8 @@ class TrainConfig:
     # give "a", "the", "of", "left", ... no recurrence target: captions of one image share their
     # phrasing, so these recur by template, not because they name what is shown
     recurrence_skip_function_words: bool = False
-    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    # bf16 autocast where the device computes it natively; CUDA cards without it get fp16
+    amp: bool = True
     seed: int = 0  # seeds Python, NumPy and torch
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
     eval_batch_size: int = 128  # images/captions per encoding batch during validation

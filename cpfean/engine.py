@@ -1,8 +1,9 @@
 """The training loop: one plain loop that reads top to bottom.
 
-forward -> finite-loss check -> backward (AMP scaler on CUDA) -> clip -> step -> schedule;
-after every epoch: validation rSum, ``last.pt`` (everything needed to resume exactly) and
-``best.pt`` (best validation rSum so far). Runs under ``torchrun`` with
+``setup_run`` builds a ``Run``; ``train_one_epoch`` applies the schedule at the top of each
+step, then forward (bfloat16 autocast where the device has it) -> backward -> clip -> step;
+``validate_and_save`` runs after every epoch: validation rSum, ``last.pt`` (everything needed
+to resume exactly) and ``best.pt`` (best validation rSum so far). Runs under ``torchrun`` with
 DistributedDataParallel (nccl on CUDA, gloo on CPU); in-batch negatives are per rank.
 """
 
@@ -59,6 +60,12 @@ def _dist_info() -> tuple[int, int, int]:
     """(rank, world size, local rank) from the torchrun environment, else (0, 1, 0)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _launched_distributed() -> bool:
+    """Whether torchrun started this process: then training joins a process group even
+    when it is alone in it (one GPU runs the same DDP code as eight)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def load_split(cfg: Config, store: RegionStore, split: str):
@@ -158,213 +165,332 @@ class MetricsLog:
             csv.DictWriter(f, fieldnames=self._fields, restval="").writerow(row)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), not by emulation."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def training_precision(amp: bool, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the training forward, None for float32.
+
+    bfloat16 where the device computes it natively: it keeps float32's range, so no loss
+    scaling is needed. float16 on CUDA cards without bfloat16 (the caller scales the loss).
+    Scoring upcasts its blocks to float32 itself (``score_block``), and evaluation runs in
+    float32 whatever this says.
+    """
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return None
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything one training run holds between steps (``setup_run`` builds it)."""
+
+    cfg: Config
+    device: torch.device
+    is_main: bool
+    world: int
+    store: RegionStore
+    label_names: list[str]
+    val_caps: CaptionSet
+    model: torch.nn.Module
+    net: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    base_lrs: list[float]
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    loss_fn: ContrastiveLoss
+    loader: DataLoader
+    metrics_log: MetricsLog
+    ignore_ids: torch.Tensor | None  # token ids that get no recurrence target
+    use_prominence_loss: bool
+    start_epoch: int = 0
+    step: int = 0
+    best: dict = dataclasses.field(default_factory=lambda: {"rsum": -1.0})
+
+    def phase(self, epoch: int, step: int) -> Phase:
+        """The schedule at (epoch, step), applied to the optimizer and the loss."""
+        train = self.cfg.train
+        now = schedule(
+            epoch,
+            step,
+            decay_epochs=train.lr_decay_epochs,
+            warmup_steps=train.lr_warmup_steps,
+            all_negatives_epochs=train.all_negatives_epochs,
+        )
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * now.lr_factor
+        self.loss_fn.max_violation = now.hardest_negative
+        return now
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def load_run_data(cfg: Config) -> tuple[Config, RegionStore, CaptionSet, CaptionSet]:
+    """The store and the train / validation captions, checked before anything is written;
+    the config comes back fitted to the store (``fit_to_store``)."""
+    store = RegionStore(cfg.data.regions)
+    train_caps = load_split(cfg, store, cfg.data.train_split)
+    val_caps = load_split(cfg, store, cfg.data.val_split).head(cfg.data.val_limit)
+    is_main = _dist_info()[0] == 0
+    return fit_to_store(cfg, store.meta, log if is_main else None), store, train_caps, val_caps
+
+
+def setup_run(
+    cfg: Config,
+    store: RegionStore,
+    train_caps: CaptionSet,
+    val_caps: CaptionSet,
+    *,
+    device: torch.device,
+    resume: bool,
+) -> Run:
+    """Seed, build the model, optimizer and loader, and load ``last.pt`` when resuming."""
+    rank, world, _ = _dist_info()
+    run_dir = Path(cfg.run_dir)
+    seed_everything(cfg.train.seed + rank)
+    label_names = list(store.meta.get("label_names", []))
+    model = build_model(cfg.model, label_names=label_names).to(device)
+    optimizer = build_optimizer(model, cfg)
+    # the schedule scales these; read before a resumed state overwrites them with a scaled rate
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    amp_dtype = training_precision(cfg.train.amp, device)
+    # float16 overflows where bfloat16 does not: only float16 needs its loss scaled
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    start_epoch, step, best = 0, 0, {"rsum": -1.0}
+    if resume:
+        ckpt = load_checkpoint(run_dir / "last.pt")
+        model.load_state_dict(ckpt["model"], strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if cfg.train.lr_warmup_steps > 0 and not ckpt["config"]["train"].get("lr_warmup_steps"):
+            raise ValueError(
+                f"{run_dir / 'last.pt'} was trained without "
+                "train.lr_warmup_steps: resume with the run's own config"
+            )
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, step, best = ckpt["epoch"] + 1, ckpt["step"], ckpt["best"]
+        set_rng_state(ckpt["rng"])
+        if rank == 0:
+            log.info("resumed from %s at epoch %d", run_dir / "last.pt", start_epoch)
+
+    use_prominence_loss = cfg.train.recurrence_weight > 0 and cfg.model.use_prominence
+    ignore_ids = None
+    if use_prominence_loss and cfg.train.recurrence_skip_function_words:
+        ignore_ids = function_word_ids(model.tokenize).to(device)
+    dataset = CaptionPairDataset(store, train_caps.image_ids, train_caps.captions)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.train.batch_size,
+        sampler=(
+            DistributedSampler(dataset, world, rank, seed=cfg.train.seed)
+            if dist.is_initialized()
+            else RandomSampler(dataset)
+        ),
+        drop_last=len(dataset) > cfg.train.batch_size * world,
+        num_workers=cfg.data.num_workers,
+        # workers only read the store and tokenize on the CPU; batches move to the device in
+        # the loop, so a worker never touches CUDA (a forked CUDA context would fail)
+        collate_fn=PairCollator(model.tokenize, with_siblings=use_prominence_loss),
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    net = DistributedDataParallel(model) if dist.is_initialized() else model
+    metrics_log = MetricsLog(run_dir / "metrics.csv")
+    if rank == 0:  # rows a crash logged past the checkpoint (or a fresh run's: all) go
+        metrics_log.truncate_after(step)
+    return Run(
+        cfg=cfg,
+        device=device,
+        is_main=rank == 0,
+        world=world,
+        store=store,
+        label_names=label_names,
+        val_caps=val_caps,
+        model=model,
+        net=net,
+        optimizer=optimizer,
+        base_lrs=base_lrs,
+        scaler=scaler,
+        amp_dtype=amp_dtype,
+        loss_fn=ContrastiveLoss(margin=cfg.train.margin),
+        loader=loader,
+        metrics_log=metrics_log,
+        ignore_ids=ignore_ids,
+        use_prominence_loss=use_prominence_loss,
+        start_epoch=start_epoch,
+        step=step,
+        best=best,
+    )
+
+
+def _losses(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(loss, triplet, weighted prominence term or None) of one batch, under autocast."""
+    device = run.device
+    regions = batch["regions"].to(device, non_blocking=True)
+    input_ids = batch["input_ids"].to(device, non_blocking=True)
+    attention_mask = batch["attention_mask"].to(device, non_blocking=True)
+    image_index = batch["image_index"].to(device, non_blocking=True)
+    with run.autocast():
+        sims, txt = run.net(*regions.as_tuple(), input_ids, attention_mask, return_text=True)
+        triplet = run.loss_fn(sims.float(), image_ids=image_index)
+        if not run.use_prominence_loss:
+            return triplet, triplet, None
+        targets = sibling_targets(
+            txt.token_ids,
+            txt.mask,
+            batch["sibling_ids"].to(device, non_blocking=True),
+            image_index,
+            run.ignore_ids,
+        )
+        prominence = run.cfg.train.recurrence_weight * prominence_loss(
+            txt.log_prominence.float(), targets
+        )
+    return triplet + prominence, triplet, prominence
+
+
+def train_one_epoch(run: Run, epoch: int, progress: bool = True) -> torch.Tensor:
+    """One pass over the training loader; returns the last step's loss (a device tensor).
+
+    The host waits for the device only every ``train.log_every`` steps: that is when the
+    loss is logged and checked, so a non-finite loss stops the run within that many steps
+    (naming the first bad one) and before anything is saved.
+    """
+    cfg = run.cfg
+    run.model.train()
+    bar = progress_of(
+        run.loader,
+        desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+        unit="step",
+        enabled=progress and run.is_main,
+        leave=False,
+    )
+    first_bad = torch.tensor(-1, device=run.device)  # the first step with a non-finite loss
+    bad_loss = torch.zeros((), device=run.device)  # and its value
+    loss = torch.zeros((), device=run.device)
+    batches = len(run.loader)
+    for i, batch in enumerate(bar):
+        run.phase(epoch, run.step)  # the one place the schedule is applied
+        loss, triplet, prominence = _losses(run, batch)
+        newly_bad = (first_bad < 0) & ~torch.isfinite(loss)
+        first_bad = torch.where(newly_bad, run.step + 1, first_bad)
+        bad_loss = torch.where(newly_bad, loss.detach().float(), bad_loss)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        if cfg.train.grad_clip > 0:
+            run.scaler.unscale_(run.optimizer)
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.train.grad_clip)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.step += 1
+        if run.step % cfg.train.log_every and i + 1 < batches:
+            continue
+        bad = int(first_bad)  # one host sync per log interval
+        if bad >= 0:
+            raise FloatingPointError(
+                f"non-finite loss ({bad_loss.item()}) at epoch {epoch + 1}, step {bad}: lower "
+                "train.lr, check the region features for inf/NaN, or set train.amp=false"
+            )
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if run.is_main and run.step % cfg.train.log_every == 0:
+            # loss = triplet + prominence (the weighted recurrence term; blank when off)
+            run.metrics_log.write(
+                epoch=epoch + 1,
+                step=run.step,
+                loss=round(loss.item(), 5),
+                lr=run.optimizer.param_groups[0]["lr"],  # the rate this step took
+                rsum="",
+                triplet=round(triplet.item(), 5),
+                prominence=round(prominence.item(), 5) if prominence is not None else "",
+            )
+    return loss
+
+
+def validate_and_save(run: Run, epoch: int, loss: torch.Tensor) -> dict:
+    """Validation rSum on the main rank, a metrics row, ``best.pt`` when it improves and
+    ``last.pt`` (everything a resume needs). Returns the validation metrics."""
+    cfg, model = run.cfg, run.model
+    run_dir = Path(cfg.run_dir)
+    val, _ = evaluate_split(
+        model, run.store, run.val_caps, batch_size=cfg.train.eval_batch_size, device=run.device
+    )
+    run.metrics_log.write(
+        epoch=epoch + 1,
+        step=run.step,
+        loss=round(loss.item(), 5),
+        lr=run.optimizer.param_groups[0]["lr"],
+        rsum=round(val["rsum"], 3),
+        triplet="",
+        prominence="",
+    )
+    payload = model_payload(model, cfg, run.label_names)
+    if val["rsum"] > run.best["rsum"]:
+        run.best = {"rsum": val["rsum"], "epoch": epoch + 1, "metrics": val}
+        save_checkpoint(run_dir / "best.pt", **payload, epoch=epoch, best=run.best)
+    save_checkpoint(
+        run_dir / "last.pt",
+        **payload,
+        optimizer=run.optimizer.state_dict(),
+        scaler=run.scaler.state_dict(),
+        epoch=epoch,
+        step=run.step,
+        best=run.best,
+        rng=rng_state(),
+    )
+    return val
+
+
 def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
     """Train ``cfg`` and return the best validation metrics. ``resume`` continues ``last.pt``."""
     rank, world, local_rank = _dist_info()
     device = resolve_device(cfg.train.device)
-    if world > 1:
+    if _launched_distributed():
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo",
-            timeout=timedelta(minutes=cfg.train.ddp_timeout_minutes),
-        )
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=cfg.train.ddp_timeout_minutes))
+        if rank == 0:
+            log.info("distributed training: %d process(es), backend %s", world, backend)
     is_main = rank == 0
     run_dir = Path(cfg.run_dir)
-    # the data are checked before the run folder is made or touched
-    store = RegionStore(cfg.data.regions)
-    label_names = list(store.meta.get("label_names", []))
-    train_caps = load_split(cfg, store, cfg.data.train_split)
-    val_caps = load_split(cfg, store, cfg.data.val_split)
-    if cfg.data.val_limit and len(val_caps) > cfg.data.val_limit:
-        keep = slice(0, cfg.data.val_limit)
-        val_caps = CaptionSet(
-            val_caps.image_ids[keep],
-            val_caps.captions[keep],
-            val_caps.splits[keep],
-            val_caps.source,
-        )
-    cfg = fit_to_store(cfg, store.meta, log if is_main else None)
+    cfg, store, train_caps, val_caps = load_run_data(cfg)  # before the folder is touched
     lock = WriterLock(run_dir / "train.lock", f"run folder {run_dir}")
     if is_main:
         lock.acquire()  # two runs in one folder would overwrite each other's checkpoints
         save_config(cfg, run_dir / "config.yaml")
     try:
-        seed_everything(cfg.train.seed + rank)
-
-        model = build_model(cfg.model, label_names=label_names).to(device)
-        loss_fn = ContrastiveLoss(margin=cfg.train.margin)  # max_violation is set per epoch
-        optimizer = build_optimizer(model, cfg)
-        base_lrs = [group["lr"] for group in optimizer.param_groups]
-
-        def phase(epoch: int, step: int) -> Phase:
-            """The schedule at (epoch, step), applied to the optimizer's learning rates."""
-            now = schedule(
-                epoch,
-                step,
-                decay_epochs=cfg.train.lr_decay_epochs,
-                warmup_steps=cfg.train.lr_warmup_steps,
-                all_negatives_epochs=cfg.train.all_negatives_epochs,
-            )
-            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                group["lr"] = base * now.lr_factor
-            return now
-
-        use_amp = cfg.train.amp and device.type == "cuda"
-        scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
-
-        start_epoch, step, best = 0, 0, {"rsum": -1.0}
-        if resume:
-            ckpt = load_checkpoint(run_dir / "last.pt")
-            model.load_state_dict(ckpt["model"], strict=True)
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if cfg.train.lr_warmup_steps > 0 and not ckpt["config"]["train"].get("lr_warmup_steps"):
-                raise ValueError(
-                    f"{run_dir / 'last.pt'} was trained without "
-                    "train.lr_warmup_steps: resume with the run's own config"
-                )
-            scaler.load_state_dict(ckpt["scaler"])
-            start_epoch, step, best = ckpt["epoch"] + 1, ckpt["step"], ckpt["best"]
-            set_rng_state(ckpt["rng"])
-            if is_main:
-                log.info("resumed from %s at epoch %d", run_dir / "last.pt", start_epoch)
-
-        use_prominence_loss = cfg.train.recurrence_weight > 0 and cfg.model.use_prominence
-        ignore_ids = None
-        if use_prominence_loss and cfg.train.recurrence_skip_function_words:
-            ignore_ids = function_word_ids(model.tokenize).to(device)
-        dataset = CaptionPairDataset(store, train_caps.image_ids, train_caps.captions)
-        sampler = (
-            DistributedSampler(dataset, world, rank, seed=cfg.train.seed)
-            if world > 1
-            else RandomSampler(dataset)
-        )
-        loader = DataLoader(
-            dataset,
-            batch_size=cfg.train.batch_size,
-            sampler=sampler,
-            drop_last=len(dataset) > cfg.train.batch_size * world,
-            num_workers=cfg.data.num_workers,
-            collate_fn=PairCollator(model.tokenize, with_siblings=use_prominence_loss),
-            pin_memory=device.type == "cuda",
-            persistent_workers=False,
-        )
-        net = DistributedDataParallel(model, find_unused_parameters=False) if world > 1 else model
-        metrics_log = MetricsLog(run_dir / "metrics.csv")
-        if is_main:  # rows a crash logged past the checkpoint (or a fresh run's: all) go
-            metrics_log.truncate_after(step)
-        autocast = (
-            (lambda: torch.autocast(device.type, dtype=torch.float16)) if use_amp else nullcontext
-        )
-
-        for epoch in range(start_epoch, cfg.train.epochs):
-            if isinstance(sampler, DistributedSampler):
-                sampler.set_epoch(epoch)
-            loss_fn.max_violation = phase(epoch, step).hardest_negative
-            model.train()
+        run = setup_run(cfg, store, train_caps, val_caps, device=device, resume=resume)
+        for epoch in range(run.start_epoch, cfg.train.epochs):
+            if isinstance(run.loader.sampler, DistributedSampler):
+                run.loader.sampler.set_epoch(epoch)
             started = time.time()
-            bar = progress_of(
-                loader,
-                desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                unit="step",
-                enabled=progress and is_main,
-                leave=False,
-            )
-            for batch in bar:
-                regions = batch["regions"].to(device, non_blocking=True)
-                input_ids = batch["input_ids"].to(device)
-                attention_mask = batch["attention_mask"].to(device)
-                image_index = batch["image_index"].to(device)
-                with autocast():
-                    sims, txt = net(
-                        *regions.as_tuple(), input_ids, attention_mask, return_text=True
+            loss = train_one_epoch(run, epoch, progress)
+            if is_main:
+                val = validate_and_save(run, epoch, loss)
+                if progress:
+                    log.info(
+                        "epoch %d: loss %.4f  val rSum %.1f  best %.1f  (%.0f s)",
+                        epoch + 1,
+                        loss.item(),
+                        val["rsum"],
+                        run.best["rsum"],
+                        time.time() - started,
                     )
-                    triplet = loss_fn(sims.float(), image_ids=image_index)
-                    loss = triplet
-                    if use_prominence_loss:
-                        targets = sibling_targets(
-                            txt.token_ids,
-                            txt.mask,
-                            batch["sibling_ids"].to(device),
-                            image_index,
-                            ignore_ids,
-                        )
-                        prominence = cfg.train.recurrence_weight * prominence_loss(
-                            txt.log_prominence.float(), targets
-                        )
-                        loss = triplet + prominence
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step}: "
-                        "lower train.lr, check the region features for inf/NaN, or set "
-                        "train.amp=false"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.train.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
-                phase(epoch, step)  # the rate of the next step
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-                if is_main and step % cfg.train.log_every == 0:
-                    # loss = triplet + prominence (the weighted recurrence term; blank when off)
-                    metrics_log.write(
-                        epoch=epoch + 1,
-                        step=step,
-                        loss=round(loss.item(), 5),
-                        lr=optimizer.param_groups[0]["lr"],
-                        rsum="",
-                        triplet=round(triplet.item(), 5),
-                        prominence=round(prominence.item(), 5) if use_prominence_loss else "",
-                    )
-            phase(epoch + 1, step)  # the next epoch's rate
-
-            if not is_main:
-                dist.barrier()
-                continue
-            val, _ = evaluate_split(
-                model, store, val_caps, batch_size=cfg.train.eval_batch_size, device=device
-            )
-            metrics_log.write(
-                epoch=epoch + 1,
-                step=step,
-                loss=round(loss.item(), 5),
-                lr=optimizer.param_groups[0]["lr"],
-                rsum=round(val["rsum"], 3),
-                triplet="",
-                prominence="",
-            )
-            payload = model_payload(model, cfg, label_names)
-            if val["rsum"] > best["rsum"]:
-                best = {"rsum": val["rsum"], "epoch": epoch + 1, "metrics": val}
-                save_checkpoint(run_dir / "best.pt", **payload, epoch=epoch, best=best)
-            save_checkpoint(
-                run_dir / "last.pt",
-                **payload,
-                optimizer=optimizer.state_dict(),
-                scaler=scaler.state_dict(),
-                epoch=epoch,
-                step=step,
-                best=best,
-                rng=rng_state(),
-            )
-            if progress:
-                print(
-                    f"epoch {epoch + 1}: loss {loss.item():.4f}  val rSum {val['rsum']:.1f}  "
-                    f"best {best['rsum']:.1f}  ({time.time() - started:.0f} s)",
-                    flush=True,
-                )
-            if world > 1:
-                dist.barrier()
-
+            if dist.is_initialized():
+                dist.barrier()  # the timeout covers rank 0's validation
         if is_main:
-            atomic_write_json(run_dir / "best.json", best, indent=2)
+            atomic_write_json(run_dir / "best.json", run.best, indent=2)
     finally:
         lock.release()
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
-    return best
+    return run.best
