@@ -41,6 +41,13 @@ class RegionBatch:
     def pin_memory(self) -> RegionBatch:
         return RegionBatch(*(t.pin_memory() for t in self.as_tuple()))
 
+    def trimmed(self) -> RegionBatch:
+        """The slots up to the batch's last valid region (at least one): the rest are padding
+        that every layer masks, so dropping them changes no output and saves their compute."""
+        valid = self.mask.any(dim=0).nonzero()
+        span = int(valid[-1]) + 1 if len(valid) else min(1, self.mask.shape[1])
+        return RegionBatch(*(t[:, :span] for t in self.as_tuple()))
+
 
 def record_arrays(record: RegionRecord) -> dict[str, np.ndarray]:
     """One record as model-ready arrays (boxes normalised by the original image size)."""
@@ -132,7 +139,9 @@ class PairCollator:
         captions = [it["caption"] for it in items]
         tokens = self.tokenize(captions)
         batch = {
-            "regions": collate_regions(items),
+            # most images fill far fewer than R slots; trimmed here, on the host, the device
+            # never waits to learn the batch's width
+            "regions": collate_regions(items).trimmed(),
             "input_ids": tokens["input_ids"],
             "attention_mask": tokens["attention_mask"],
             "image_index": torch.tensor([it["image_index"] for it in items]),

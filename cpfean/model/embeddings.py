@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-__all__ = ["ImageEmbeddings", "TextEmbeddings", "SCHEMA_VERSION"]
+__all__ = ["ImageEmbeddings", "TextEmbeddings", "SCHEMA_VERSION", "slot_span"]
 
 SCHEMA_VERSION = 1
 
@@ -85,6 +85,12 @@ class _Embeddings:
         return cls(**out)
 
 
+def slot_span(mask: torch.Tensor) -> torch.Tensor:
+    """(N,) long: 1 + the last valid slot of each row of a (N, S) bool mask (0 for none)."""
+    pos = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    return (mask.bool() * pos).amax(dim=1) if mask.shape[1] else mask.new_zeros(len(mask)).long()
+
+
 def _pad_value(name: str, like: torch.Tensor) -> float | bool:
     if like.dtype == torch.bool:
         return False
@@ -128,6 +134,20 @@ class ImageEmbeddings(_Embeddings):
         "gate_context": 1,
     }
 
+    def region_span(self) -> torch.Tensor:
+        """(B,) long: 1 + the last valid region slot of each image (0 for none)."""
+        return slot_span(self.mask)
+
+    def narrow_regions(self, length: int) -> ImageEmbeddings:
+        """Keep the first ``length`` region slots (the caller checks nothing valid is cut)."""
+        return ImageEmbeddings(
+            regions=self.regions[:, :length],
+            mask=self.mask[:, :length],
+            gram=self.gram[:, :length, :length],
+            gate_self=self.gate_self[:, :length],
+            gate_context=self.gate_context[:, :length],
+        )
+
 
 @dataclass
 class TextEmbeddings(_Embeddings):
@@ -155,9 +175,7 @@ class TextEmbeddings(_Embeddings):
 
     def word_span(self) -> torch.Tensor:
         """(C,) long: 1 + the last valid word slot of each caption (0 for none)."""
-        pos = torch.arange(self.mask.shape[1] + 1, device=self.mask.device)  # slot 0 = "none"
-        mask = torch.cat([self.mask.new_ones(len(self), 1), self.mask], dim=1)
-        return (mask * pos).amax(dim=1)
+        return slot_span(self.mask)
 
     def narrow_words(self, length: int) -> TextEmbeddings:
         """Keep the first ``length`` word slots (the caller checks nothing valid is cut)."""

@@ -393,25 +393,29 @@ def score_chunked(
 ) -> torch.Tensor:
     """``score_block`` over blocks of image_chunk x text_chunk; returns (B, C) scores.
 
-    Captions are grouped by length so that each text chunk is cut to its own longest caption
-    (padding slots cost as much as words in the (bi, bc, L, R) block); columns come back in
-    the original order.
+    Captions are grouped by length and images by their number of region slots, so that each
+    block is cut to its own longest caption and its own fullest image (padding slots cost as
+    much as fragments in the (bi, bc, L, R) block; they are masked, so scores do not change);
+    rows and columns come back in the original order.
     """
     if len(img) == 0 or len(txt) == 0:
         return img.regions.new_zeros(len(img), len(txt))
-    span = txt.word_span()  # (C,)
-    order = torch.argsort(span, descending=True, stable=True)
-    spans = span[order].tolist()
+    t_order, t_spans = _by_span(txt.word_span())
+    i_order, i_spans = _by_span(img.region_span())
+    blocks = [
+        img[i_order[i : i + image_chunk]].narrow_regions(max(i_spans[i], 1))
+        for i in range(0, len(img), image_chunk)
+    ]
     cols = []
     for j in range(0, len(txt), text_chunk):  # text outer: one caption chunk copy at a time
-        txt_j = txt[order[j : j + text_chunk]].narrow_words(max(spans[j], 1))
-        cols.append(
-            torch.cat(
-                [
-                    score_block(img[i : i + image_chunk], txt_j, scoring)
-                    for i in range(0, len(img), image_chunk)
-                ],
-                dim=0,
-            )
-        )
-    return torch.cat(cols, dim=1)[:, torch.argsort(order)]
+        txt_j = txt[t_order[j : j + text_chunk]].narrow_words(max(t_spans[j], 1))
+        cols.append(torch.cat([score_block(img_i, txt_j, scoring) for img_i in blocks], dim=0))
+    out = torch.cat(cols, dim=1)[:, torch.argsort(t_order)]
+    return out[torch.argsort(i_order)]
+
+
+def _by_span(span: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """The order that sorts fragment counts (N,) longest first, and the sorted counts (one
+    host read)."""
+    order = torch.argsort(span, descending=True, stable=True)
+    return order, span[order].tolist()

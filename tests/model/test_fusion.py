@@ -8,7 +8,7 @@ import torch
 from cpfean.model import build_model
 from cpfean.model.reference import reference_pair_score, scan_t2i_naive
 
-from .conftest import CAPTIONS, LABELS, random_regions, tiny_config
+from .conftest import CAPTIONS, FEATURE_DIM, LABELS, random_regions, tiny_config
 
 SWITCHES = [
     {},
@@ -133,3 +133,39 @@ def test_empty_inputs():
     with torch.no_grad():
         assert model.score(img[:0], txt).shape == (0, len(txt))
         assert model.score(img, txt[:0]).shape == (1, 0)
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, {"topk": 1}, {"topk": 0}, {"use_region_alignment": True}]
+)
+def test_region_slots_past_the_fullest_image_are_skipped_without_changing_scores(overrides):
+    """score() cuts blocks to their fullest image's region span, and training batches are
+    trimmed to theirs (RegionBatch.trimmed); the scores must equal one unchunked block over all
+    36 slots, holes in the mask included."""
+    from cpfean.data.dataset import RegionBatch
+    from cpfean.model.fusion import score_block
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config(**overrides), LABELS).eval()
+    feats, boxes, labels, scores, mask = random_regions(5, n_valid=[9, 3, 1, 6, 2], seed=2)
+    mask[0, 4] = False  # a hole before the last valid slot: spans count slots, not regions
+    tok = model.tokenize(CAPTIONS)
+    with torch.no_grad():
+        img = model.encode_images(feats, boxes, labels, scores, mask)
+        txt = model.encode_texts(**tok)
+        full = score_block(img, txt, model.scoring)  # every block of 36 region slots
+        assert img.region_span().tolist() == [9, 3, 1, 6, 2]
+        for ic, tc in [(2, 3), (5, 8)]:
+            cut = model.score(img, txt, image_chunk=ic, text_chunk=tc)
+            torch.testing.assert_close(cut, full, atol=1e-6, rtol=0)
+        batch = RegionBatch(feats, boxes, labels, scores, mask).trimmed()
+        assert batch.mask.shape == (5, 9)
+        trained = model(*batch.as_tuple(), tok["input_ids"], tok["attention_mask"])
+    torch.testing.assert_close(trained, full, atol=1e-5, rtol=0)
+
+
+def test_trimming_a_batch_with_no_valid_region_keeps_one_slot():
+    from cpfean.data.dataset import RegionBatch
+
+    batch = RegionBatch(*random_regions(2, n_valid=[0, 0])).trimmed()
+    assert batch.features.shape == (2, 1, FEATURE_DIM) and not batch.mask.any()
