@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from cpfean.checkpoint import load_model, resolve_device
-from cpfean.data.captions import CaptionSet, MissingImagesError, check_ids, load_captions
+from cpfean.data.captions import MissingImagesError, check_ids, load_captions
 from cpfean.data.region_store import RegionStore
 from cpfean.evaluation import similarity_blocks, similarity_matrix
 from cpfean.fileio import atomic_write_json
@@ -172,11 +172,7 @@ def _similarities(paths: list[str], args: argparse.Namespace, device):
             split=None if args.split == "all" else args.split or ckpt_cfg.data.test_split,
         )
         check_ids(caps, store.ids())
-        if 0 < args.images < len(caps):
-            keep = slice(0, args.images)
-            caps = CaptionSet(
-                caps.image_ids[keep], caps.captions[keep], caps.splits[keep], caps.source
-            )
+        caps = caps.head(args.images)
         n = len(caps.image_ids)
         for protocol in _protocols(args.protocol, n, args.fold_size):  # before any scoring
             check_protocol_size(protocol, n, fold_size=args.fold_size, strict=not args.any_size)

@@ -71,6 +71,13 @@ class CaptionSet:
     def num_captions(self) -> int:
         return sum(len(c) for c in self.captions)
 
+    def head(self, n: int) -> CaptionSet:
+        """The first ``n`` images (all when ``n`` is 0 or at least their number)."""
+        if n <= 0 or n >= len(self):
+            return self
+        keep = slice(0, n)
+        return CaptionSet(self.image_ids[keep], self.captions[keep], self.splits[keep], self.source)
+
     def select(self, split: str) -> CaptionSet:
         """The images of one split, in file order. Fails if the split is absent or unknown."""
         if all(s is None for s in self.splits):
