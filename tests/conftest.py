@@ -13,15 +13,6 @@ import torch  # noqa: E402
 torch.set_num_threads(2)
 
 
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     random.seed(0)
