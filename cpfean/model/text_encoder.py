@@ -163,6 +163,7 @@ class WordEncoder(nn.Module):
         is padded; captions run in groups of similar length, each cut to its own longest, so
         that padding tokens (about half of a batch of short captions) cost no backbone time.
         """
+        self._attention_for(input_ids.device)
         C, T = input_ids.shape
         positions = torch.arange(1, T + 1, device=input_ids.device)
         lengths = (attention_mask.bool() * positions).amax(-1)  # (C,) past the last real token
@@ -172,11 +173,28 @@ class WordEncoder(nn.Module):
             return out.last_hidden_state
         order = torch.argsort(lengths, descending=True, stable=True)
         spans = lengths[order].tolist()  # one host read per batch, not per group
+        # the word-embedding lookup once for the batch: each backward of it writes a dense
+        # gradient of the whole vocabulary, which per group would cost more than the group
+        embeds = self.backbone.get_input_embeddings()(input_ids)
         parts = []
         for i in range(0, C, group):
             rows, span = order[i : i + group], max(int(spans[i]), 1)
             h = self.backbone(
-                input_ids=input_ids[rows, :span], attention_mask=attention_mask[rows, :span]
+                inputs_embeds=embeds[rows, :span], attention_mask=attention_mask[rows, :span]
             ).last_hidden_state  # (g, span, H)
             parts.append(F.pad(h, (0, 0, 0, T - span)))
         return torch.cat(parts)[torch.argsort(order)]
+
+    def _attention_for(self, device: torch.device) -> None:
+        """Plain matmul attention on the CPU, fused SDPA elsewhere (the same function).
+
+        At caption lengths (a few dozen tokens) PyTorch's CPU SDPA kernel is slower than the
+        matmuls it replaces, its backward most of all; on a GPU the fused kernel wins.
+        """
+        want = "eager" if device.type == "cpu" else "sdpa"
+        if getattr(self.backbone.config, "_attn_implementation", want) == want:
+            return
+        try:
+            self.backbone.set_attn_implementation(want)
+        except (AttributeError, ValueError):  # an architecture without that choice keeps its own
+            pass
