@@ -1,7 +1,7 @@
 """``python -m pipelines.benchmark NAME [options]``: performance figures.
 
 NAME: score, extract, retrieve, eval (COCO 5K at paper scale), data (store -> batches),
-serve (search latency through HTTP).
+serve (search latency through HTTP), train (training images/s and a step's split).
 
 Each benchmark lives in its own module (``pipelines/bench_*.py``) and prints a markdown table;
 docs/benchmarks.md quotes the figures with the command that produced them.
@@ -19,6 +19,7 @@ BENCHMARKS = {
     "eval": "pipelines.bench_paper_scale",
     "data": "pipelines.bench_paper_scale",
     "serve": "pipelines.bench_serve",
+    "train": "pipelines.bench_train",
 }
 PASS_NAME = {"eval", "data"}  # modules that serve several benchmarks take the name too
 
