@@ -3,6 +3,8 @@
 # can be checked without one.
 #   docker build -t cpfean .
 #   docker run --gpus all -v $PWD/runs:/app/runs -v $PWD/data:/app/data cpfean make demo
+# The smoke test of a built image, every device path in under 8 minutes (scripts/gpu_check.sh):
+#   docker run --gpus all cpfean make gpu-check
 # CUDA 13.0 matches the torch wheel that requirements.txt pins (torch.version.cuda); Ubuntu
 # 22.04 is the CUDA base whose archive ships python3.11 (24.04 ships only 3.12). The drawings
 # and photographs the bundled data is made from come from Ubuntu's archive here (Debian 12's

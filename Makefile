@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 DEMO := runs/demo
 
-.PHONY: install demo demo-quick test test-fast lint bench clean-demo
+.PHONY: install demo demo-quick test test-fast lint bench gpu-check clean-demo
 
 install:
 	bash scripts/install.sh
@@ -31,6 +31,11 @@ bench: install
 	$(PY) -m pipelines.benchmark retrieve
 	$(PY) -m pipelines.benchmark eval
 	$(PY) -m pipelines.benchmark serve
+	$(PY) -m pipelines.benchmark train
+
+# every device path on a GPU in under 8 minutes; without CUDA, the CPU half only (CI runs it)
+gpu-check: install
+	PY=$(PY) bash scripts/gpu_check.sh
 
 clean-demo:
 	rm -rf $(DEMO) runs/demo-quick

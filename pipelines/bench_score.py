@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from cpfean.checkpoint import resolve_device
+from cpfean.fileio import atomic_write_json
 from cpfean.model import CPFEAN, ImageEmbeddings, ModelConfig, TextEmbeddings, build_model
 from cpfean.model.reference import scan_t2i_naive
 from pipelines import cli
@@ -86,7 +89,18 @@ def _status_kb(key: str) -> int:
 
 
 def measure(fn: Callable[[], torch.Tensor]) -> tuple[float, float, torch.Tensor]:
-    """Runs fn once under no_grad: (seconds, peak resident rise in MB, result)."""
+    """Runs fn once under no_grad: (seconds, peak memory rise in MB, result). On CUDA the
+    peak is the device's allocated high-water mark, and the time waits for the device."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = fn()
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        return seconds, max(torch.cuda.max_memory_allocated() - before, 0) / 2**20, out
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current resident size
@@ -119,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke test")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.captions, args.dim, args.naive_captions = 40, 100, 64, 10
@@ -126,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     cpfean_model, baseline, img, txt = random_embeddings(
         images=args.images, captions=args.captions, dim=args.dim, topk=args.topk, seed=args.seed
     )
+    device = resolve_device(args.device)
+    cpfean_model, baseline = cpfean_model.to(device), baseline.to(device)
+    img, txt = img.to(device), txt.to(device)
     pairs = args.images * args.captions
     chunks = dict(image_chunk=args.image_chunk, text_chunk=args.text_chunk)
     rows = []
@@ -140,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     sec, peak, _ = measure(lambda: floor_scores(img, txt, **chunks))
     add("floor: S = W V^T + max/mean", pairs, sec, peak)
     n = min(args.naive_captions, args.captions)
-    words = [txt.words[c][txt.mask[c]] for c in range(n)]
+    words = [txt.words[c][txt.mask[c]] for c in range(n)]  # on the device, as the loop runs
     sec, peak, naive = measure(
         lambda: scan_t2i_naive(img.regions, words, lambda_softmax=baseline.lambda_softmax)
     )
@@ -151,13 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         peak,
         f"extrapolated: {pairs * sec / (args.images * n):.1f} s for all pairs",
     )
-    agree = (naive - scan[:, :n]).abs().max().item()
+    agree = (naive.float() - scan[:, :n]).abs().max().item()
     assert torch.isfinite(cpfean).all()
 
     print(
         f"images={args.images} x {REGIONS} regions, captions={args.captions} (8-20 words), "
         f"d={args.dim}, threads={args.threads}, chunks={args.image_chunk}x{args.text_chunk}, "
-        f"torch {torch.__version__}"
+        f"device={device}, torch {torch.__version__}"
     )
     print()
     print("| method | pairs timed | seconds | pairs/s | peak MB | note |")
@@ -166,6 +185,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {n_pairs:,} | {seconds:.2f} | {rate:,.0f} | {peak:.0f} | {note} |")
     print()
     print(f"SCAN-style baseline vs naive loop, max |difference| = {agree:.2e}")
+    if args.json:
+        keys = ("method", "pairs", "seconds", "pairs_per_s", "peak_mb", "note")
+        atomic_write_json(
+            args.json,
+            {
+                "benchmark": "score",
+                "device": str(device),
+                "rows": [dict(zip(keys, r, strict=True)) for r in rows],
+                "baseline_vs_naive_max_diff": agree,
+            },
+            indent=2,
+        )
     return 0
 
 

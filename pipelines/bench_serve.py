@@ -101,6 +101,7 @@ def measure(open_searcher, name: str, args: argparse.Namespace) -> dict:
     pct = lambda xs, p: 1e3 * float(np.percentile(xs, p))  # noqa: E731
     return {
         "index": name,
+        "device": str(searcher.device),
         "images": searcher.index.count,
         "path": path,
         "seq": f"{pct(sequential, 50):.0f} / {pct(sequential, 99):.0f}",
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-client", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="where the demo index is searched")
+    p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args(argv)
     if min(args.requests, args.clients, args.per_client, args.threads) < 1:
         p.error("--requests, --clients, --per-client and --threads must be >= 1")
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     try:
-        rows.append(measure(lambda: open_searcher(args.index, None, "cpu"), args.index, args))
+        rows.append(measure(lambda: open_searcher(args.index, None, args.device), args.index, args))
     except (UsageError, OSError, ValueError) as e:
         return cli.fail(e)
     if args.synthetic:
@@ -173,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['index']} | {r['images']:,} | {r['path']} | {r['seq']} | {r['rps']:.1f} "
             f"| {r['conc']} |"
         )
+    if args.json:
+        from cpfean.fileio import atomic_write_json
+
+        atomic_write_json(args.json, {"benchmark": "serve", "rows": rows}, indent=2)
     return 0
 
 

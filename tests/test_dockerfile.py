@@ -49,3 +49,12 @@ def test_the_base_cuda_matches_the_pinned_torch():
     assert pinned and torch.__version__.split("+")[0] == pinned.group(1)
     if torch.version.cuda:  # the wheel the pin installs here is a CUDA build
         assert torch.version.cuda == cuda, (torch.version.cuda, cuda)
+
+
+def test_the_documented_smoke_test_is_the_gpu_check():
+    text = (REPO / "Dockerfile").read_text()
+    assert "docker run --gpus all cpfean make gpu-check" in text
+    makefile = (REPO / "Makefile").read_text()
+    recipe = re.search(r"^gpu-check:.*\n((?:\t.*\n)+)", makefile, re.M)
+    assert recipe and "scripts/gpu_check.sh" in recipe.group(1)
+    assert "make gpu-check" in (REPO / ".ci" / "run").read_text()
