@@ -42,6 +42,7 @@ from cpfean.evaluation import evaluate_split
 from cpfean.fileio import WriterLock, atomic_output, atomic_write_json
 from cpfean.model import ContrastiveLoss, build_model
 from cpfean.model.loss import prominence_loss
+from cpfean.precision import training_precision
 from cpfean.progress import progress as progress_of
 from cpfean.recurrence import function_word_ids, sibling_targets
 from cpfean.schedule import Phase, schedule
@@ -163,29 +164,6 @@ class MetricsLog:
             self._rewrite(self._fields, rows)
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=self._fields, restval="").writerow(row)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), not by emulation."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
-def training_precision(amp: bool, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of the training forward, None for float32.
-
-    bfloat16 where the device computes it natively: it keeps float32's range, so no loss
-    scaling is needed. float16 on CUDA cards without bfloat16 (the caller scales the loss).
-    Scoring upcasts its blocks to float32 itself (``score_block``), and evaluation runs in
-    float32 whatever this says.
-    """
-    if not amp:
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_fast_bf16():
-        return torch.bfloat16
-    return None
 
 
 @dataclasses.dataclass

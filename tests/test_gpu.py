@@ -19,9 +19,10 @@ from cpfean.config import load_config
 from cpfean.data.captions import load_captions
 from cpfean.data.dataset import CaptionPairDataset, PairCollator
 from cpfean.data.region_store import RegionStore
-from cpfean.engine import load_run_data, setup_run, train_one_epoch, training_precision
+from cpfean.engine import load_run_data, setup_run, train_one_epoch
 from cpfean.evaluation import evaluate_split
 from cpfean.model import build_model
+from cpfean.precision import training_precision
 from tests.test_engine import TINY_MODEL, _rows
 from tests.tiny_data import make_tiny_dataset
 
