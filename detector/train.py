@@ -20,11 +20,12 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 
 from cpfean.fileio import atomic_path, atomic_write
+from cpfean.precision import training_precision
 
 __all__ = [
     "RegionTrainer",
@@ -90,8 +91,34 @@ def scale_schedule(cfg: CfgNode, max_iter: int) -> None:
     cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, max(1, max_iter // 5))
 
 
+class CPUAutocastTrainer(SimpleTrainer):
+    """`SimpleTrainer` with its step under CPU bfloat16 autocast (Detectron2's `AMPTrainer`
+    is CUDA-only). bfloat16 keeps float32's range, so no gradient scaler is needed."""
+
+    def run_step(self):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            super().run_step()
+
+
 class RegionTrainer(DefaultTrainer):
-    """`DefaultTrainer` with a box-AP `COCOEvaluator` and writers that need no tensorboard."""
+    """`DefaultTrainer` with a box-AP `COCOEvaluator`, writers that need no tensorboard, and
+    ``SOLVER.AMP.ENABLED`` meaning mixed precision where the device computes it natively:
+    bfloat16 on CUDA cards that have it (float16 with loss scaling on older ones) and on CPUs
+    with AVX512-BF16 or AMX; float32 elsewhere."""
+
+    def __init__(self, cfg: CfgNode):
+        super().__init__(cfg)
+        if not cfg.SOLVER.AMP.ENABLED:
+            return
+        device = next(self.model.parameters()).device
+        dtype = training_precision(True, device)
+        parts = (self._trainer.model, self._trainer.data_loader, self._trainer.optimizer)
+        if device.type == "cuda":
+            self._trainer = AMPTrainer(*parts, precision=dtype)
+        elif dtype == torch.bfloat16:
+            self._trainer = CPUAutocastTrainer(*parts)
+        else:
+            self._trainer = SimpleTrainer(*parts)
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):

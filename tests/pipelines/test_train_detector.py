@@ -147,3 +147,43 @@ def test_end_to_end_scenes_train_then_extract(tmp_path, capsys):
     rec = rs[rs.ids()[0]]
     assert rec.features.shape == (36, 1024) and rec.image_hw == (96, 128)
     assert rec.num_valid >= 10
+
+
+@pytest.mark.parametrize(
+    "amp, fast_bf16, expected",
+    [
+        (True, True, "CPUAutocastTrainer"),
+        (True, False, "SimpleTrainer"),
+        (False, True, "SimpleTrainer"),
+    ],
+)
+def test_amp_trains_in_bfloat16_only_where_the_cpu_computes_it(
+    tmp_path, monkeypatch, amp, fast_bf16, expected
+):
+    import detector.train as train_mod
+    from cpfean import precision
+
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: fast_bf16)
+    _rectangles_coco(tmp_path)
+    names, classes = register_scenes(tmp_path, prefix=f"amp{int(amp)}{int(fast_bf16)}")
+    cfg = get_region_cfg("scenes_effl0_fpn", [], freeze=False)
+    cfg.MODEL.DEVICE, cfg.MODEL.EFFICIENTNET.PRETRAINED = "cpu", False
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (names["train"],), (names["val"],)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.REGIONS.LABEL_NAMES = len(classes), classes
+    cfg.SOLVER.AMP.ENABLED, cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS = amp, 2, 0
+    cfg.OUTPUT_DIR = str(tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    trainer = train_mod.RegionTrainer(cfg)
+    assert type(trainer._trainer).__name__ == expected
+    seen = []
+    model = trainer._trainer.model
+    handle = model.backbone.register_forward_hook(
+        lambda m, i, out: seen.append(next(iter(out.values())).dtype)
+    )
+    trainer._trainer.iter = 0
+    from detectron2.utils.events import EventStorage
+
+    with EventStorage(0):
+        trainer._trainer.run_step()
+    handle.remove()
+    assert seen == [torch.bfloat16 if expected == "CPUAutocastTrainer" else torch.float32]
