@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,11 @@ class RegionTrainer(DefaultTrainer):
     with AVX512-BF16 or AMX; float32 elsewhere."""
 
     def __init__(self, cfg: CfgNode):
-        super().__init__(cfg)
+        with warnings.catch_warnings():
+            # Detectron2 first builds its CUDA-only AMPTrainer, whose scaler warns on a CPU;
+            # it is replaced below by the trainer this device takes
+            warnings.filterwarnings("ignore", message=".*GradScaler.*")
+            super().__init__(cfg)
         if not cfg.SOLVER.AMP.ENABLED:
             return
         device = next(self.model.parameters()).device
