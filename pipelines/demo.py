@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         (det / "model_final.pth").is_file(),
         lambda: train_detector.main(
             ["--data", str(data), "--out", str(det), "--iters", str(iters)]
+            + ["MODEL.DEVICE", args.device]
         ),
         timings,
     )
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                 "test",
                 "--out",
                 str(idx),
+                "--device",
+                args.device,
             ]
         ),
         timings,
@@ -181,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         timings,
     )
     print(f'[demo] example query: "{args.query}"', flush=True)
-    status = retrieve.main(["--query", args.query, "--index", str(idx), "--top-k", "5"])
+    status = retrieve.main(
+        ["--query", args.query, "--index", str(idx), "--top-k", "5", "--device", args.device]
+    )
 
     metrics = json.loads(metrics_path.read_text())
     print("\n[demo] summary")
