@@ -300,7 +300,7 @@ def test_cli_bad_inputs_give_one_line_errors(tmp_path, data, capsys):
     )
     assert "'not-there.png'" in capsys.readouterr().err
     assert train_cli.main(["--quiet", "--resume", *base, f"data.regions={store}"]) == 2
-    assert "no " in capsys.readouterr().err
+    assert f"--resume: no {tmp_path / 'r' / 'last.pt'} to continue" in capsys.readouterr().err
 
 
 def test_resume_drops_metrics_rows_of_the_unfinished_epoch(tmp_path, data):

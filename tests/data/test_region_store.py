@@ -27,6 +27,7 @@ from cpfean.data.region_store import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
+KILL_SEED = int(os.environ.get("CPFEAN_KILL_SEED", "0"))
 D = 16
 LABELS = ["person", "dog", "frisbee", "tree"]
 
@@ -261,7 +262,8 @@ def test_resume_after_kill9(tmp_path: Path) -> None:
         text=True,
     )
     assert child.stdout.readline().strip() == "started"
-    time.sleep(np.random.default_rng().uniform(0.05, 0.3))
+    # the kill point replays from CPFEAN_KILL_SEED (default 0), as tests/test_hostile.py does
+    time.sleep(np.random.default_rng(KILL_SEED).uniform(0.05, 0.3))
     os.kill(child.pid, signal.SIGKILL)
     assert child.wait(timeout=30) == -signal.SIGKILL
     store = RegionStore(path)

@@ -24,7 +24,9 @@ def test_quick_demo_end_to_end_then_retrieve_and_rerun(quick_demo, capsys):
     assert "rank" in text and "score" in text  # the example query's table
     assert f"serve it:    python -m pipelines.serve --index {out / 'index'}" in text
     metrics = json.loads((out / "cpfean" / "test_metrics.json").read_text())
-    assert 0 <= metrics["rsum"] <= 600
+    recalls = [metrics[d][k] for d in ("i2t", "t2i") for k in ("r1", "r5", "r10")]
+    assert metrics["rsum"] == pytest.approx(sum(recalls)) and all(0 <= r <= 100 for r in recalls)
+    assert f"test rSum:   {metrics['rsum']:.1f}" in text  # the summary shows what was measured
 
     # the index answers afterwards as a program would ask it
     assert (
