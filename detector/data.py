@@ -62,5 +62,5 @@ class ImageFolder(Dataset):
             return DecodedImage(image_id, decode_image(self.root / image_id, self.max_pixels))
         except BadImage as e:
             return DecodedImage(image_id, None, str(e))
-        except Exception as e:  # noqa: BLE001 - one odd file must not stop a long run
+        except Exception as e:  # one odd file must not stop a long run
             return DecodedImage(image_id, None, f"decode failed: {type(e).__name__}: {e}")

@@ -98,7 +98,7 @@ def measure(open_searcher, name: str, args: argparse.Namespace) -> dict:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-    pct = lambda xs, p: 1e3 * float(np.percentile(xs, p))  # noqa: E731
+    pct = lambda xs, p: 1e3 * float(np.percentile(xs, p))
     return {
         "index": name,
         "device": str(searcher.device),

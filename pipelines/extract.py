@@ -191,12 +191,12 @@ def extract_shard(
             try:
                 records = extractor([item.image for item in good], image_format="RGB")
                 pairs = list(zip(good, records, strict=True))
-            except Exception:  # noqa: BLE001 - find the image at fault, keep the rest
+            except Exception:  # find the image at fault, keep the rest
                 pairs = []
                 for item in good:
                     try:
                         pairs.append((item, extractor([item.image], image_format="RGB")[0]))
-                    except Exception as e:  # noqa: BLE001
+                    except Exception as e:
                         skip(item.image_id, f"detector failed: {type(e).__name__}: {e}")
             for item, record in pairs:
                 writer.put(item.image_id, record)

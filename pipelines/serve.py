@@ -179,7 +179,7 @@ def create_app(
         )
         try:
             response = _body_too_large(request, limits) or await call_next(request)
-        except Exception:  # noqa: BLE001 - reported as JSON, logged with its traceback here
+        except Exception:  # reported as JSON, logged with its traceback here
             log.exception("unexpected error on %s", request.url.path)
             response = error(500, "internal error")
         latency.labels(endpoint).observe(time.perf_counter() - start)
@@ -258,7 +258,7 @@ def create_app(
             if "extractor" not in detector:
                 try:
                     detector["extractor"] = detector_factory()
-                except Exception as e:  # noqa: BLE001 - the reason goes to the client
+                except Exception as e:  # the reason goes to the client
                     raise DetectorUnavailable(str(e)) from None
             record = extract_regions(detector["extractor"], bgr)
             payload = searcher.image_to_captions(record, k)
@@ -301,7 +301,7 @@ def create_app(
             data = await work.run(lambda: thumbs(path))
         except Busy:
             raise HTTPException(429, "the server is busy; try again shortly") from None
-        except Exception:  # noqa: BLE001 - a missing or unreadable file is the same to a user
+        except Exception:  # a missing or unreadable file is the same to a user
             raise HTTPException(404, "the image file is not readable on this server") from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 

@@ -204,7 +204,7 @@ def _decode(image_id: str, buf: Any) -> RegionRecord:
     """A record from its on-disk bytes (copied out of `buf`); raises RegionStoreError naming
     the id on a wrong magic, schema version, length or checksum."""
     n = len(buf := memoryview(buf))
-    fail = lambda msg: RegionStoreError(f"region record {image_id!r} {msg}")  # noqa: E731
+    fail = lambda msg: RegionStoreError(f"region record {image_id!r} {msg}")
     if n < _HEADER.size:
         raise fail(f"is truncated: {n} bytes, the header alone is {_HEADER.size}")
     magic, version, r, d, *codes, num_valid, _, h, w, crc = _HEADER.unpack_from(buf)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 __all__ = ["ModelConfig"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     # --- sizes ---------------------------------------------------------------------------
     feature_dim: int = 2048  # D, size of one detector region feature (2048 for BUTD ResNet-101)

@@ -3,8 +3,7 @@
 Both are plain dataclasses of tensors that share their first (batch) dimension. They support
 ``.to(device)``, indexing / slicing along the batch (``emb[3]``, ``emb[10:20]``, ``emb[idx]``),
 ``len()`` and ``Cls.cat([...])``, which pads the fragment dimension when the parts differ in it
-(padding is masked, so scores do not change). ``state()`` / ``from_state()`` give a flat dict of
-tensors for safetensors files.
+(padding is masked, so scores do not change).
 """
 
 from __future__ import annotations
@@ -14,9 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-__all__ = ["ImageEmbeddings", "TextEmbeddings", "SCHEMA_VERSION", "slot_span"]
-
-SCHEMA_VERSION = 1
+__all__ = ["ImageEmbeddings", "TextEmbeddings", "slot_span"]
 
 
 class _Embeddings:
@@ -46,20 +43,9 @@ class _Embeddings:
                 out[k] = v.to(device=_device_of(args, kwargs, v))
         return type(self)(**out)
 
-    def detach(self):
-        return type(self)(**{k: v.detach() for k, v in self._items().items()})
-
     @property
     def device(self) -> torch.device:
         return next(iter(self._items().values())).device
-
-    def state(self) -> dict[str, torch.Tensor]:
-        """Flat dict of contiguous tensors (e.g. for ``safetensors.torch.save_file``)."""
-        return {k: v.contiguous() for k, v in self._items().items()}
-
-    @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor]):
-        return cls(**{f.name: state[f.name] for f in fields(cls)})  # type: ignore[arg-type]
 
     @classmethod
     def cat(cls, parts: list):

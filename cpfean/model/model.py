@@ -244,5 +244,4 @@ def build_model(cfg: ModelConfig, label_names: list[str]) -> CPFEAN:
         max_words=cfg.max_words,
         region_alignment=cfg.use_region_alignment,
     )
-    model.config = cfg
     return model

@@ -31,7 +31,7 @@ def served(request):
     full = os.environ.get("CPFEAN_SERVE_DEMO")
     out = Path(full) if full else request.getfixturevalue("quick_demo")[0]
     searcher = open_searcher(str(out / "index"), None, "cpu")
-    factory = lambda: build_detector(searcher.index, device="cpu")  # noqa: E731
+    factory = lambda: build_detector(searcher.index, device="cpu")
     limits = Limits(max_upload_bytes=2_000_000, max_upload_pixels=4_000_000)
     app = create_app(searcher, limits=limits, detector_factory=factory)
     return {"app": app, "searcher": searcher, "out": out}
