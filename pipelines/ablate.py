@@ -25,13 +25,15 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from cpfean.checkpoint import load_model, resolve_device
 from cpfean.config import ConfigError, load_config, to_dict
 from cpfean.data.captions import check_ids, load_captions
 from cpfean.data.region_store import RegionStore
 from cpfean.engine import train
 from cpfean.evaluation import evaluate_split
-from cpfean.fileio import atomic_write, atomic_write_json
+from cpfean.fileio import atomic_path, atomic_write, atomic_write_json
 from cpfean.metrics import format_table
 from cpfean.model.config import ModelConfig
 from pipelines import cli
@@ -166,9 +168,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             atomic_write_json(metrics_path, metrics, indent=2)
         if need_held:
-            metrics, _ = evaluate_split(
+            metrics, sims = evaluate_split(
                 model, *heldout, batch_size=cfg.train.eval_batch_size, device=device
             )
+            # the scores themselves, for paired bootstraps between rows (pipelines.scaling_report)
+            with atomic_path(out / row / "heldout_sims.npy") as tmp, open(tmp, "wb") as f:
+                np.save(f, sims.astype(np.float32))  # a file object: np.save renames no path
             atomic_write_json(held_path, {**metrics, "source": source}, indent=2)
         results[name] = json.loads(metrics_path.read_text())
         print(format_table({name: results[name]}), flush=True)

@@ -3,9 +3,12 @@
 import json
 import shutil
 
+import numpy as np
+import pytest
 import yaml
 
 from cpfean.data.captions import load_captions
+from cpfean.metrics import evaluate_protocol
 from pipelines import ablate
 from tests.test_engine import TINY_MODEL
 from tests.tiny_data import make_tiny_dataset
@@ -157,3 +160,7 @@ def test_ablate_scores_every_row_on_a_heldout_set_too(tmp_path, capsys):
     )
     again = json.loads((tmp_path / "e.json").read_text())
     assert again["rsum"] == table["CPFEAN"]["rsum"]
+    # the saved scores are the held-out matrix itself: the protocol on them gives the table
+    sims = np.load(out / "full" / "heldout_sims.npy")
+    assert sims.shape == (n_all, 5 * n_all) and sims.dtype == np.float32
+    assert evaluate_protocol(sims, "all")["rsum"] == pytest.approx(table["CPFEAN"]["rsum"])

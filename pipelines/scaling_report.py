@@ -1,0 +1,162 @@
+"""The data-scaling study's table and plot, from the rows `scripts/scaling_study.sh` trained.
+
+    python -m pipelines.scaling_report [--study runs/scaling] [--png docs/images/scaling.png]
+                                       [--json F]
+
+Reads ``STUDY/n{N}/s{SEED}/{row}/heldout_metrics.json`` and ``heldout_sims.npy`` (written by
+``pipelines.ablate --heldout-...``): N training scenes, one matcher seed, one row each. Prints
+a markdown table of held-out rSum by training size, each row's mean over its seeds and its
+difference to the SCAN-style baseline of the same seed with a 95% paired-bootstrap interval
+(the images resampled, `cpfean.metrics.paired_bootstrap`), and draws held-out rSum against
+training size, one line per row (mean over seeds, each seed a dot). Rows not trained yet are
+left out; the study resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from cpfean.fileio import atomic_path, atomic_write_json
+from cpfean.metrics import paired_bootstrap
+from pipelines import cli
+
+ROWS = {  # ablate row -> the name in the table and plot
+    "full": "CPFEAN (demo recipe)",
+    "transformer": "CPFEAN + region Transformer",
+    "prominence_loss": "CPFEAN + recurrence supervision",
+    "scan": "SCAN-style baseline",
+}
+BASELINE = "scan"
+RUN = re.compile(r"^n(\d+)$"), re.compile(r"^s(\d+)$")
+
+
+def collect(study: Path) -> dict[tuple[int, str], dict[int, Path]]:
+    """{(training scenes, row): {seed: row folder}} for every row with held-out scores."""
+    found: dict[tuple[int, str], dict[int, Path]] = defaultdict(dict)
+    for size_dir in sorted(study.glob("n*")):
+        size = RUN[0].match(size_dir.name)
+        for seed_dir in sorted(size_dir.glob("s*")) if size else []:
+            seed = RUN[1].match(seed_dir.name)
+            for row in ROWS if seed else []:
+                folder = seed_dir / row
+                if (folder / "heldout_metrics.json").is_file() and (
+                    folder / "heldout_sims.npy"
+                ).is_file():
+                    found[(int(size.group(1)), row)][int(seed.group(1))] = folder
+    return dict(found)
+
+
+def summarise(found: dict[tuple[int, str], dict[int, Path]], resamples: int) -> list[dict]:
+    """One entry per (size, row): rSum per seed, their mean, and the difference to the
+    baseline of each seed trained for both, with its bootstrap interval."""
+    out = []
+    for (size, row), seeds in sorted(found.items()):
+        rsums = {
+            s: json.loads((f / "heldout_metrics.json").read_text())["rsum"]
+            for s, f in seeds.items()
+        }
+        entry = {
+            "scenes": size,
+            "row": row,
+            "name": ROWS[row],
+            "rsum": rsums,
+            "mean": float(np.mean(list(rsums.values()))),
+        }
+        base = found.get((size, BASELINE), {})
+        if row != BASELINE:
+            entry["vs_baseline"] = {
+                s: paired_bootstrap(
+                    np.load(f / "heldout_sims.npy"),
+                    np.load(base[s] / "heldout_sims.npy"),
+                    resamples=resamples,
+                    seed=s,
+                )
+                for s, f in seeds.items()
+                if s in base
+            }
+        out.append(entry)
+    return out
+
+
+def table(entries: list[dict]) -> str:
+    lines = [
+        "| training scenes | row | held-out rSum (per seed) | mean | vs baseline (95% interval) |",
+        "|---:|---|---|---:|---|",
+    ]
+    for e in entries:
+        per_seed = ", ".join(f"{v:.1f} (seed {s})" for s, v in sorted(e["rsum"].items()))
+        versus = "; ".join(
+            f"{c['diff']:+.1f} ({c['ci_low']:+.1f} .. {c['ci_high']:+.1f})"
+            for _, c in sorted(e.get("vs_baseline", {}).items())
+        )
+        lines.append(
+            f"| {e['scenes']:,} | {e['name']} | {per_seed} | {e['mean']:.1f} | {versus or '-'} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(entries: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: a file only
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for row, name in ROWS.items():
+        mine = sorted((e for e in entries if e["row"] == row), key=lambda e: e["scenes"])
+        if not mine:
+            continue
+        (line,) = ax.plot([e["scenes"] for e in mine], [e["mean"] for e in mine], "-o", label=name)
+        for e in mine:
+            ax.scatter(
+                [e["scenes"]] * len(e["rsum"]),
+                list(e["rsum"].values()),
+                s=10,
+                color=line.get_color(),
+                alpha=0.5,
+            )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("training scenes")
+    ax.set_ylabel("held-out rSum (1,000 new scenes)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = cli.parser("python -m pipelines.scaling_report", __doc__)
+    p.add_argument("--study", type=Path, default=Path("runs/scaling"))
+    p.add_argument("--png", type=Path, help="draw the plot here")
+    p.add_argument("--json", type=Path, help="also write the entries here")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap draws")
+    args = p.parse_args(argv)
+    if not args.study.is_dir():
+        return cli.fail(f"--study {args.study}: no such folder (scripts/scaling_study.sh makes it)")
+    if args.resamples < 1:
+        return cli.fail(f"--resamples must be >= 1, got {args.resamples}")
+    found = collect(args.study)
+    if not found:
+        return cli.fail(f"{args.study} holds no row with held-out scores yet")
+    try:
+        entries = summarise(found, args.resamples)
+    except (OSError, ValueError) as exc:
+        return cli.fail(exc)
+    print(table(entries))
+    if args.png:
+        plot(entries, args.png)
+        print(f"plot: {args.png}")
+    if args.json:
+        atomic_write_json(args.json, entries, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""The data-scaling study: its report (table, bootstrap against the baseline, plot) and the
+script's route end to end on a few scenes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cpfean.metrics import evaluate_protocol, paired_bootstrap
+from pipelines import scaling_report
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _sims(n: int, noise: float, seed: int) -> np.ndarray:
+    """[n, 5n] scores where caption 5i..5i+4 belong to image i, blurred by ``noise``."""
+    rng = np.random.default_rng(seed)
+    truth = np.kron(np.eye(n), np.ones((1, 5)))
+    return (truth + noise * rng.normal(size=truth.shape)).astype(np.float32)
+
+
+def _row(folder: Path, sims: np.ndarray) -> float:
+    folder.mkdir(parents=True)
+    np.save(folder / "heldout_sims.npy", sims)
+    rsum = evaluate_protocol(sims, "all")["rsum"]
+    (folder / "heldout_metrics.json").write_text(json.dumps({"rsum": rsum}))
+    return rsum
+
+
+def test_report_tables_each_row_against_the_baseline_of_its_seed(tmp_path, capsys):
+    study = tmp_path / "study"
+    made = {}
+    for size, seeds in ((800, [0]), (3200, [0, 1])):
+        for s in seeds:
+            for row, noise in (("full", 0.6), ("scan", 0.9)):
+                sims = _sims(40, noise, seed=size + 10 * s + (row == "scan"))
+                made[(size, row, s)] = (_row(study / f"n{size}" / f"s{s}" / row, sims), sims)
+    (study / "n800" / "s0" / "transformer").mkdir()  # a row still training: no scores yet
+    png, out = tmp_path / "scaling.png", tmp_path / "scaling.json"
+    argv = ["--study", str(study), "--png", str(png), "--json", str(out), "--resamples", "200"]
+    assert scaling_report.main(argv) == 0
+    entries = {(e["scenes"], e["row"]): e for e in json.loads(out.read_text())}
+    assert set(entries) == {(800, "full"), (800, "scan"), (3200, "full"), (3200, "scan")}
+    big = entries[(3200, "full")]
+    assert big["mean"] == pytest.approx(
+        (made[(3200, "full", 0)][0] + made[(3200, "full", 1)][0]) / 2
+    )
+    for s in (0, 1):
+        expected = paired_bootstrap(
+            made[(3200, "full", s)][1], made[(3200, "scan", s)][1], resamples=200, seed=s
+        )
+        assert big["vs_baseline"][str(s)]["diff"] == pytest.approx(expected["diff"])
+        assert big["vs_baseline"][str(s)]["ci_low"] == pytest.approx(expected["ci_low"])
+    assert "vs_baseline" not in entries[(800, "scan")]
+    text = capsys.readouterr().out
+    assert "| 3,200 | CPFEAN (demo recipe) | " in text and f"{big['mean']:.1f}" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_names_a_missing_or_empty_study(tmp_path, capsys):
+    assert scaling_report.main(["--study", str(tmp_path / "nope")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert scaling_report.main(["--study", str(tmp_path)]) == 2
+    assert "holds no row with held-out scores" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.detector
+def test_study_script_trains_each_row_once_and_reports(quick_demo, tmp_path):
+    out, _ = quick_demo
+    env = {
+        **os.environ,
+        "PY": sys.executable,
+        "STUDY": str(tmp_path / "study"),
+        "DET": str(out / "detector"),
+        "SIZES": "8",
+        "ROWS": "full,scan",
+        "HELDOUT": "10",
+        "EXTRA": "train.epochs=1 train.batch_size=16",
+        "PYTHONPATH": str(REPO),
+    }
+    script = [str(REPO / "scripts" / "scaling_study.sh")]
+    first = subprocess.run(["bash", *script], env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count("[ablate] training") == 2
+    assert "| 8 | CPFEAN (demo recipe) |" in first.stdout
+    assert "| 8 | SCAN-style baseline |" in first.stdout
+    again = subprocess.run(["bash", *script], env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "[ablate] training" not in again.stdout
+    missing = subprocess.run(
+        ["bash", *script],
+        env={**env, "DET": str(tmp_path / "no-detector")},
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2 and missing.stderr.startswith("error: no trained detector")
