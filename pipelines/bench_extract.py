@@ -81,6 +81,7 @@ def _run_cpfean(args: argparse.Namespace, ids: list[str]) -> dict:
             store,
             Path(tmp) / "skipped.jsonl",
             already=set(),
+            rejected=[],  # the benchmark's images are listed by the benchmark, none refused
             batch_size=args.batch_size,
             workers=args.workers,
             commit_every=64,
@@ -105,7 +106,8 @@ def _second_pass(predictor, image, boxes):
         batch = model.preprocess_image([{"image": tensor}])
         features = model.backbone(batch.tensor)
         rh, rw = batch.image_sizes[0]
-        scaled = boxes * torch.tensor([rw / w, rh / h, rw / w, rh / h])
+        device = batch.tensor.device  # the predictor's; the boxes came back on the CPU
+        scaled = boxes.to(device) * torch.tensor([rw / w, rh / h, rw / w, rh / h], device=device)
         heads = model.roi_heads
         pooled = heads.box_pooler([features[f] for f in heads.box_in_features], [Boxes(scaled)])
         return heads.box_head(pooled)
