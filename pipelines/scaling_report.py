@@ -55,7 +55,10 @@ def summarise(found: dict[tuple[int, str], dict[int, Path]], resamples: int) -> 
     """One entry per (size, row): rSum per seed, their mean, and the difference to the
     baseline of each seed trained for both, with its bootstrap interval."""
     out = []
-    for (size, row), seeds in sorted(found.items()):
+    order = list(ROWS)
+    for (size, row), seeds in sorted(
+        found.items(), key=lambda kv: (kv[0][0], order.index(kv[0][1]))
+    ):
         rsums = {
             s: json.loads((f / "heldout_metrics.json").read_text())["rsum"]
             for s, f in seeds.items()
@@ -121,6 +124,9 @@ def plot(entries: list[dict], path: Path) -> None:
                 alpha=0.5,
             )
     ax.set_xscale("log", base=2)
+    sizes = sorted({e["scenes"] for e in entries})
+    ax.set_xticks(sizes, [f"{n:,}" for n in sizes])
+    ax.minorticks_off()
     ax.set_xlabel("training scenes")
     ax.set_ylabel("held-out rSum (1,000 new scenes)")
     ax.grid(alpha=0.3)
