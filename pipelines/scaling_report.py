@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         return cli.fail(f"{args.study} holds no row with held-out scores yet")
     try:
         entries = summarise(found, args.resamples)
-    except (OSError, ValueError) as exc:
+    except KeyError as exc:  # a metrics file without its rSum
+        return cli.fail(f"{args.study}: a heldout_metrics.json lacks {exc}")
+    except (OSError, ValueError) as exc:  # unreadable JSON or .npy, or matrices of two shapes
         return cli.fail(exc)
     print(table(entries))
     if args.png:

@@ -100,3 +100,16 @@ def test_study_script_trains_each_row_once_and_reports(quick_demo, tmp_path):
         text=True,
     )
     assert missing.returncode == 2 and missing.stderr.startswith("error: no trained detector")
+
+
+def test_report_names_a_broken_row_file(tmp_path, capsys):
+    study = tmp_path / "study"
+    _row(study / "n800" / "s0" / "scan", _sims(10, 0.5, seed=0))
+    _row(study / "n800" / "s0" / "full", _sims(10, 0.5, seed=1))
+    (study / "n800" / "s0" / "full" / "heldout_sims.npy").write_bytes(b"not an array")
+    assert scaling_report.main(["--study", str(study), "--resamples", "10"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    (study / "n800" / "s0" / "full" / "heldout_metrics.json").write_text("{}")
+    assert scaling_report.main(["--study", str(study), "--resamples", "10"]) == 2
+    assert "lacks 'rsum'" in capsys.readouterr().err
