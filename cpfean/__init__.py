@@ -9,14 +9,16 @@ The front door, one name per level of abstraction::
 
     model, cfg, _ = cpfean.load_model("runs/demo/cpfean/best.pt")
     store = cpfean.RegionStore("runs/demo/regions")
-    images = cpfean.encode_images(model, store, store.ids()[:8])  # cacheable embeddings
-    texts = cpfean.encode_texts(model, ["a dog on grass", "a red car on the road"])
+    images = cpfean.encode_store(model, store, store.ids()[:8])  # cacheable embeddings
+    texts = cpfean.encode_captions(model, ["a dog on grass", "a red car on the road"])
     scores = model.score(images, texts)                        # [8, 2], in chunks
 
 - `load_model(checkpoint)`: the model (eval mode), its config and the checkpoint dict.
 - `RegionStore(path)`: the detector stage's regions, read-only; `RegionRecord`, one image.
-- `encode_images(model, store, ids)`, `encode_texts(model, captions)`: embeddings; the model's
-  own `encode_images` / `encode_texts` take tensors, `score(images, texts)` pairs them.
+- `encode_store(model, store, ids)`, `encode_records(model, records)`,
+  `encode_captions(model, captions)`: embeddings, batch by batch; the model's own
+  `encode_images` takes one `RegionBatch`, `encode_texts` token tensors, and
+  `score(images, texts)` pairs them.
 - `build_index(...)`, `RetrievalIndex(path)`: an encoded gallery on disk (`cpfean.index.search`
   ranks it for one encoded query).
 - `Searcher`: an index with its model, answering text, image and "more like this" queries with
@@ -39,8 +41,9 @@ _EXPORTS = {
     "load_config": "cpfean.config",
     "RegionStore": "cpfean.data.region_store",
     "RegionRecord": "cpfean.data.region_store",
-    "encode_images": "cpfean.evaluation",
-    "encode_texts": "cpfean.evaluation",
+    "encode_store": "cpfean.encode",
+    "encode_records": "cpfean.encode",
+    "encode_captions": "cpfean.encode",
     "build_index": "cpfean.index",
     "RetrievalIndex": "cpfean.index",
     "Searcher": "cpfean.search",

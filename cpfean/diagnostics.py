@@ -96,10 +96,10 @@ def region_report(
     )
     try:
         for batch in loader:
-            tensors = batch.to(device).as_tuple()
-            mask = tensors[-1]
+            batch = batch.to(device)
+            mask = batch.mask
             values.setdefault("region_within_image_cosine", []).append(
-                within_image_cosine(encoder(*tensors), mask)
+                within_image_cosine(encoder(batch), mask)
             )
             for k, layer in enumerate(layers):
                 for key, v in _layer_values(layer, inputs[k], mask).items():

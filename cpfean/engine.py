@@ -318,7 +318,7 @@ def _losses(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     attention_mask = batch["attention_mask"].to(device, non_blocking=True)
     image_index = batch["image_index"].to(device, non_blocking=True)
     with run.autocast():
-        sims, txt = run.net(*regions.as_tuple(), input_ids, attention_mask, return_text=True)
+        sims, txt = run.net(regions, input_ids, attention_mask, return_text=True)
         triplet = run.loss_fn(sims.float(), image_ids=image_index)
         if not run.use_prominence_loss:
             return triplet, triplet, None

@@ -7,62 +7,11 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from cpfean.data.captions import CaptionSet
-from cpfean.data.dataset import ImageDataset, collate_regions
 from cpfean.data.region_store import RegionStore
+from cpfean.encode import encode_captions, encode_store
 from cpfean.metrics import evaluate_protocol
-from cpfean.progress import progress as progress_of
-
-
-@torch.no_grad()
-def encode_images(
-    model,
-    store: RegionStore,
-    image_ids: Sequence[str],
-    *,
-    batch_size: int = 128,
-    device: torch.device | str = "cpu",
-    num_workers: int = 0,
-    progress: bool = False,
-):
-    """Encode the regions of ``image_ids`` (in order) -> the model's ImageEmbeddings."""
-    loader = DataLoader(
-        ImageDataset(store, image_ids),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=collate_regions,
-    )
-    parts = []
-    for batch in progress_of(
-        loader, desc="encode images", unit="batch", enabled=progress, leave=False
-    ):
-        parts.append(model.encode_images(*batch.to(device).as_tuple()))
-    return type(parts[0]).cat(parts)
-
-
-@torch.no_grad()
-def encode_texts(
-    model,
-    captions: Sequence[str],
-    *,
-    batch_size: int = 128,
-    device: torch.device | str = "cpu",
-    progress: bool = False,
-):
-    """Encode ``captions`` (in order) -> the model's TextEmbeddings."""
-    parts = []
-    steps = range(0, len(captions), batch_size)
-    for start in progress_of(
-        steps, desc="encode captions", unit="batch", enabled=progress, leave=False
-    ):
-        tokens = model.tokenize(list(captions[start : start + batch_size]))
-        parts.append(
-            model.encode_texts(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
-        )
-    return type(parts[0]).cat(parts)
 
 
 @torch.no_grad()
@@ -94,10 +43,10 @@ def _evaluating(model) -> Iterator[None]:
 
 
 def _encode_split(model, store, image_ids, captions, batch_size, device, progress):
-    img = encode_images(
+    img = encode_store(
         model, store, image_ids, batch_size=batch_size, device=device, progress=progress
     )
-    txt = encode_texts(model, captions, batch_size=batch_size, device=device, progress=progress)
+    txt = encode_captions(model, captions, batch_size=batch_size, device=device, progress=progress)
     return img, txt
 
 

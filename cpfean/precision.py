@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["cpu_has_fast_bf16", "training_precision"]
+__all__ = ["cpu_has_fast_bf16", "native_bf16", "training_precision"]
 
 
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), not by emulation."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively (recent CUDA cards, CPUs with
+    AVX512-BF16 or AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_fast_bf16()
 
 
 def training_precision(amp: bool, device: torch.device) -> torch.dtype | None:
@@ -24,8 +32,6 @@ def training_precision(amp: bool, device: torch.device) -> torch.dtype | None:
     """
     if not amp:
         return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_fast_bf16():
+    if native_bf16(device):
         return torch.bfloat16
-    return None
+    return torch.float16 if device.type == "cuda" else None

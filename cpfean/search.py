@@ -17,9 +17,8 @@ import numpy as np
 import torch
 
 from cpfean.checkpoint import checkpoint_fingerprint, load_model, resolve_device
-from cpfean.data.dataset import collate_regions, record_arrays
 from cpfean.data.region_store import RegionRecord
-from cpfean.evaluation import encode_texts
+from cpfean.encode import Matcher, encode_captions, encode_records
 from cpfean.first_stage import TWO_STAGE_MIN
 from cpfean.index import IndexFormatError, RetrievalIndex, search
 
@@ -33,7 +32,7 @@ class QueryError(ValueError):
     """A query the model cannot answer (empty, no readable words)."""
 
 
-def words_of(model: Any, txt: Any, weights: torch.Tensor) -> list[tuple[str, float]]:
+def words_of(model: Matcher, txt: Any, weights: torch.Tensor) -> list[tuple[str, float]]:
     """(word, weight) of one caption's valid word slots, word pieces merged.
 
     Args:
@@ -85,7 +84,7 @@ class Searcher:
     """A model and the index it built, kept loaded; answers queries with explanations."""
 
     def __init__(
-        self, model: Any, index: RetrievalIndex, device: torch.device, checkpoint: str = ""
+        self, model: Matcher, index: RetrievalIndex, device: torch.device, checkpoint: str = ""
     ):
         self.model, self.index, self.device, self.checkpoint = model, index, device, checkpoint
         if index.count <= TWO_STAGE_MIN:  # searched exhaustively: keep it in memory if it fits
@@ -138,7 +137,7 @@ class Searcher:
                 f"the query was truncated to its first {self.max_words} word pieces "
                 f"(the model's limit); {full - cut} tokens were ignored"
             )
-        encoded = encode_texts(self.model, [query], device=self.device)
+        encoded = encode_captions(self.model, [query], device=self.device)
         if not bool(encoded.mask.any()):
             raise QueryError("the query has no words the model can read")
         return encoded, notes
@@ -146,8 +145,7 @@ class Searcher:
     @torch.no_grad()
     def encode_record(self, record: RegionRecord) -> Any:
         """ImageEmbeddings of one image's regions."""
-        batch = collate_regions([record_arrays(record)]).to(self.device)
-        return self.model.encode_images(*batch.as_tuple())
+        return encode_records(self.model, [record], device=self.device)
 
     # ------------------------------------------------------------------------ queries
     @torch.no_grad()

@@ -67,6 +67,10 @@ def add_region_config(cfg: CN) -> None:
     # a batch are zero-padded to one size, which changes features near the borders; 1 is what
     # the Caffe bottom-up-attention extractor did.
     cfg.REGIONS.IMAGES_PER_BATCH = 4
+    # Run the backbone (most of an image's extraction time) under bfloat16 autocast where the
+    # device computes it natively; the proposals, box head and region choice stay float32.
+    # Off by default: published features were computed in float32.
+    cfg.REGIONS.BACKBONE_BF16 = False
     add_efficientnet_config(cfg)  # MODEL.EFFICIENTNET: the bundled detector's backbone
 
 

@@ -17,7 +17,9 @@ import hashlib
 import logging
 import os
 import pickle
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,7 +32,8 @@ from detectron2.structures import Boxes, ImageList
 from torchvision.ops import batched_nms
 
 from cpfean.data.region_store import RegionRecord
-from detector.config import get_label_names
+from cpfean.precision import native_bf16
+from detector.config import get_label_names, get_region_cfg
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +156,33 @@ class _RecordingCheckpointer(DetectionCheckpointer):
         return self.incompatible
 
 
+def store_detector_files(
+    store: str | os.PathLike, config: str | None = None, weights: str | None = None
+) -> tuple[str, str, str | None]:
+    """(config, weights, weights sha256) of the detector that wrote a region store: as given,
+    else the config named in its meta or the demo layout (``detector/config.yaml`` and
+    ``model_final.pth`` beside the store); weights "" = the config's own. ValueError when
+    neither names a config."""
+    from cpfean.data.region_store import RegionStore
+
+    det: dict = {}
+    try:
+        det = RegionStore(store).meta.get("detector", {}) or {}
+    except (OSError, ValueError):
+        pass
+    beside = Path(store).parent / "detector" / "config.yaml"
+    config = config or (str(beside) if beside.is_file() else det.get("config"))
+    if not config:
+        raise ValueError(
+            "cannot tell which detector made the index's regions; pass "
+            "--detector-config and --detector-weights"
+        )
+    if not weights and Path(config).is_file():
+        candidate = Path(config).parent / "model_final.pth"
+        weights = str(candidate) if candidate.is_file() else ""
+    return str(config), weights or "", det.get("weights_sha256")
+
+
 class RegionExtractor:
     """Batched one-pass region extraction with a Detectron2 Faster R-CNN.
 
@@ -208,6 +238,36 @@ class RegionExtractor:
         if not isinstance(roi, (StandardROIHeads, Res5ROIHeads)):
             raise TypeError(f"unsupported ROI heads {type(roi).__name__}")
         self.feature_dim = self._feature_dim()
+        self.backbone_bf16 = bool(self.cfg.REGIONS.BACKBONE_BF16) and native_bf16(self.device)
+
+    @classmethod
+    def for_store(
+        cls,
+        store: str | os.PathLike,
+        *,
+        config: str | None = None,
+        weights: str | None = None,
+        device: str = "cpu",
+    ) -> RegionExtractor:
+        """The extractor of the detector that wrote the region store ``store`` (its files found
+        by `store_detector_files`). Weights whose checksum is not the store's are refused
+        before they are read (ValueError)."""
+        config, weights, want = store_detector_files(store, config, weights)
+        try:
+            opts = [f"MODEL.DEVICE={device}"] + ([f"MODEL.WEIGHTS={weights}"] if weights else [])
+            cfg = get_region_cfg(config, opts)  # no weights given: the config's own
+            extractor = cls(cfg, expected_sha256=want if want != "random-init" else None)
+        except (KeyError, ValueError, RuntimeError, OSError) as e:
+            raise ValueError(
+                f"cannot build the detector from {config} with weights {weights or '(none)'}: {e}"
+            ) from None
+        if want and extractor.weights_sha256 != want:
+            raise ValueError(
+                f"detector weights {weights or '(random init)'} (sha256 "
+                f"{extractor.weights_sha256[:12]}) are not the ones that made the "
+                f"index's regions (sha256 {want[:12]}); pass --detector-weights"
+            )
+        return extractor
 
     @property
     def device(self) -> torch.device:
@@ -235,6 +295,8 @@ class RegionExtractor:
                 "weights_sha256": self.weights_sha256,
                 "feature_source": r.FEATURE_SOURCE,
                 "box_source": r.BOX_SOURCE,
+                # only when set, so that float32 stores of earlier versions still resume
+                **({"backbone_dtype": "bfloat16"} if self.backbone_bf16 else {}),
             },
             "thresholds": {
                 "score": r.SCORE_THRESH,
@@ -279,7 +341,11 @@ class RegionExtractor:
     ) -> tuple[list[dict], ImageList, dict[str, torch.Tensor]]:
         inputs = [self._prepare(img, image_format) for img in images]
         batch = self.model.preprocess_image(inputs)
-        return inputs, batch, self.model.backbone(batch.tensor)
+        if not self.backbone_bf16:
+            return inputs, batch, self.model.backbone(batch.tensor)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            features = self.model.backbone(batch.tensor)
+        return inputs, batch, {k: v.float() for k, v in features.items()}
 
     @torch.no_grad()
     def detect(
@@ -392,3 +458,10 @@ class RegionExtractor:
     ) -> list[RegionRecord]:
         """Images (HxWx3 uint8, `image_format` order) -> one `RegionRecord` each."""
         return self.to_records(self.detect(images, image_format))
+
+    def extract_one(self, image: np.ndarray, image_format: str = "BGR") -> RegionRecord:
+        """One query image's record, without the libraries' deprecation chatter (a query's
+        user cannot act on it)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return self([image], image_format)[0]

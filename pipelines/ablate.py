@@ -96,26 +96,22 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
-        print(f"error: unknown rows {unknown}; known: {', '.join(ROWS)}", file=sys.stderr)
-        return 2
+        return cli.fail(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
     out = Path(args.out)
     try:
         full_cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return cli.fail(exc)
     heldout = None
     if bool(args.heldout_regions) != bool(args.heldout_captions):
-        print("error: --heldout-regions and --heldout-captions go together", file=sys.stderr)
-        return 2
+        return cli.fail("--heldout-regions and --heldout-captions go together")
     if args.heldout_regions:
         try:  # checked before anything trains
             heldout = (RegionStore(args.heldout_regions), load_captions(args.heldout_captions))
             check_ids(heldout[1], heldout[0].ids())
             heldout[1].flatten(5)  # the protocol's 5 captions per image
         except (FileNotFoundError, ValueError, KeyError) as exc:
-            print(f"error: held-out set: {exc}", file=sys.stderr)
-            return 2
+            return cli.fail(f"held-out set: {exc.args[0] if isinstance(exc, KeyError) else exc}")
         source = {
             "regions": str(Path(args.heldout_regions).resolve()),
             "captions": str(Path(args.heldout_captions).resolve()),
@@ -133,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             stale = _changed_keys(out / row / "config.yaml", cfg)
         except ConfigError as exc:
-            print(f"error: {out / row}: {exc}", file=sys.stderr)
-            return 2
+            return cli.fail(f"{out / row}: {exc}")
         if stale:
             print(
                 f"error: {out / row} was trained with a different config ({', '.join(stale)}); "

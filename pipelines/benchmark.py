@@ -3,7 +3,7 @@
 NAME: score, extract, retrieve, eval (COCO 5K at paper scale), data (store -> batches),
 serve (search latency through HTTP), train (training images/s and a step's split).
 
-Each benchmark lives in its own module (``pipelines/bench_*.py``) and prints a markdown table;
+Each benchmark lives in its own module (``pipelines/bench/*.py``) and prints a markdown table;
 docs/benchmarks.md quotes the figures with the command that produced them.
 """
 
@@ -13,13 +13,13 @@ import importlib
 import sys
 
 BENCHMARKS = {
-    "score": "pipelines.bench_score",
-    "extract": "pipelines.bench_extract",
-    "retrieve": "pipelines.bench_retrieve",
-    "eval": "pipelines.bench_paper_scale",
-    "data": "pipelines.bench_paper_scale",
-    "serve": "pipelines.bench_serve",
-    "train": "pipelines.bench_train",
+    "score": "pipelines.bench.score",
+    "extract": "pipelines.bench.extract",
+    "retrieve": "pipelines.bench.retrieve",
+    "eval": "pipelines.bench.paper_scale",
+    "data": "pipelines.bench.paper_scale",
+    "serve": "pipelines.bench.serve",
+    "train": "pipelines.bench.train",
 }
 PASS_NAME = {"eval", "data"}  # modules that serve several benchmarks take the name too
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import warnings
+from pathlib import Path
 from typing import NoReturn
 
 EXIT_USAGE = 2
@@ -24,7 +27,69 @@ def parser(prog: str, description: str | None) -> ArgumentParser:
     )
 
 
+def image_size(text: str) -> tuple[int, int]:
+    """An argparse type: ``WIDTHxHEIGHT`` (each >= 64) -> (width, height)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 320x240, got {text!r}") from None
+    if w < 64 or h < 64:
+        raise argparse.ArgumentTypeError(f"size must be at least 64x64, got {text!r}")
+    return w, h
+
+
 def fail(message: object) -> int:
-    """Print one ``error:`` line (whitespace folded) and return the usage exit status."""
+    """Print one ``error:`` line (whitespace folded) and return the usage exit status. A
+    KeyError's message is its argument (``str(KeyError)`` would quote it)."""
+    if isinstance(message, KeyError) and message.args:
+        message = message.args[0]
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
     return EXIT_USAGE
+
+
+class UsageError(ValueError):
+    """Bad input: reported as one ``error:`` line, exit status 2."""
+
+
+# what the query commands (retrieve, serve, the serving benchmark) open by default
+DEFAULT_INDEXES = ("runs/demo/index", "runs/demo-quick/index")
+
+
+def default_index() -> Path:
+    """The newest whole default index (or the first default path, for the error message)."""
+    found = [Path(p) for p in DEFAULT_INDEXES if (Path(p) / "index.json").is_file()]
+    if not found:
+        return Path(DEFAULT_INDEXES[0])
+    return max(found, key=lambda p: (p / "index.json").stat().st_mtime)
+
+
+def open_searcher(index_dir: str | None, checkpoint: str | None, device: str):
+    """The index (default: the newest demo one) with its checkpoint loaded."""
+    from cpfean.search import Searcher
+
+    try:
+        return Searcher.open(index_dir or default_index(), checkpoint, device)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+
+
+def image_detector(index, config: str | None, weights: str | None, device: str):
+    """The RegionExtractor that made ``index``'s regions, for image queries (quiet: its
+    libraries' log lines are not for a query's user; errors come back as UsageError)."""
+    from cpfean.checkpoint import resolve_device
+
+    device = "cuda" if resolve_device(device).type == "cuda" else "cpu"
+    for name in ("torch.fx._symbolic_trace", "fvcore", "detectron2", "detector"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with warnings.catch_warnings():  # library deprecation chatter at import
+        warnings.simplefilter("ignore")
+        try:
+            from detector.extractor import RegionExtractor
+        except ImportError as e:
+            raise UsageError(f"image queries need the detector stage (detectron2): {e}") from None
+        try:
+            return RegionExtractor.for_store(
+                index.regions_path or "", config=config, weights=weights, device=device
+            )
+        except ValueError as e:
+            raise UsageError(str(e)) from None

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         sims, caps = _similarities(args.checkpoint, args, device)
         other = _similarities(args.against, args, device) if args.against else None
     except (OSError, ValueError, MissingImagesError) as exc:
-        return cli.fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
+        return cli.fail(exc)
     if other is not None and (
         other[1].image_ids != caps.image_ids or other[1].flatten(5)[0] != caps.flatten(5)[0]
     ):

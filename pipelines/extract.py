@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from datetime import timedelta
@@ -34,13 +33,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 
-from cpfean.data.region_store import RegionStore, RegionStoreError, RegionWriter, merge_stores
-from cpfean.fileio import WriterLock, atomic_output, atomic_write
-from cpfean.progress import progress as progress_of
+from cpfean.data.region_store import RegionStoreError, store_lock
 from detector.config import DEFAULT_DETECTOR, TRAINED_DEFAULT, get_region_cfg
-from detector.data import ImageFolder, list_images, shard
+from detector.data import list_images
+from detector.extract import extract_folder
 from detector.extractor import RegionExtractor, check_weights_file
 from pipelines import cli
 
@@ -118,119 +115,6 @@ def build_cfg(args: argparse.Namespace, local_rank: int, world: int):
     return cfg
 
 
-def _recover_swap(store: Path) -> None:
-    """Finish a merge swap that a crash interrupted (STORE moved aside, merged copy ready)."""
-    old, merging = _sibling(store, ".old"), _sibling(store, ".merging")
-    if not store.exists() and merging.exists():
-        os.replace(merging, store)
-    if not store.exists() and old.exists():
-        os.replace(old, store)
-    if store.exists() and old.exists():
-        shutil.rmtree(old)
-
-
-def _sibling(path: Path, suffix: str) -> Path:
-    return path.with_name(path.name + suffix)
-
-
-def extract_shard(
-    extractor: RegionExtractor,
-    root: Path,
-    ids: list[str],
-    store: Path,
-    report: Path,
-    *,
-    already: set[str],
-    rejected: list[tuple[str, str]],
-    batch_size: int,
-    workers: int,
-    commit_every: int,
-    max_pixels: int,
-    progress: bool,
-    desc: str,
-) -> dict[str, int]:
-    """Extract `ids` (minus those already stored) into `store`; skipped ones go to `report`.
-
-    Returns:
-        counts: written, skipped, present (already in a store before this run).
-    """
-    counts = {"written": 0, "skipped": 0, "present": 0}
-    # the images root lets the retrieval index find and draw the images later
-    meta = {**extractor.meta, "images_root": str(root.resolve())}
-    with (
-        RegionWriter(store, meta, commit_every=commit_every) as writer,
-        atomic_output(report) as rep,
-    ):
-        done = writer.done_ids() | already
-        todo = [i for i in ids if i not in done]
-        counts["present"] = len(ids) - len(todo)
-        loader = DataLoader(
-            ImageFolder(root, todo, max_pixels),
-            batch_size=batch_size,
-            num_workers=workers,
-            collate_fn=list,
-        )
-        bar = progress_of(total=len(todo), unit="img", desc=desc, enabled=progress)
-
-        def skip(image_id: str, reason: str) -> None:
-            rep.write(
-                json.dumps({"image_id": image_id, "path": str(root / image_id), "reason": reason})
-                + "\n"
-            )
-            rep.flush()
-            counts["skipped"] += 1
-
-        for name, reason in rejected:
-            skip(name, reason)
-
-        for batch in loader:
-            good = [item for item in batch if item.image is not None]
-            for item in batch:
-                if item.error is not None:
-                    skip(item.image_id, item.error)
-            try:
-                records = extractor([item.image for item in good], image_format="RGB")
-                pairs = list(zip(good, records, strict=True))
-            except Exception:  # find the image at fault, keep the rest
-                pairs = []
-                for item in good:
-                    try:
-                        pairs.append((item, extractor([item.image], image_format="RGB")[0]))
-                    except Exception as e:
-                        skip(item.image_id, f"detector failed: {type(e).__name__}: {e}")
-            for item, record in pairs:
-                writer.put(item.image_id, record)
-                counts["written"] += 1
-            bar.update(len(batch))
-        bar.close()
-    return counts
-
-
-def _merge(store: Path, world: int) -> int:
-    """Rank 0: merge STORE (if any) and the per-rank stores into STORE; drop the rank files."""
-    ranks = [_sibling(store, f".rank{r}") for r in range(world)]
-    sources = ([store] if store.exists() else []) + [p for p in ranks if p.exists()]
-    merging = _sibling(store, ".merging")
-    if merging.exists():
-        shutil.rmtree(merging)
-    count = merge_stores(sources, merging)
-    if store.exists():
-        os.replace(store, _sibling(store, ".old"))
-    os.replace(merging, store)
-    _recover_swap(store)
-    lines = []
-    for r in range(world):
-        rep = _sibling(store, f".rank{r}.skipped.jsonl")
-        if rep.exists():
-            lines += rep.read_text(encoding="utf-8").splitlines(keepends=True)
-            rep.unlink()
-    atomic_write(_sibling(store, ".skipped.jsonl"), "".join(lines))
-    for path in ranks:
-        if path.exists():
-            shutil.rmtree(path)
-    return count
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank, world, local_rank = _rank_world()
@@ -244,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         ids = list_images(root, rejected)
         if store.exists() and not store.is_dir():
             raise ValueError(f"--out {store} is a file, not a region store")
-        lock = WriterLock(store / "writer.lock", f"region store {store}")
+        lock = store_lock(store)
         if world == 1 and lock.is_held_elsewhere():  # say so before the detector loads
             raise ValueError(f"region store {store} is being written by {lock.holder()}")
         if cfg.MODEL.WEIGHTS:
@@ -254,10 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     if world > 1:
         dist.init_process_group("gloo", timeout=timedelta(hours=12))
     try:
-        if rank == 0:
-            _recover_swap(store)
-        if world > 1:
-            dist.barrier()
         start = time.time()
         try:
             extractor = RegionExtractor(cfg)
@@ -265,56 +145,39 @@ def main(argv: list[str] | None = None) -> int:
             if world > 1:
                 raise
             return cli.fail(e)
-        already = set(RegionStore(store).ids()) if world > 1 and store.exists() else set()
-        mine = shard(ids, rank, world)
-        out = store if world == 1 else _sibling(store, f".rank{rank}")
-        report = _sibling(out, ".skipped.jsonl")
         try:
-            counts = extract_shard(
+            summary = extract_folder(
                 extractor,
                 root,
-                mine,
-                out,
-                report,
-                already=already,
-                rejected=rejected if rank == 0 else [],
+                ids,
+                store,
+                rejected=rejected,
+                rank=rank,
+                world=world,
                 batch_size=args.batch_size or cfg.REGIONS.IMAGES_PER_BATCH,
                 workers=args.workers,
                 commit_every=args.commit_every,
-                max_pixels=cfg.REGIONS.MAX_IMAGE_PIXELS,
                 progress=not args.no_progress,
-                desc=f"extract[{rank}]" if world > 1 else "extract",
             )
         except RegionStoreError as e:
             if world > 1:
                 raise  # torchrun then stops every rank instead of leaving them at the barrier
             return cli.fail(e)
-        if world > 1:
-            dist.barrier()
-            if rank != 0:
-                return EXIT_OK
-            total = _merge(store, world)
-            skipped = len(
-                _sibling(store, ".skipped.jsonl").read_text(encoding="utf-8").splitlines()
+        if summary is None:  # a rank other than 0: rank 0 reports
+            return EXIT_OK
+        report, skipped = summary.pop("report"), summary["skipped"]
+        print(
+            json.dumps(
+                {
+                    "store": str(store),
+                    **{k: summary.pop(k) for k in ("images", "in_store", "skipped")},
+                    "seconds": round(time.time() - start, 1),
+                    **summary,
+                }
             )
-        else:
-            total, skipped = len(RegionStore(store)), counts["skipped"]
-        summary = {
-            "store": str(store),
-            "images": len(ids) + len(rejected),
-            "in_store": total,
-            "skipped": skipped,
-            "seconds": round(time.time() - start, 1),
-        }
-        if world == 1:
-            summary.update(written=counts["written"], already_present=counts["present"])
-        print(json.dumps(summary))
+        )
         if skipped:
-            print(
-                f"extract: {skipped} image(s) skipped, reasons in "
-                f"{_sibling(store, '.skipped.jsonl')}",
-                file=sys.stderr,
-            )
+            print(f"extract: {skipped} image(s) skipped, reasons in {report}", file=sys.stderr)
         return EXIT_SKIPPED if skipped and world == 1 else EXIT_OK
     finally:
         if world > 1 and dist.is_initialized():

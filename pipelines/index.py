@@ -12,7 +12,6 @@ rebuilds). Exit status: 0 done, 2 bad input (missing files, mismatched data).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -34,21 +33,12 @@ def _images_root(given: str | None, store_meta: dict, captions: str | None) -> s
     return root
 
 
-def _up_to_date(out: Path, key: str) -> bool:
-    """The index at ``out`` was built from exactly these inputs (its recorded build key)."""
-    try:
-        meta = json.loads((out / "index.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and meta.get("build_key") == key
-
-
 def run(args: argparse.Namespace) -> int:
     from cpfean.checkpoint import checkpoint_fingerprint, load_model, resolve_device
     from cpfean.config import to_dict
     from cpfean.data.captions import check_ids, load_captions
     from cpfean.data.region_store import RegionStore
-    from cpfean.index import build_index, build_key, check_replaceable
+    from cpfean.index import build_index, check_replaceable
 
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_file():
@@ -79,22 +69,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     sha256 = checkpoint_fingerprint(checkpoint)
     images_root = _images_root(args.images_root, store.meta, caption_file)
-    key = build_key(
-        checkpoint_sha256=sha256,
-        store=store,
-        image_ids=image_ids,
-        captions=captions,
-        caption_image_ids=owners,
-        dtype=args.dtype,
-        images_root=images_root,
-    )
-    if not args.force and _up_to_date(out, key):
-        print(
-            f"index {out} is up to date ({len(image_ids)} images, {len(captions)} captions); "
-            "--force rebuilds it"
-        )
-        return 0
-    build_index(
+    built = build_index(
         model,
         store,
         out,
@@ -109,8 +84,15 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=device,
         progress=not args.quiet,
+        force=args.force,
         log=lambda s: print(s, file=sys.stderr),
     )
+    if built.up_to_date:
+        print(
+            f"index {out} is up to date ({len(image_ids)} images, {len(captions)} captions); "
+            "--force rebuilds it"
+        )
+        return 0
     print(
         f"index {out}: {len(image_ids)} images, {len(captions)} captions, "
         f"checkpoint {checkpoint} (sha256 {sha256[:12]})"
@@ -154,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     except (OSError, ValueError, KeyError, LockedError) as exc:
-        return cli.fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
+        return cli.fail(exc)
 
 
 if __name__ == "__main__":

@@ -20,22 +20,12 @@ from cpfean.scenes.photos import catalogue
 from pipelines import cli
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 320x240, got {text!r}") from None
-    if w < 64 or h < 64:
-        raise argparse.ArgumentTypeError(f"size must be at least 64x64, got {text!r}")
-    return w, h
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m pipelines.make_demo_data", __doc__)
     p.add_argument("out", help="output directory")
     p.add_argument("--images", type=int, default=500, help="number of images (>= 3)")
     p.add_argument("--seed", type=int, default=0, help="data set seed")
-    p.add_argument("--size", type=_size, default=(320, 240), help="WIDTHxHEIGHT (320x240)")
+    p.add_argument("--size", type=cli.image_size, default=(320, 240), help="WIDTHxHEIGHT (320x240)")
     p.add_argument(
         "--workers", type=int, default=0, help="processes drawing images (0 = one per CPU core)"
     )
@@ -49,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sizes = split_sizes(args.images)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     workers = args.workers if args.workers > 0 else (os.cpu_count() or 1)
     workers = min(workers, max(1, args.images // 16))  # a pool is not worth it for tiny runs
     width, height = args.size

@@ -17,7 +17,6 @@ import time
 
 from cpfean.scenes.photos import MissingPackageError, generate_photo_set
 from pipelines import cli
-from pipelines.make_demo_data import _size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", type=int, default=1000, help="training images")
     p.add_argument("--val", type=int, default=200, help="validation images (unseen drawings)")
     p.add_argument("--seed", type=int, default=0, help="data set seed")
-    p.add_argument("--size", type=_size, default=(320, 240), help="WIDTHxHEIGHT (320x240)")
+    p.add_argument("--size", type=cli.image_size, default=(320, 240), help="WIDTHxHEIGHT (320x240)")
     args = p.parse_args(argv)
     if args.train < 1 or args.val < 1:
         p.error("--train and --val must be >= 1")

@@ -17,28 +17,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
-import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from cpfean.checkpoint import resolve_device
 from cpfean.fileio import atomic_path, atomic_write
-from cpfean.index import IndexFormatError, RetrievalIndex
-from cpfean.search import QueryError, Searcher
+from cpfean.index import IndexFormatError
+from cpfean.search import QueryError
 from pipelines import cli
+from pipelines.cli import DEFAULT_INDEXES, UsageError, image_detector, open_searcher
 
-DEFAULT_INDEXES = ("runs/demo/index", "runs/demo-quick/index")
 MAX_TOP_K = 1000  # a ranked list longer than this is an export, not a search
 MAX_FIRST_STAGE = 100_000  # candidates re-ranked by the full model (bounds one query's work)
-
-
-class UsageError(Exception):
-    """Bad input: reported as one ``error:`` line, exit status 2."""
 
 
 # ------------------------------------------------------------------------------- inputs
@@ -59,14 +51,6 @@ def check_query(query: str) -> str:
     return " ".join(query.split())
 
 
-def default_index() -> Path:
-    """The newest whole default index (or the first default path, for the error message)."""
-    found = [Path(p) for p in DEFAULT_INDEXES if (Path(p) / "index.json").is_file()]
-    if not found:
-        return Path(DEFAULT_INDEXES[0])
-    return max(found, key=lambda p: (p / "index.json").stat().st_mtime)
-
-
 def read_image(path: str) -> np.ndarray:
     """HxWx3 uint8 BGR array of an image file, upright (EXIF orientation applied), decoded by
     the same policy as extraction; UsageError when missing, unreadable or refused."""
@@ -79,88 +63,6 @@ def read_image(path: str) -> np.ndarray:
     except BadImage as e:
         raise UsageError(f"cannot read image {path}: {e}") from None
     return np.ascontiguousarray(rgb[:, :, ::-1])
-
-
-def _detector_files(
-    index: RetrievalIndex, config: str | None, weights: str | None
-) -> tuple[str, str, dict]:
-    """Detector config and weights: given, else recorded in the region store's meta, else the
-    demo layout (``detector/`` beside the store). Also returns the store's detector meta."""
-    det: dict = {}
-    store = Path(index.regions_path or "")
-    try:
-        from cpfean.data.region_store import RegionStore
-
-        det = RegionStore(store).meta.get("detector", {}) or {}
-    except (OSError, ValueError):
-        pass
-    config = config or next(
-        (
-            c
-            for c in (
-                det.get("config_file"),
-                det.get("config_path"),
-                str(store.parent / "detector" / "config.yaml"),
-            )
-            if c and Path(c).is_file()
-        ),
-        det.get("config"),
-    )
-    if not config:
-        raise UsageError(
-            "cannot tell which detector made the index's regions; pass "
-            "--detector-config and --detector-weights"
-        )
-    weights = weights or det.get("weights") or ""
-    if not weights and Path(config).is_file():
-        candidate = Path(config).parent / "model_final.pth"
-        weights = str(candidate) if candidate.is_file() else ""
-    return str(config), weights, det
-
-
-def build_detector(
-    index: RetrievalIndex,
-    config: str | None = None,
-    weights: str | None = None,
-    device: str = "auto",
-) -> Any:
-    """The RegionExtractor of the detector stage that built the index's region store (its
-    weights checked against the store's checksum before they are read)."""
-    config, weights, det = _detector_files(index, config, weights)
-    device = "cuda" if resolve_device(device).type == "cuda" else "cpu"
-    for name in ("torch.fx._symbolic_trace", "fvcore", "detectron2", "detector"):
-        logging.getLogger(name).setLevel(logging.ERROR)  # errors are reported as one line
-    with warnings.catch_warnings():  # library deprecation chatter is not for query users
-        warnings.simplefilter("ignore")
-        try:
-            from detector.config import get_region_cfg
-            from detector.extractor import RegionExtractor
-        except ImportError as e:
-            raise UsageError(f"image queries need the detector stage (detectron2): {e}") from None
-        want = det.get("weights_sha256")
-        try:
-            opts = [f"MODEL.DEVICE={device}"] + ([f"MODEL.WEIGHTS={weights}"] if weights else [])
-            cfg = get_region_cfg(config, opts)  # no weights given: the config's own
-            known = want if want and want != "random-init" else None
-            extractor = RegionExtractor(cfg, expected_sha256=known)
-        except (FileNotFoundError, KeyError, ValueError, RuntimeError, OSError) as e:
-            raise UsageError(
-                f"cannot build the detector from {config} with weights {weights or '(none)'}: {e}"
-            ) from None
-    if want and extractor.weights_sha256 != want:
-        raise UsageError(
-            f"detector weights {weights or '(random init)'} (sha256 "
-            f"{extractor.weights_sha256[:12]}) are not the ones that made the "
-            f"index's regions (sha256 {want[:12]}); pass --detector-weights"
-        )
-    return extractor
-
-
-def extract_regions(extractor: Any, image: np.ndarray) -> Any:
-    """One BGR image's RegionRecord."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return extractor([image])[0]
 
 
 # ------------------------------------------------------------------------------- output
@@ -220,14 +122,6 @@ def show(out: str, payload: dict, query_image: np.ndarray | None) -> None:
 
 
 # ---------------------------------------------------------------------------------- main
-def open_searcher(index_dir: str | None, checkpoint: str | None, device: str) -> Searcher:
-    """The index (default: the newest demo one) with its checkpoint loaded."""
-    try:
-        return Searcher.open(index_dir or default_index(), checkpoint, device)
-    except FileNotFoundError as e:
-        raise UsageError(str(e)) from None
-
-
 def run(args: argparse.Namespace) -> dict:
     if not 1 <= args.top_k <= MAX_TOP_K:
         raise UsageError(f"--top-k must be in 1..{MAX_TOP_K}, got {args.top_k}")
@@ -242,10 +136,10 @@ def run(args: argparse.Namespace) -> dict:
     if query is not None:
         payload = searcher.text_to_images(query, **options)
     else:
-        extractor = build_detector(
+        extractor = image_detector(
             searcher.index, args.detector_config, args.detector_weights, args.device
         )
-        payload = searcher.image_to_captions(extract_regions(extractor, image), **options)
+        payload = searcher.image_to_captions(extractor.extract_one(image), **options)
         payload["query"] = str(args.image)
     payload["notes"] = [f"note: {n}" for n in payload["notes"]]
     payload.update(index=str(searcher.index.path), checkpoint=searcher.checkpoint)
@@ -304,13 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         ValueError,
         KeyError,
     ) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-        return 2
+        return cli.fail(exc)
     except Exception as exc:  # one line, never a traceback, for the unexpected too
-        print(
-            f"error: unexpected {type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr
-        )
+        cli.fail(f"unexpected {type(exc).__name__}: {exc}")
         return 1
     if args.json:
         for r in payload["results"]:

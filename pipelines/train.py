@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         best = train(cfg, resume=args.resume, progress=not args.quiet)
     except (OSError, ValueError, MissingImagesError, LockedError, FloatingPointError) as exc:
-        return cli.fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
+        return cli.fail(exc)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun the other ranks hold no result
         print(
             f"best validation rSum {best['rsum']:.2f} (epoch {best.get('epoch')}); "

@@ -8,7 +8,7 @@ import json
 import torch
 
 from cpfean.index import RetrievalIndex
-from pipelines import bench_retrieve
+from pipelines.bench import retrieve as bench_retrieve
 
 
 def test_bench_retrieve_small(tmp_path):

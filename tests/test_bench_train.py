@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipelines import bench_train
+from pipelines.bench import train as bench_train
 from tests.test_engine import TINY_MODEL
 from tests.tiny_data import make_tiny_dataset
 
@@ -62,7 +62,7 @@ def test_missing_demo_store_is_one_error_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_against_another_checkout_times_both_on_the_same_store(tmp_path, data):
-    from pipelines.bench_train import REPO
+    from pipelines.bench.train import REPO
 
     assert bench_train.main(_argv(data, tmp_path, "--against", str(REPO))) == 0
     mine, other = json.loads((tmp_path / "train.json").read_text())["against"]

@@ -74,8 +74,8 @@ def test_device_scores_embeddings_and_metrics_match_the_cpu(data):
             for k, r in value.items():
                 assert abs(on_dev[key][k] - r) <= 100 / n_queries[key] + 1e-6, (key, k)
     # one image's region embeddings, as the index stores them
-    img = model.encode_images(*_first_batch(store, caps, model).to(DEVICE).as_tuple())
-    ref = model.to("cpu").encode_images(*_first_batch(store, caps, model).as_tuple())
+    img = model.encode_images(_first_batch(store, caps, model).to(DEVICE))
+    ref = model.to("cpu").encode_images(_first_batch(store, caps, model))
     torch.testing.assert_close(img.regions.cpu(), ref.regions, atol=1e-4, rtol=0)
 
 

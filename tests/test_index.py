@@ -112,9 +112,9 @@ class StandInModel(nn.Module):
             input_ids[k, : len(i)] = torch.tensor(i, dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": (input_ids > 0).long()}
 
-    def encode_images(self, features, boxes, labels, scores, mask) -> StandInImages:
-        v = nn.functional.normalize(features.float(), dim=-1) * mask[..., None]
-        return StandInImages(regions=v, mask=mask.bool())
+    def encode_images(self, regions) -> StandInImages:
+        v = nn.functional.normalize(regions.features.float(), dim=-1) * regions.mask[..., None]
+        return StandInImages(regions=v, mask=regions.mask.bool())
 
     def encode_texts(self, input_ids, attention_mask) -> StandInTexts:
         mask = attention_mask.bool()
@@ -218,7 +218,7 @@ def build(tmp_path, scenes, name="index", **kwargs):
         images_root=store.meta["images_root"],
         **kwargs,
     )
-    return model, store, RetrievalIndex(out)
+    return model, store, RetrievalIndex(out.path)
 
 
 def query(model, text):
@@ -257,10 +257,9 @@ def test_index_matches_live_scores(tmp_path):
     model, store, index = build(tmp_path, scenes, dtype="float32", shard_size=7)
     txt = query(model, "large red ball")
     rows, scores, _ = search(model, index, txt, top_k=30)
-    from cpfean.data.dataset import collate_regions, record_arrays
+    from cpfean.encode import encode_records
 
-    batch = collate_regions([record_arrays(store[i]) for i in store.ids()])
-    live = model.score(model.encode_images(*batch.as_tuple()), txt)[:, 0].numpy()
+    live = model.score(encode_records(model, [store[i] for i in store.ids()]), txt)[:, 0].numpy()
     np.testing.assert_allclose(scores, live[rows], rtol=1e-6, atol=1e-6)
     assert rows[0] == int(np.argmax(live))
     assert index.boxes.shape == (30, 36, 4) and index.labels.shape == (30, 36)
@@ -316,10 +315,26 @@ def test_resume_after_interrupt(tmp_path):
     fresh = build_index(
         model, store, tmp_path / "fresh", checkpoint=CKPT, config={}, shard_size=5, batch_size=2
     )
-    a, b = RetrievalIndex(tmp_path / "index"), RetrievalIndex(fresh)
+    a, b = RetrievalIndex(tmp_path / "index"), RetrievalIndex(fresh.path)
     for name in ("pooled", "boxes", "labels"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
     np.testing.assert_array_equal(a.images(slice(None)).regions, b.images(slice(None)).regions)
+
+
+def test_a_current_index_is_kept_and_a_changed_input_rebuilds_it(tmp_path):
+    scenes = random_scenes(12, seed=5)
+    model, store, _ = build(tmp_path, scenes)
+    args = dict(checkpoint=CKPT, config={}, images_root=store.meta["images_root"])
+    encoded = []
+    original = model.encode_images
+    model.encode_images = lambda regions: encoded.append(len(regions.mask)) or original(regions)
+    again = build_index(model, store, tmp_path / "index", **args)
+    assert again.up_to_date and encoded == []  # nothing encoded, nothing rewritten
+    forced = build_index(model, store, tmp_path / "index", force=True, **args)
+    assert not forced.up_to_date and sum(encoded) == 12
+    other = build_index(model, store, tmp_path / "index", **{**args, "dtype": "float32"})
+    assert not other.up_to_date
+    assert json.loads((other.path / "index.json").read_text())["dtype"] == "float32"
 
 
 def test_two_stage_agrees_with_exhaustive(tmp_path):
@@ -380,6 +395,7 @@ def test_an_index_written_before_a_field_was_renamed_still_loads(tmp_path):
         captions=["a green cone"],
         caption_image_ids=["001.png"],
     )
+    path = path.path
     index = RetrievalIndex(path)
     want_img, want_txt = index.images(np.arange(4)), index.caption_embeddings(np.array([0]))
     meta_path = path / "index.json"

@@ -41,6 +41,11 @@ class RegionBatch:
     def pin_memory(self) -> RegionBatch:
         return RegionBatch(*(t.pin_memory() for t in self.as_tuple()))
 
+    @classmethod
+    def from_records(cls, records: Sequence[RegionRecord]) -> RegionBatch:
+        """Stack store records (boxes normalised by each image's size) into one batch."""
+        return collate_regions([record_arrays(r) for r in records])
+
     def trimmed(self) -> RegionBatch:
         """The slots up to the batch's last valid region (at least one): the rest are padding
         that every layer masks, so dropping them changes no output and saves their compute."""

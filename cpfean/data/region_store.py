@@ -52,6 +52,7 @@ __all__ = [
     "check_lmdb_file",
     "image_id_problem",
     "merge_stores",
+    "store_lock",
 ]
 
 _MAX_MAP_SIZE = 1 << 44
@@ -197,6 +198,11 @@ def _is_utf8(raw: bytes) -> bool:
     return True
 
 
+def store_lock(path: str | Path) -> WriterLock:
+    """The lock a store's one writer holds (``is_held_elsewhere`` / ``holder`` to ask)."""
+    return WriterLock(Path(path) / _LOCK_NAME, f"region store {path}")
+
+
 def _open_reader(key: str) -> lmdb.Environment:
     """A read-only env registered in LMDB's reader table (a writer then keeps the pages it
     reads); in a folder this process cannot write, an unregistered one, refused while a writer
@@ -207,7 +213,7 @@ def _open_reader(key: str) -> lmdb.Environment:
         return lmdb.open(key, lock=True, **options)
     except lmdb.Error:
         pass
-    lock = WriterLock(Path(key) / _LOCK_NAME, f"region store {key}")
+    lock = store_lock(key)
     if lock.is_held_elsewhere():
         raise RegionStoreError(
             f"region store {key} is being written by {lock.holder()} and "
@@ -278,7 +284,7 @@ class RegionWriter:
         if pid == os.getpid() and not readonly:
             raise RegionStoreError(f"a RegionWriter for {self.path} is already open")
         try:
-            self._lock = WriterLock(self.path / _LOCK_NAME, f"region store {self.path}").acquire()
+            self._lock = store_lock(self.path).acquire()
         except LockedError as e:
             raise RegionStoreError(str(e)) from None
         self._env: lmdb.Environment | None = None

@@ -25,6 +25,7 @@ captions, dtype, images root), so a stale index is never taken for an up-to-date
 """
 
 from cpfean.index.build import (
+    IndexBuild,
     build_index,
     build_key,
     check_replaceable,
@@ -44,6 +45,7 @@ from cpfean.index.reader import RetrievalIndex, search
 __all__ = [
     "FORMAT",
     "VERSION",
+    "IndexBuild",
     "IndexFormatError",
     "IndexMismatchError",
     "RetrievalIndex",

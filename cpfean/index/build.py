@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cpfean.data.dataset import collate_regions, record_arrays
-from cpfean.evaluation import encode_texts
+from cpfean.encode import Matcher, encode_captions, encode_records
 from cpfean.fileio import WriterLock, atomic_path, fsync_dir
 from cpfean.index.format import (
     FORMAT,
@@ -109,22 +108,15 @@ def images_root_of(store_meta: dict, given: str | None = None) -> str | None:
 # ---------------------------------------------------------------------------------- building
 @torch.no_grad()
 def _encode_shard(
-    model: Any, store: Any, ids: Sequence[str], batch_size: int, device: torch.device | str
+    model: Matcher, store: Any, ids: Sequence[str], batch_size: int, device: torch.device | str
 ) -> tuple[Any, dict[str, np.ndarray]]:
     """ImageEmbeddings of ``ids`` plus their geometry arrays (boxes in pixels, labels, hw)."""
-    parts, boxes, labels, hws = [], [], [], []
-    for start in range(0, len(ids), batch_size):
-        records = [store[i] for i in ids[start : start + batch_size]]
-        batch = collate_regions([record_arrays(r) for r in records]).to(device)
-        parts.append(model.encode_images(*batch.as_tuple()))
-        boxes += [r.boxes for r in records]
-        labels += [r.labels for r in records]
-        hws += [r.image_hw for r in records]
-    emb = type(parts[0]).cat(parts) if len(parts) > 1 else parts[0]
+    records = [store[i] for i in ids]
+    emb = encode_records(model, records, batch_size=batch_size, device=device)
     geometry = {
-        "boxes": np.stack(boxes).astype(np.float32),
-        "labels": np.stack(labels).astype(np.int32),
-        "hw": np.asarray(hws, dtype=np.int32),
+        "boxes": np.stack([r.boxes for r in records]).astype(np.float32),
+        "labels": np.stack([r.labels for r in records]).astype(np.int32),
+        "hw": np.asarray([r.image_hw for r in records], dtype=np.int32),
     }
     return emb, geometry
 
@@ -166,7 +158,7 @@ def _assemble(shards: list[Path], dest: Path, names: list[str], count: int) -> N
 
 
 def build_index(
-    model: Any,
+    model: Matcher,
     store: Any,
     out: str | os.PathLike,
     *,
@@ -181,9 +173,12 @@ def build_index(
     dtype: str = "float16",
     device: torch.device | str = "cpu",
     progress: bool = False,
+    force: bool = False,
     log: Callable[[str], None] = lambda s: None,
-) -> Path:
-    """Encode a gallery (and optionally a caption set) into an index directory at ``out``.
+) -> IndexBuild:
+    """Encode a gallery (and optionally a caption set) into an index directory at ``out``;
+    an index already there that these inputs built (its build key) is kept as it is, unless
+    ``force``.
 
     Args:
         model: the matching model (eval mode) with ``encode_images`` / ``encode_texts``.
@@ -196,15 +191,25 @@ def build_index(
         dtype: float dtype on disk for the embeddings ("float16" halves the size; scores
             move by ~1e-3).
     Returns:
-        the index directory.
+        the index directory, and whether it was up to date already.
     """
     out = Path(out)
     ids = list(store.ids() if image_ids is None else image_ids)
     if not ids:
         raise IndexFormatError(f"region store {store.path} holds no images to index")
-    check_replaceable(out)
+    key = build_key(
+        checkpoint_sha256=checkpoint["sha256"],
+        store=store,
+        image_ids=ids,
+        captions=captions,
+        caption_image_ids=caption_image_ids,
+        dtype=dtype,
+        images_root=images_root,
+    )
+    if not force and _built_from(out, key):
+        return IndexBuild(out, up_to_date=True)
     with WriterLock(out.with_name(f".{out.name}.lock"), f"index {out}"):
-        check_replaceable(out)  # again, now that no other build can change it
+        check_replaceable(out)  # now that no other build can change it
         work = out.with_name(out.name + ".building")
         encoding = _Encoding(batch_size=batch_size, dtype=dtype, device=device, progress=progress)
         shards, emb_class = _encode_gallery(
@@ -234,15 +239,7 @@ def build_index(
             "images_root_from_index": _relative(images_root, out) if images_root else None,
             "count": len(ids),
             "ids_sha256": ids_digest(ids),
-            "build_key": build_key(
-                checkpoint_sha256=checkpoint["sha256"],
-                store=store,
-                image_ids=ids,
-                captions=captions,
-                caption_image_ids=caption_image_ids,
-                dtype=dtype,
-                images_root=images_root,
-            ),
+            "build_key": key,
             "label_names": list(store.meta.get("label_names", [])),
             "dtype": dtype,
             "image_embeddings": {"class": _class_name(emb_class), "fields": field_names},
@@ -261,7 +258,24 @@ def build_index(
         fsync_dir(out.parent)
         shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
-        return out
+        return IndexBuild(out, up_to_date=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexBuild:
+    """What `build_index` did: the index folder, and whether it was current already."""
+
+    path: Path
+    up_to_date: bool
+
+
+def _built_from(out: Path, key: str) -> bool:
+    """The index at ``out`` was built from exactly the inputs that ``key`` digests."""
+    try:
+        meta = json.loads((out / "index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("build_key") == key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,7 +289,7 @@ class _Encoding:
 
 
 def _encode_gallery(
-    model: Any,
+    model: Matcher,
     store: Any,
     ids: list[str],
     work: Path,
@@ -323,14 +337,14 @@ def _encode_gallery(
 
 @torch.no_grad()
 def _index_captions(
-    model: Any,
+    model: Matcher,
     dest: Path,
     captions: Sequence[str],
     image_ids: Sequence[str] | None,
     enc: _Encoding,
 ) -> dict:
     dest.mkdir(parents=True)
-    txt = encode_texts(
+    txt = encode_captions(
         model, list(captions), batch_size=enc.batch_size, device=enc.device, progress=enc.progress
     )
     for name, t in _fields(txt).items():

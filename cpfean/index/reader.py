@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cpfean.encode import Matcher
 from cpfean.first_stage import DEFAULT_CANDIDATES, TWO_STAGE_MIN, FirstStage, two_stage
 from cpfean.first_stage import exhaustive as exhaustive_search
 from cpfean.index.format import (
@@ -191,7 +192,7 @@ class RetrievalIndex:
 # ----------------------------------------------------------------------------------- search
 @torch.no_grad()
 def search(
-    model: Any,
+    model: Matcher,
     index: RetrievalIndex,
     query: Any,
     *,

@@ -7,6 +7,8 @@ word, an MLP d -> d/2 -> 1 with GELU).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -15,6 +17,9 @@ from cpfean.model.embeddings import ImageEmbeddings, TextEmbeddings
 from cpfean.model.fusion import FragmentGates, Scoring, score_block, score_chunked
 from cpfean.model.region_encoder import RegionEncoder
 from cpfean.model.text_encoder import WordEncoder, encode_names, load_text_backbone
+
+if TYPE_CHECKING:
+    from cpfean.data.dataset import RegionBatch
 
 __all__ = ["CPFEAN", "build_model"]
 
@@ -80,20 +85,10 @@ class CPFEAN(nn.Module):
         )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
-    def encode_images(
-        self,
-        features: torch.Tensor,
-        boxes: torch.Tensor,
-        labels: torch.Tensor,
-        scores: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> ImageEmbeddings:
-        """Args: features (B, R, D), boxes (B, R, 4) normalised xyxy, labels (B, R) long
-        (-1 = none), scores (B, R), mask (B, R) bool. Returns the cacheable ImageEmbeddings."""
-        mask = mask.bool()
-        return self.image_embeddings(
-            self.region_encoder(features, boxes, labels, scores, mask), mask
-        )
+    def encode_images(self, regions: RegionBatch) -> ImageEmbeddings:
+        """B images' regions (`RegionBatch`: features, normalised boxes, labels, scores,
+        mask) -> the cacheable ImageEmbeddings."""
+        return self.image_embeddings(self.region_encoder(regions), regions.mask.bool())
 
     def image_embeddings(self, regions: torch.Tensor, mask: torch.Tensor) -> ImageEmbeddings:
         """Unit-norm regions (B, R, d) and mask (B, R) -> ImageEmbeddings with their Gram
@@ -177,11 +172,7 @@ class CPFEAN(nn.Module):
 
     def forward(
         self,
-        features: torch.Tensor,
-        boxes: torch.Tensor,
-        labels: torch.Tensor,
-        scores: torch.Tensor,
-        mask: torch.Tensor,
+        regions: RegionBatch,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         return_text: bool = False,
@@ -191,7 +182,7 @@ class CPFEAN(nn.Module):
         ``return_text`` also returns the TextEmbeddings (their prominence feeds an auxiliary
         loss; under DistributedDataParallel everything a loss uses must come out of forward).
         """
-        img = self.encode_images(features, boxes, labels, scores, mask)
+        img = self.encode_images(regions)
         txt = self.encode_texts(input_ids, attention_mask)
         # captions in chunks of similar length: each chunk's (B, bc, L, R) block is cut to its
         # own longest caption, so word padding costs no scoring time (the scores are the same)

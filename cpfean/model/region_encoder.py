@@ -27,9 +27,14 @@ alike, so a word can no longer pick out its region (docs/lab-notes.md).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from cpfean.data.dataset import RegionBatch
 
 __all__ = ["RegionEncoder"]
 
@@ -99,17 +104,21 @@ class RegionEncoder(nn.Module):
                 _zero_(block.self_attn.out_proj)
                 _zero_(block.linear2)
 
-    def forward(self, features, boxes, labels, scores, mask) -> torch.Tensor:
-        """Args (tensors):
-            features: (B, R, D).
-            boxes: (B, R, 4) xyxy normalised to [0, 1].
-            labels: (B, R) long, -1 for padding / unknown.
-            scores: (B, R) detection scores.
-            mask: (B, R) bool, valid regions.
+    def forward(self, regions: RegionBatch) -> torch.Tensor:
+        """Args:
+            regions: features (B, R, D), boxes (B, R, 4) xyxy normalised to [0, 1], labels
+                (B, R) long (-1 for padding / unknown), scores (B, R), mask (B, R) bool.
 
         Returns:
             (B, R, d) unit-norm region embeddings, zero at padded slots.
         """
+        features, boxes, labels, scores = (
+            regions.features,
+            regions.boxes,
+            regions.labels,
+            regions.scores,
+        )
+        mask = regions.mask.bool()
         m = mask[..., None]  # (B, R, 1)
         # where() rather than multiplication so NaN/inf garbage in padded slots cannot leak
         features = torch.where(m, features, 0)

@@ -199,3 +199,33 @@ def test_butd_config_builds_and_returns_36_slots_of_2048(tmp_path):
     assert 1 <= rec.num_valid <= 12
     _check_record(rec, (96, 128), 2048)
     assert ex.meta["detector"]["config"] == "butd_r101_c4_vg"
+
+
+def test_bfloat16_backbone_where_native_keeps_float32_heads(small_extractor):
+    """REGIONS.BACKBONE_BF16: the backbone's features come back float32 and close to the
+    float32 pass, the records keep their invariants, and the store's meta says which; on a
+    device without native bfloat16 the switch changes nothing."""
+    from cpfean.precision import native_bf16
+
+    torch.manual_seed(0)
+    fast = RegionExtractor(
+        get_region_cfg("scenes_r18_fpn", SMALL_OPTS + ["REGIONS.BACKBONE_BF16", "True"])
+    )
+    fast.model.load_state_dict(small_extractor.model.state_dict())
+    imgs = _images(3)
+    if not native_bf16(torch.device("cpu")):
+        assert not fast.backbone_bf16 and "backbone_dtype" not in fast.meta["detector"]
+        for a, b in zip(fast(imgs), small_extractor(imgs), strict=True):
+            np.testing.assert_array_equal(a.features, b.features)
+        return
+    assert fast.backbone_bf16 and fast.meta["detector"]["backbone_dtype"] == "bfloat16"
+    assert "backbone_dtype" not in small_extractor.meta["detector"]
+    with torch.no_grad():
+        _, _, low = fast._preprocess(imgs, "BGR")
+        _, _, full = small_extractor._preprocess(imgs, "BGR")
+    for name, f in full.items():
+        assert low[name].dtype == torch.float32
+        assert float((low[name] - f).norm() / f.norm()) < 0.02, name
+    assert not torch.equal(low["p2"], full["p2"])  # it did run in bfloat16
+    for rec in fast(imgs):
+        _check_record(rec, (120, 160), fast.feature_dim)

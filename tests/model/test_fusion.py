@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cpfean.data.dataset import RegionBatch
 from cpfean.model import build_model
 from cpfean.model.reference import reference_pair_score, scan_t2i_naive
 
@@ -35,7 +36,7 @@ SWITCHES = [
 def _encode(model, n_valid):
     feats, boxes, labels, scores, mask = random_regions(len(n_valid), n_valid=n_valid, seed=1)
     with torch.no_grad():
-        img = model.encode_images(feats, boxes, labels, scores, mask)
+        img = model.encode_images(RegionBatch(feats, boxes, labels, scores, mask))
         txt = model.encode_texts(**model.tokenize(CAPTIONS))
     return img, txt
 
@@ -142,7 +143,6 @@ def test_region_slots_past_the_fullest_image_are_skipped_without_changing_scores
     """score() cuts blocks to their fullest image's region span, and training batches are
     trimmed to theirs (RegionBatch.trimmed); the scores must equal one unchunked block over all
     36 slots, holes in the mask included."""
-    from cpfean.data.dataset import RegionBatch
     from cpfean.model.fusion import score_block
 
     torch.manual_seed(0)
@@ -151,7 +151,7 @@ def test_region_slots_past_the_fullest_image_are_skipped_without_changing_scores
     mask[0, 4] = False  # a hole before the last valid slot: spans count slots, not regions
     tok = model.tokenize(CAPTIONS)
     with torch.no_grad():
-        img = model.encode_images(feats, boxes, labels, scores, mask)
+        img = model.encode_images(RegionBatch(feats, boxes, labels, scores, mask))
         txt = model.encode_texts(**tok)
         full = score_block(img, txt, model.scoring)  # every block of 36 region slots
         assert img.region_span().tolist() == [9, 3, 1, 6, 2]
@@ -160,12 +160,11 @@ def test_region_slots_past_the_fullest_image_are_skipped_without_changing_scores
             torch.testing.assert_close(cut, full, atol=1e-6, rtol=0)
         batch = RegionBatch(feats, boxes, labels, scores, mask).trimmed()
         assert batch.mask.shape == (5, 9)
-        trained = model(*batch.as_tuple(), tok["input_ids"], tok["attention_mask"])
+        trained = model(batch, tok["input_ids"], tok["attention_mask"])
     torch.testing.assert_close(trained, full, atol=1e-5, rtol=0)
 
 
 def test_trimming_a_batch_with_no_valid_region_keeps_one_slot():
-    from cpfean.data.dataset import RegionBatch
 
     batch = RegionBatch(*random_regions(2, n_valid=[0, 0])).trimmed()
     assert batch.features.shape == (2, 1, FEATURE_DIM) and not batch.mask.any()

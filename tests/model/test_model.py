@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cpfean.data.dataset import RegionBatch
 from cpfean.model import (
     ContrastiveLoss,
     ImageEmbeddings,
@@ -51,7 +52,9 @@ def test_every_trainable_parameter_gets_a_gradient(name):
 
     def backward():
         model.zero_grad(set_to_none=True)
-        sims = model(feats, boxes, labels, scores, mask, tok["input_ids"], tok["attention_mask"])
+        sims = model(
+            RegionBatch(feats, boxes, labels, scores, mask), tok["input_ids"], tok["attention_mask"]
+        )
         assert sims.shape == (4, 4)
         ContrastiveLoss(margin=0.2, max_violation=False)(sims).backward()
 
@@ -78,7 +81,7 @@ def test_add_on_components_start_as_no_ops():
     feats, boxes, labels, scores, mask = random_regions(2, n_valid=[36, 9])
     enc = model.region_encoder
     with torch.no_grad():
-        regions = enc(feats, boxes, labels, scores, mask)
+        regions = enc(RegionBatch(feats, boxes, labels, scores, mask))
         plain = torch.nn.functional.normalize(enc.proj(feats), dim=-1) * mask[..., None]
         torch.testing.assert_close(regions, plain)
         tok = model.tokenize(CAPTIONS[:3])
@@ -117,7 +120,7 @@ def test_centered_context_removes_an_image_wide_update():
                 block.linear1.weight.zero_()
                 block.linear1.bias.fill_(1.0)
                 block.linear2.weight.normal_()
-            out[centered] = enc(feats, boxes, labels, scores, mask)
+            out[centered] = enc(RegionBatch(feats, boxes, labels, scores, mask))
             plain = torch.nn.functional.normalize(enc.proj(feats), dim=-1) * mask[..., None]
     torch.testing.assert_close(out[True], plain, atol=1e-5, rtol=0)
     assert (out[False] - plain)[mask].norm(dim=-1).min() > 0.1
@@ -142,13 +145,20 @@ def test_padding_does_not_change_scores(name):
     with torch.no_grad():
         txt_short = model.encode_texts(short["input_ids"], short["attention_mask"])
         txt_long = model.encode_texts(long["input_ids"], long["attention_mask"])
-        clean = model.score(model.encode_images(feats, boxes, labels, scores, mask), txt_short)
+        clean = model.score(
+            model.encode_images(RegionBatch(feats, boxes, labels, scores, mask)), txt_short
+        )
         junk = model.score(
-            model.encode_images(junk_feats, junk_boxes, junk_labels, junk_scores, mask), txt_long
+            model.encode_images(
+                RegionBatch(junk_feats, junk_boxes, junk_labels, junk_scores, mask)
+            ),
+            txt_long,
         )
         # the same caption alone, and an image alone (other batch members must not matter)
         alone = model.score(
-            model.encode_images(feats[1:2], boxes[1:2], labels[1:2], scores[1:2], mask[1:2]),
+            model.encode_images(
+                RegionBatch(feats[1:2], boxes[1:2], labels[1:2], scores[1:2], mask[1:2])
+            ),
             model.encode_texts(**model.tokenize(CAPTIONS[3:4])),
         )
     torch.testing.assert_close(junk, clean, atol=1e-5, rtol=0)
@@ -171,8 +181,12 @@ def test_rebuild_from_config_and_state_dict(tmp_path):
     feats, boxes, labels, scores, mask = random_regions(3, n_valid=[36, 8, 20])
     tok = model.tokenize(CAPTIONS)
     with torch.no_grad():
-        a = model(feats, boxes, labels, scores, mask, tok["input_ids"], tok["attention_mask"])
-        b = again(feats, boxes, labels, scores, mask, tok["input_ids"], tok["attention_mask"])
+        a = model(
+            RegionBatch(feats, boxes, labels, scores, mask), tok["input_ids"], tok["attention_mask"]
+        )
+        b = again(
+            RegionBatch(feats, boxes, labels, scores, mask), tok["input_ids"], tok["attention_mask"]
+        )
     torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
@@ -184,11 +198,9 @@ def test_runs_without_labels_or_boxes():
     tok = model.tokenize(CAPTIONS[:3])
     with torch.no_grad():
         sims = model(
-            feats,
-            torch.zeros(2, 36, 4),
-            torch.full((2, 36), -1),
-            torch.ones(2, 36),
-            mask,
+            RegionBatch(
+                feats, torch.zeros(2, 36, 4), torch.full((2, 36), -1), torch.ones(2, 36), mask
+            ),
             tok["input_ids"],
             tok["attention_mask"],
         )
@@ -203,7 +215,7 @@ def test_embedding_containers_slice_cat_and_move():
     model = build_model(tiny_config(), LABELS).eval()
     feats, boxes, labels, scores, mask = random_regions(4, n_valid=[36, 3, 9, 20])
     with torch.no_grad():
-        img = model.encode_images(feats, boxes, labels, scores, mask)
+        img = model.encode_images(RegionBatch(feats, boxes, labels, scores, mask))
         t1 = model.encode_texts(**model.tokenize(CAPTIONS[:3]))  # different word spans
         t2 = model.encode_texts(**model.tokenize(CAPTIONS[3:]))
         txt = TextEmbeddings.cat([t1, t2])
@@ -260,7 +272,9 @@ def test_overfits_a_tiny_set():
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
     for _ in range(30):
-        sims = model(feats, boxes, labels, scores, mask, tok["input_ids"], tok["attention_mask"])
+        sims = model(
+            RegionBatch(feats, boxes, labels, scores, mask), tok["input_ids"], tok["attention_mask"]
+        )
         loss = loss_fn(sims, image_ids=image_ids, caption_image_ids=cap_ids)
         opt.zero_grad()
         loss.backward()
@@ -269,7 +283,9 @@ def test_overfits_a_tiny_set():
     assert losses[-1] < 0.5 * losses[0]
     model.eval()
     with torch.no_grad():
-        sims = model(feats, boxes, labels, scores, mask, tok["input_ids"], tok["attention_mask"])
+        sims = model(
+            RegionBatch(feats, boxes, labels, scores, mask), tok["input_ids"], tok["attention_mask"]
+        )
     pos = sims[cap_ids, torch.arange(16)]  # (16,) each caption with its own image
     neg = sims.masked_fill(image_ids[:, None] == cap_ids[None, :], float("-inf"))
     assert (pos > neg.max(dim=0).values).float().mean() >= 0.9
@@ -288,7 +304,9 @@ def test_grouping_captions_by_length_changes_no_word_embedding_nor_gradient():
     for group in (0, 3):
         model.word_encoder.length_group = group
         model.zero_grad(set_to_none=True)
-        sims = model(feats, boxes, labels, scores, mask, tok["input_ids"], tok["attention_mask"])
+        sims = model(
+            RegionBatch(feats, boxes, labels, scores, mask), tok["input_ids"], tok["attention_mask"]
+        )
         words, wmask, _ = model.word_encoder(tok["input_ids"], tok["attention_mask"])
         ContrastiveLoss(margin=0.2, max_violation=False)(sims).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("detectron2")
 
-from pipelines import bench_extract  # noqa: E402
+from pipelines.bench import extract as bench_extract  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.detector]
 

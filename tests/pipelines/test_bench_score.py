@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pipelines import bench_score
+from pipelines.bench import score as bench_score
 
 
 def test_bench_score_quick(capsys):

@@ -43,7 +43,7 @@ def demo(tmp_path, monkeypatch):
     monkeypatch.setattr(
         search_module, "load_model", lambda path, device: (StandInModel().eval(), Config(), {})
     )
-    return {"index": str(out), "ckpt": str(ckpt), "tmp": tmp_path}
+    return {"index": str(out.path), "ckpt": str(ckpt), "tmp": tmp_path}
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -88,11 +88,21 @@ def test_first_stage_flag(demo, capsys):
     assert code == 0 and json.loads(out)["search"]["path"] == "two-stage"
 
 
+class _Given:
+    """A detector stand-in that finds ``record`` in any image."""
+
+    def __init__(self, record):
+        self.record = record
+
+    def extract_one(self, image):
+        assert image.ndim == 3 and image.shape[2] == 3  # the decoded query image
+        return self.record
+
+
 def test_image_query(demo, capsys, monkeypatch):
     path = demo["tmp"] / "images" / "001.png"
     record = make_store(demo["tmp"] / "q", [[("green", "cone", None)]])["000.png"]
-    monkeypatch.setattr(retrieve, "build_detector", lambda *a, **k: "detector")
-    monkeypatch.setattr(retrieve, "extract_regions", lambda extractor, image: record)
+    monkeypatch.setattr(retrieve, "image_detector", lambda *a, **k: _Given(record))
     code, out, err = run(capsys, "--image", str(path), "--index", demo["index"], "--json")
     assert code == 0, err
     payload = json.loads(out)
@@ -129,8 +139,7 @@ def test_show(demo, capsys, suffix):
 
 def test_show_image_query(demo, capsys, monkeypatch):
     record = make_store(demo["tmp"] / "q", [[("green", "cone", None)]])["000.png"]
-    monkeypatch.setattr(retrieve, "build_detector", lambda *a, **k: "detector")
-    monkeypatch.setattr(retrieve, "extract_regions", lambda extractor, image: record)
+    monkeypatch.setattr(retrieve, "image_detector", lambda *a, **k: _Given(record))
     target = demo["tmp"] / "img.png"
     code, _, err = run(
         capsys,
@@ -223,16 +232,18 @@ def test_moved_index_finds_its_checkpoint_and_images(demo, capsys, tmp_path_fact
 
 
 def test_detector_files_resolution(demo):
+    extractor = pytest.importorskip("detector.extractor")
     from cpfean.index import RetrievalIndex
 
-    index = RetrievalIndex(demo["index"])
+    store = RetrievalIndex(demo["index"]).regions_path
     (demo["tmp"] / "detector").mkdir()
     for name in ("config.yaml", "model_final.pth"):
         (demo["tmp"] / "detector" / name).write_text("x")
-    config, weights, _ = retrieve._detector_files(index, None, None)  # the demo layout
+    config, weights, _ = extractor.store_detector_files(store)  # the demo layout
     assert config == str(demo["tmp"] / "detector" / "config.yaml")
     assert weights == str(demo["tmp"] / "detector" / "model_final.pth")
-    assert retrieve._detector_files(index, "mine.yaml", "mine.pth")[:2] == ("mine.yaml", "mine.pth")
+    given = extractor.store_detector_files(store, "mine.yaml", "mine.pth")
+    assert given[:2] == ("mine.yaml", "mine.pth")
 
 
 def test_index_cli_missing_checkpoint(tmp_path, capsys):

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.retrieve import build_detector, open_searcher
-from pipelines.serve import Limits, create_app
+from pipelines.cli import image_detector, open_searcher
+from pipelines.web.app import Limits, create_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.detector]
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -31,7 +31,7 @@ def served(request):
     full = os.environ.get("CPFEAN_SERVE_DEMO")
     out = Path(full) if full else request.getfixturevalue("quick_demo")[0]
     searcher = open_searcher(str(out / "index"), None, "cpu")
-    factory = lambda: build_detector(searcher.index, device="cpu")
+    factory = lambda: image_detector(searcher.index, None, None, "cpu")
     limits = Limits(max_upload_bytes=2_000_000, max_upload_pixels=4_000_000)
     app = create_app(searcher, limits=limits, detector_factory=factory)
     return {"app": app, "searcher": searcher, "out": out}

@@ -45,7 +45,7 @@ from cpfean.evaluation import evaluate_split
 from cpfean.fileio import atomic_write_json
 from pipelines import cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PHASES = ("data", "text encoder", "region encoder", "scoring", "loss", "backward", "optimizer")
 WORDS = "a man woman dog riding red bike on the street with two people near green grass".split()
 

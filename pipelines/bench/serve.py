@@ -61,7 +61,7 @@ def measure(open_searcher, name: str, args: argparse.Namespace) -> dict:
     """Serve the searcher ``open_searcher()`` loads, as pipelines.serve does, and time it."""
     import httpx
 
-    from pipelines.serve import Limits, open_server
+    from pipelines.web.app import Limits, open_server
 
     app, searcher = open_server(
         open_searcher, limits=Limits(workers=1, queue=4 * args.clients), threads=args.threads
@@ -114,7 +114,7 @@ def synthetic_searcher(n: int, workdir: Path, seed: int):
     from cpfean.index import RetrievalIndex
     from cpfean.model import ModelConfig, build_model
     from cpfean.search import Searcher
-    from pipelines.bench_retrieve import SyntheticGallery, text_embeddings, write_index
+    from pipelines.bench.gallery import SyntheticGallery, text_embeddings, write_index
 
     torch.manual_seed(seed)
     model = build_model(ModelConfig(feature_dim=16, embed_dim=1024), label_names=[]).eval()
@@ -145,12 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--requests, --clients, --per-client and --threads must be >= 1")
     if args.workdir is not None and not Path(args.workdir).is_dir():
         p.error(f"--workdir {args.workdir} is not an existing folder")
-    from pipelines.retrieve import UsageError, open_searcher
-
     rows = []
     try:
-        rows.append(measure(lambda: open_searcher(args.index, None, args.device), args.index, args))
-    except (UsageError, OSError, ValueError) as e:
+        rows.append(
+            measure(lambda: cli.open_searcher(args.index, None, args.device), args.index, args)
+        )
+    except (OSError, ValueError) as e:
         return cli.fail(e)
     if args.synthetic:
         work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_serve_"))

@@ -67,27 +67,21 @@ def _cfg(args: argparse.Namespace):
 
 
 def _run_cpfean(args: argparse.Namespace, ids: list[str]) -> dict:
+    from detector.extract import extract_images
     from detector.extractor import RegionExtractor
-    from pipelines.extract import extract_shard
 
     extractor = RegionExtractor(_cfg(args))
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "bench.lmdb"
         start = time.perf_counter()
-        counts = extract_shard(
+        counts = extract_images(
             extractor,
             args.images,
             ids,
             store,
             Path(tmp) / "skipped.jsonl",
-            already=set(),
-            rejected=[],  # the benchmark's images are listed by the benchmark, none refused
             batch_size=args.batch_size,
             workers=args.workers,
-            commit_every=64,
-            max_pixels=extractor.cfg.REGIONS.MAX_IMAGE_PIXELS,
-            progress=False,
-            desc="bench",
         )
         seconds = time.perf_counter() - start
     return {"images": counts["written"], "seconds": seconds}
@@ -164,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [
                 sys.executable,
                 "-m",
-                "pipelines.bench_extract",
+                "pipelines.bench.extract",
                 "--run",
                 variant,
                 "--images",

@@ -88,29 +88,19 @@ def _flops(fn) -> tuple[float, int]:
 
 @torch.no_grad()
 def bench_eval(args: argparse.Namespace) -> None:
-    from cpfean.model.embeddings import ImageEmbeddings
+    from cpfean.encode import encode_captions, encode_records
 
     rng = np.random.default_rng(args.seed)
     model = _butd_model(args.labels).eval()
     records = [_record(rng, 2048, args.labels) for _ in range(min(args.images, 256))]
-    from cpfean.data.dataset import collate_regions, record_arrays
 
     start = time.perf_counter()
-    parts = []
-    for i in range(0, args.images, 128):  # reuse the first records' features for the rest
-        batch = collate_regions(
-            [record_arrays(records[j % len(records)]) for j in range(i, min(i + 128, args.images))]
-        )
-        parts.append(model.encode_images(*batch.as_tuple()))
-    img = ImageEmbeddings.cat(parts)
+    # the first records' features reused for the rest
+    img = encode_records(model, [records[j % len(records)] for j in range(args.images)])
     t_img = time.perf_counter() - start
     caps = _captions(5 * args.images, args.seed)
     start = time.perf_counter()
-    txt_parts = []
-    for i in range(0, len(caps), 256):
-        tok = model.tokenize(caps[i : i + 256])
-        txt_parts.append(model.encode_texts(tok["input_ids"], tok["attention_mask"]))
-    txt = type(txt_parts[0]).cat(txt_parts)
+    txt = encode_captions(model, caps, batch_size=256)
     t_txt = time.perf_counter() - start
     fold = args.images // 5
     t_blocks, f_blocks = _flops(
@@ -191,7 +181,7 @@ def bench_data(args: argparse.Namespace) -> None:
     loss_fn = ContrastiveLoss(margin=0.2, max_violation=True)
 
     def step() -> None:
-        sims = model(*batch["regions"].as_tuple(), batch["input_ids"], batch["attention_mask"])
+        sims = model(batch["regions"], batch["input_ids"], batch["attention_mask"])
         loss = loss_fn(sims, image_ids=batch["image_index"])
         opt.zero_grad(set_to_none=True)
         loss.backward()

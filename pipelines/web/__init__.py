@@ -1,0 +1,1 @@
+"""The search page (HTML, CSS, JavaScript) and the server behind it (`pipelines.web.app`)."""
