@@ -14,6 +14,7 @@ import difflib
 import json
 import logging
 import math
+import operator
 import re
 import types
 import typing
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from cpfean.fields import bounded, bounds_of
 from cpfean.fileio import atomic_write
 from cpfean.model.config import ModelConfig
 
@@ -40,23 +42,33 @@ class DataConfig:
     train_split: str = "train"  # split of the caption source used for training
     val_split: str = "val"  # split used to pick the best checkpoint
     test_split: str = "test"  # split reported by pipelines.evaluate
-    val_limit: int = 0  # validate on the first N images of val_split (0 = all; SCAN: 1000 on COCO)
-    num_workers: int = 0  # DataLoader worker processes (0 = load in the main process)
+    val_limit: int = bounded(
+        0, low=0
+    )  # validate on the first N images of val_split (0 = all; SCAN: 1000 on COCO)
+    num_workers: int = bounded(
+        0, low=0
+    )  # DataLoader worker processes (0 = load in the main process)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 12  # passes over the training captions
-    batch_size: int = 64  # captions per step (each with its image)
-    lr: float = 2e-4  # AdamW learning rate for everything but the text encoder
-    text_lr: float = 2e-5  # AdamW learning rate for the pretrained text encoder
-    weight_decay: float = 1e-4  # AdamW weight decay
-    lr_decay_epochs: list[int] = field(default_factory=lambda: [8])  # epochs at which lr *= 0.1
-    lr_warmup_steps: int = 0  # steps of linear learning-rate warm-up from lr/100 (0 = none)
-    grad_clip: float = 2.0  # max global gradient norm (0 = no clipping)
-    margin: float = 0.2  # triplet ranking margin
-    all_negatives_epochs: int = 1  # epochs that sum over all negatives before the hardest one
-    recurrence_weight: float = 1.0  # weight of the word-recurrence supervision (0 = off)
+    epochs: int = bounded(12, low=1)  # passes over the training captions
+    batch_size: int = bounded(64, low=2)  # captions per step (each with its image)
+    lr: float = bounded(2e-4, above=0)  # AdamW learning rate for everything but the text encoder
+    text_lr: float = bounded(2e-5, low=0)  # AdamW learning rate for the pretrained text encoder
+    weight_decay: float = bounded(1e-4, low=0)  # AdamW weight decay
+    lr_decay_epochs: tuple[int, ...] = (8,)  # epochs at which lr *= 0.1
+    lr_warmup_steps: int = bounded(
+        0, low=0
+    )  # steps of linear learning-rate warm-up from lr/100 (0 = none)
+    grad_clip: float = bounded(2.0, low=0)  # max global gradient norm (0 = no clipping)
+    margin: float = bounded(0.2, low=0)  # triplet ranking margin
+    all_negatives_epochs: int = bounded(
+        1, low=0
+    )  # epochs that sum over all negatives before the hardest one
+    recurrence_weight: float = bounded(
+        1.0, low=0
+    )  # weight of the word-recurrence supervision (0 = off)
     # give "a", "the", "of", "left", ... no recurrence target: captions of one image share their
     # phrasing, so these recur by template, not because they name what is shown
     recurrence_skip_function_words: bool = False
@@ -64,9 +76,13 @@ class TrainConfig:
     amp: bool = True
     seed: int = 0  # seeds Python, NumPy and torch
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
-    eval_batch_size: int = 128  # images/captions per encoding batch during validation
-    log_every: int = 20  # steps between metrics-log rows
-    ddp_timeout_minutes: int = 60  # collective timeout under torchrun; covers rank 0's validation
+    eval_batch_size: int = bounded(
+        128, low=1
+    )  # images/captions per encoding batch during validation
+    log_every: int = bounded(20, low=1)  # steps between metrics-log rows
+    ddp_timeout_minutes: int = bounded(
+        60, low=1
+    )  # collective timeout under torchrun; covers rank 0's validation
 
 
 @dataclass(frozen=True)
@@ -98,6 +114,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         (item_tp,) = typing.get_args(tp) or (Any,)
         if isinstance(value, (list, tuple)):
             return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif origin is tuple:  # tuple[X, ...]: frozen sequences (YAML gives lists)
+        item_tp = (typing.get_args(tp) or (Any,))[0]
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
     elif tp is Any:
         return value
     elif tp is float:
@@ -164,8 +184,12 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as plain nested data (JSON/YAML-safe)."""
-    return dataclasses.asdict(cfg)
+    """The config as plain nested data (JSON/YAML-safe: tuples become lists)."""
+    return dataclasses.asdict(cfg, dict_factory=lambda items: {k: _plain(v) for k, v in items})
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -221,51 +245,33 @@ def load_config(
     return cfg
 
 
-# (key, lowest allowed value, whether the lowest is excluded); every float must also be finite
-_RANGES = (
-    ("train.epochs", 1, False),
-    ("train.batch_size", 2, False),
-    ("train.lr", 0, True),
-    ("train.text_lr", 0, False),
-    ("train.weight_decay", 0, False),
-    ("train.lr_warmup_steps", 0, False),
-    ("train.grad_clip", 0, False),
-    ("train.margin", 0, False),
-    ("train.all_negatives_epochs", 0, False),
-    ("train.recurrence_weight", 0, False),
-    ("train.eval_batch_size", 1, False),
-    ("train.log_every", 1, False),
-    ("data.num_workers", 0, False),
-    ("data.val_limit", 0, False),
-    ("train.ddp_timeout_minutes", 1, False),
-    ("model.feature_dim", 1, False),
-    ("model.embed_dim", 1, False),
-    ("model.max_words", 1, False),
-    ("model.region_layers", 1, False),
-    ("model.region_heads", 1, False),
-    ("model.region_ff_dim", 1, False),
-    ("model.dropout", 0, False),
-    ("model.topk", 0, False),
-    ("model.lambda_softmax", 0, True),
-)
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+
+
+def _leaves(cfg: Any, prefix: str = ""):
+    """(dotted key, value, field) of every non-section field of a config, depth first."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value, f
 
 
 def check_values(cfg: Config) -> None:
     """Raise ConfigError naming the first value out of its range (sizes positive, rates
     finite and non-negative, splits named, a known device), before any data or model loads."""
-    for key, low, strict in _RANGES:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+    for key, value, f in _leaves(cfg):
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key}: must be finite, got {value!r}")
-        if value < low or (strict and value == low):
-            raise ConfigError(f"{key}: must be {'>' if strict else '>='} {low}, got {value!r}")
-    for key in ("model.gate_cos_init",):
-        if not math.isfinite(cfg.model.gate_cos_init):
-            raise ConfigError(f"{key}: must be finite, got {cfg.model.gate_cos_init!r}")
-    if cfg.model.dropout >= 1:
-        raise ConfigError(f"model.dropout: must be < 1, got {cfg.model.dropout!r}")
+        low, above, below = bounds_of(f)
+        for bound, ok, word in (
+            (low, operator.ge, ">="),
+            (above, operator.gt, ">"),
+            (below, operator.lt, "<"),
+        ):
+            if bound is not None and not ok(value, bound):
+                raise ConfigError(f"{key}: must be {word} {bound}, got {value!r}")
     if cfg.model.embed_dim % cfg.model.region_heads:
         raise ConfigError(
             f"model.region_heads: {cfg.model.region_heads} does not divide "
@@ -273,7 +279,7 @@ def check_values(cfg: Config) -> None:
         )
     if any(e < 1 for e in cfg.train.lr_decay_epochs):
         raise ConfigError(
-            f"train.lr_decay_epochs: epochs are >= 1, got {cfg.train.lr_decay_epochs}"
+            f"train.lr_decay_epochs: epochs are >= 1, got {list(cfg.train.lr_decay_epochs)}"
         )
     for key in ("train_split", "val_split", "test_split", "regions", "captions"):
         if not getattr(cfg.data, key).strip():

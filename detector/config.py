@@ -140,8 +140,10 @@ def merge_config_file(cfg: CN, path: Path) -> None:
         raise ValueError(f"config {path}: {e.args[0] if e.args else e}") from None
 
 
-def resolve_device(device: str) -> str:
-    """`"auto"` -> `"cuda"` when available else `"cpu"`; anything else is returned as is."""
+def detectron2_device(device: str) -> str:
+    """MODEL.DEVICE as Detectron2 takes it: `"auto"` -> `"cuda"` when available else `"cpu"`;
+    anything else is returned as is (`cpfean.checkpoint.resolve_device` checks and returns a
+    torch.device for the matching stage)."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
@@ -206,7 +208,7 @@ def get_region_cfg(config_file: str | Path, opts: Sequence[str] = (), freeze: bo
     add_region_config(cfg)
     merge_config_file(cfg, path)
     cfg.merge_from_list(split_opts(opts))
-    cfg.MODEL.DEVICE = resolve_device(cfg.MODEL.DEVICE)
+    cfg.MODEL.DEVICE = detectron2_device(cfg.MODEL.DEVICE)
     cfg.MODEL.WEIGHTS = _resolve_relative(cfg.MODEL.WEIGHTS, path.parent)
     cfg.REGIONS.LABEL_NAMES_FILE = _resolve_relative(cfg.REGIONS.LABEL_NAMES_FILE, path.parent)
     if not cfg.REGIONS.CONFIG_NAME:

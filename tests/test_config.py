@@ -81,6 +81,36 @@ def test_frozen():
         cfg.count = 4
 
 
+def test_the_real_config_is_frozen_all_the_way_down():
+    cfg = load_config(None, ["train.lr_decay_epochs=[3, 5]"])
+    assert cfg.train.lr_decay_epochs == (3, 5)  # a tuple: nothing inside can change
+    for section, key in ((cfg.model, "topk"), (cfg.train, "epochs"), (cfg.data, "val_limit")):
+        with pytest.raises(AttributeError):
+            setattr(section, key, 1)
+
+
+def test_every_bounded_field_refuses_the_value_just_outside_its_range():
+    """The range beside each field is the one enforced: one step past it is an error naming
+    the key, the bound itself (where allowed) is not."""
+    from cpfean.config import _leaves
+    from cpfean.fields import bounds_of
+
+    checked = 0
+    for key, value, f in _leaves(Config()):
+        low, above, below = bounds_of(f)
+        step = 1 if isinstance(value, int) else 1e-3
+        for bound, outside, allowed in ((low, -step, True), (above, 0, False), (below, 0, False)):
+            if bound is None:
+                continue
+            bad = bound + outside  # the bound itself for the strict ones
+            with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+                load_config(None, [f"{key}={bad}"])
+            if allowed and not (key == "model.region_heads" or key == "model.embed_dim"):
+                load_config(None, [f"{key}={bound}"])
+            checked += 1
+    assert checked >= 20
+
+
 def test_full_config_round_trips_through_yaml(tmp_path):
     cfg = load_config(None, ["train.lr=0.001", "model.topk=2", "model.max_words=20"])
     assert isinstance(cfg, Config)

@@ -20,7 +20,6 @@ from cpfean.encode import Matcher, encode_captions, encode_records
 from cpfean.fileio import WriterLock, atomic_path, fsync_dir
 from cpfean.index.format import (
     FORMAT,
-    IMAGES_ROOT_KEYS,
     VERSION,
     IndexFormatError,
     _class_name,
@@ -102,7 +101,8 @@ def images_root_of(store_meta: dict, given: str | None = None) -> str | None:
     """The images root: given, else recorded by the extractor in the store's meta."""
     if given:
         return given
-    return next((str(store_meta[k]) for k in IMAGES_ROOT_KEYS if store_meta.get(k)), None)
+    root = store_meta.get("images_root")
+    return str(root) if root else None
 
 
 # ---------------------------------------------------------------------------------- building

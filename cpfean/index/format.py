@@ -21,7 +21,6 @@ VERSION = 1
 PRELOAD_MAX_BYTES = 2 << 30  # galleries up to this size (float32) stay in memory when served
 # embedding fields renamed since indexes were first written: old files still load
 RENAMED_FIELDS = {"gate_ctx": "gate_context"}
-IMAGES_ROOT_KEYS = ("images_root", "image_root", "images_dir")  # where a store's meta may say
 
 
 class IndexFormatError(ValueError):
@@ -86,9 +85,6 @@ def pooled_images(emb: Any) -> np.ndarray:
 def pooled_texts(emb: Any) -> np.ndarray:
     """First-stage vectors of captions: [C, d] unit-norm prominence-weighted mean of words."""
     words, mask = emb.words.float(), emb.mask.to(emb.words.device)
-    if hasattr(emb, "log_prominence"):
-        w = emb.log_prominence.float().exp().nan_to_num(0.0) * mask
-    else:
-        w = mask.float()
+    w = emb.log_prominence.float().exp().nan_to_num(0.0) * mask
     w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
     return normalise((words * w[..., None]).sum(1).cpu().numpy())

@@ -9,38 +9,48 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from cpfean.fields import bounded
+
 __all__ = ["ModelConfig"]
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     # --- sizes ---------------------------------------------------------------------------
-    feature_dim: int = 2048  # D, size of one detector region feature (2048 for BUTD ResNet-101)
-    embed_dim: int = 1024  # d, size of the joint region/word embedding space
+    feature_dim: int = bounded(
+        2048, low=1
+    )  # D, size of one detector region feature (2048 for BUTD ResNet-101)
+    embed_dim: int = bounded(1024, low=1)  # d, size of the joint region/word embedding space
     # --- text side -----------------------------------------------------------------------
     text_encoder: str = "minilm"  # "minilm" (packaged offline), "tiny-random" (tests), or a path
     freeze_text_encoder: bool = False  # keep the BERT weights fixed (and in eval mode)
-    max_words: int = 32  # max word tokens per caption, [CLS]/[SEP] not counted
+    max_words: int = bounded(32, low=1)  # max word tokens per caption, [CLS]/[SEP] not counted
     use_gcn: bool = True  # one residual GCN layer over the fully connected word graph
     # --- image side ----------------------------------------------------------------------
     use_spatial: bool = True  # add an MLP embedding of the normalised box (x1, y1, x2, y2, area)
     use_label_prior: bool = True  # add the gated, score-weighted text embedding of the label name
     use_region_transformer: bool = True  # Transformer encoder over the valid regions
-    region_layers: int = 1  # number of Transformer encoder layers over regions
-    region_heads: int = 8  # attention heads in the region Transformer (must divide embed_dim)
-    region_ff_dim: int = 2048  # feed-forward width of the region Transformer
-    dropout: float = 0.1  # dropout inside the region Transformer
+    region_layers: int = bounded(1, low=1)  # number of Transformer encoder layers over regions
+    region_heads: int = bounded(
+        8, low=1
+    )  # attention heads in the region Transformer (must divide embed_dim)
+    region_ff_dim: int = bounded(2048, low=1)  # feed-forward width of the region Transformer
+    dropout: float = bounded(0.1, low=0, below=1)  # dropout inside the region Transformer
     # subtract the image's mean Transformer update: otherwise it can add one image-wide vector
     # to every region, and an image's regions grow alike (docs/lab-notes.md)
     center_region_context: bool = False
     # --- pairwise scoring ----------------------------------------------------------------
     use_fusion: bool = True  # gated cross-modal semantic fusion; off = plain cross attention
     use_prominence: bool = True  # learned word prominence pooling; off = uniform (x word gates)
-    topk: int = 3  # regions each word aligns to; 0 = all regions with softmax attention
+    topk: int = bounded(
+        3, low=0
+    )  # regions each word aligns to; 0 = all regions with softmax attention
     # also score regions -> words, pooled with the region gates (off: trained with it CPFEAN
     # did not gain on the bundled scenes, docs/lab-notes.md)
     use_region_alignment: bool = False
-    lambda_softmax: float = 9.0  # inverse temperature of the cross attention softmax (SCAN's λ)
+    lambda_softmax: float = bounded(
+        9.0, above=0
+    )  # inverse temperature of the cross attention softmax (SCAN's λ)
     gate_cos_init: float = 5.0  # initial weight of cos(fragment, context) inside each gate
 
     # The SCAN-style baseline (t-i AVG) as switch values: every CPFEAN component off, softmax

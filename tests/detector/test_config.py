@@ -7,10 +7,10 @@ import pytest
 pytest.importorskip("detectron2")
 
 from detector.config import (  # noqa: E402
+    detectron2_device,
     get_label_names,
     get_region_cfg,
     resolve_config_file,
-    resolve_device,
     split_opts,
 )
 
@@ -51,7 +51,7 @@ def test_overrides_both_forms_and_loud_failures():
         split_opts(["REGIONS.NMS_THRESH"])
     with pytest.raises(FileNotFoundError, match="scenes_r18_fpn"):
         resolve_config_file("no_such_config")
-    assert resolve_device("cpu") == "cpu" and resolve_device("auto") in ("cpu", "cuda")
+    assert detectron2_device("cpu") == "cpu" and detectron2_device("auto") in ("cpu", "cuda")
 
 
 def test_label_names_from_list_file_and_default(tmp_path):
