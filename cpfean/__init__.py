@@ -19,8 +19,8 @@ The front door, one name per level of abstraction::
   `encode_captions(model, captions)`: embeddings, batch by batch; the model's own
   `encode_images` takes one `RegionBatch`, `encode_texts` token tensors, and
   `score(images, texts)` pairs them.
-- `build_index(...)`, `RetrievalIndex(path)`: an encoded gallery on disk (`cpfean.index.search`
-  ranks it for one encoded query).
+- `build_index(...)`, `RetrievalIndex(path)`: an encoded gallery on disk
+  (`cpfean.index.search_index` ranks it for one encoded query).
 - `Searcher`: an index with its model, answering text, image and "more like this" queries with
   the words and regions that explain each result (what `pipelines.retrieve` and
   `pipelines.serve` call).

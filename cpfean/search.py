@@ -20,11 +20,21 @@ from cpfean.checkpoint import checkpoint_fingerprint, load_model, resolve_device
 from cpfean.data.region_store import RegionRecord
 from cpfean.encode import Matcher, encode_captions, encode_records
 from cpfean.first_stage import TWO_STAGE_MIN
-from cpfean.index import IndexFormatError, RetrievalIndex, search
+from cpfean.index import IndexFormatError, RetrievalIndex, search_index
 
-__all__ = ["DETAILED", "QueryError", "Searcher", "region_weights", "top_words", "words_of"]
+__all__ = [
+    "EXPLAIN",
+    "Answer",
+    "QueryError",
+    "RankOptions",
+    "Result",
+    "Searcher",
+    "region_weights",
+    "top_words",
+    "words_of",
+]
 
-DETAILED = 3  # results explained by default (one extra scoring pass each)
+EXPLAIN = 3  # results explained by default (one extra scoring pass each)
 REGIONS_SHOWN = 3  # most important regions reported per explained result
 
 
@@ -78,6 +88,38 @@ class RankOptions(TypedDict, total=False):
     first_stage: int | None  # re-rank this many first-stage candidates (None: automatic)
     exhaustive: bool  # score every item with the full model
     explain: int  # the best results that carry their prominent words and regions
+
+
+class Result(TypedDict, total=False):
+    """One ranked item of an `Answer`. Every result has rank, score, row (its index row) and
+    image_id; images add id (= image_id), path and hw, captions add caption; the explained
+    best ones add words ([word, weight] pairs), prominent_words and regions (box, label,
+    weight)."""
+
+    rank: int
+    score: float
+    row: int
+    id: str
+    image_id: str
+    path: str | None
+    hw: list[int]
+    caption: str
+    words: list[list]
+    prominent_words: list[str]
+    regions: list[dict]
+
+
+class Answer(TypedDict, total=False):
+    """What a `Searcher` query returns: mode ("text2image", "image2text", "image2image"),
+    the query, the ranked results, how the search ran (path, candidates, gallery) and notes
+    for the user."""
+
+    mode: str
+    query: str
+    query_hw: list[int]  # image queries: the image's height and width
+    results: list[Result]
+    search: dict
+    notes: list[str]
 
 
 class Searcher:
@@ -149,7 +191,7 @@ class Searcher:
 
     # ------------------------------------------------------------------------ queries
     @torch.no_grad()
-    def text_to_images(self, query: str, top_k: int = 10, **options: Unpack[RankOptions]) -> dict:
+    def text_to_images(self, query: str, top_k: int = 10, **options: Unpack[RankOptions]) -> Answer:
         """Gallery images ranked for a caption: {"mode", "query", "results", "notes", ...}
         (``options``: see `RankOptions`)."""
         encoded, notes = self.encode_text(query)
@@ -161,17 +203,25 @@ class Searcher:
 
     @torch.no_grad()
     def image_to_captions(
-        self, record: RegionRecord, top_k: int = 10, **options: Unpack[RankOptions]
-    ) -> dict:
-        """Indexed captions ranked for one image's regions (``options``: see `RankOptions`)."""
+        self,
+        record: RegionRecord,
+        top_k: int = 10,
+        *,
+        query: str = "",
+        **options: Unpack[RankOptions],
+    ) -> Answer:
+        """Indexed captions ranked for one image's regions; ``query`` names the image (a file
+        name, say) in the answer, which also gives its size as query_hw (``options``: see
+        `RankOptions`)."""
         encoded = self.encode_record(record)
         answer = self._rank(
             encoded, "image2text", top_k, query_geometry=(record.boxes, record.labels), **options
         )
-        return {**answer, "notes": []}
+        hw = [int(x) for x in record.image_hw]
+        return {**answer, "query": query, "query_hw": hw, "notes": []}
 
     @torch.no_grad()
-    def similar_images(self, image_id: str, top_k: int = 10) -> dict:
+    def similar_images(self, image_id: str, top_k: int = 10) -> Answer:
         """Gallery images nearest to a gallery image in the joint space (its pooled region
         embedding against the others', through the index's first stage), itself left out."""
         row = self.row_of(image_id)
@@ -192,7 +242,7 @@ class Searcher:
         }
 
     # ----------------------------------------------------------------------- internals
-    def _image_result(self, rank: int, row: int, score: float) -> dict:
+    def _image_result(self, rank: int, row: int, score: float) -> Result:
         return {
             "rank": rank + 1,
             "score": round(score, 6),
@@ -232,13 +282,13 @@ class Searcher:
         *,
         first_stage: int | None = None,
         exhaustive: bool = False,
-        explain: int = DETAILED,
+        explain: int = EXPLAIN,
         query_geometry: tuple | None = None,
-    ) -> dict:
+    ) -> Answer:
         index, model, device = self.index, self.model, self.device
         if direction == "image2text" and not index.captions:
             raise IndexFormatError(f"index {index.path} holds no captions (build it with captions)")
-        rows, scores, info = search(
+        rows, scores, info = search_index(
             model,
             index,
             encoded,
@@ -259,12 +309,12 @@ class Searcher:
                 _, details = model.score(
                     encoded, index.caption_embeddings(explained, device), return_details=True
                 )
-        results = []
+        results: list[Result] = []
         for k, (row, score) in enumerate(zip(rows.tolist(), scores.tolist(), strict=True)):
             if direction == "text2image":
                 r = self._image_result(k, row, float(score))
             else:
-                r = {
+                r: Result = {
                     "rank": k + 1,
                     "score": round(float(score), 6),
                     "row": row,

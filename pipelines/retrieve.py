@@ -139,10 +139,15 @@ def run(args: argparse.Namespace) -> dict:
         extractor = image_detector(
             searcher.index, args.detector_config, args.detector_weights, args.device
         )
-        payload = searcher.image_to_captions(extractor.extract_one(image), **options)
-        payload["query"] = str(args.image)
-    payload["notes"] = [f"note: {n}" for n in payload["notes"]]
-    payload.update(index=str(searcher.index.path), checkpoint=searcher.checkpoint)
+        payload = searcher.image_to_captions(
+            extractor.extract_one(image), query=str(args.image), **options
+        )
+    payload = {
+        **payload,
+        "notes": [f"note: {n}" for n in payload["notes"]],
+        "index": str(searcher.index.path),
+        "checkpoint": searcher.checkpoint,
+    }
     for note in payload["notes"]:
         print(note, file=sys.stderr)
     if args.show:
@@ -202,10 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # one line, never a traceback, for the unexpected too
         cli.fail(f"unexpected {type(exc).__name__}: {exc}")
         return 1
-    if args.json:
-        for r in payload["results"]:
-            r.pop("row")
-        print(json.dumps(payload, ensure_ascii=False, indent=1))
+    if args.json:  # the index row is the library's business, not the user's
+        results = [{k: v for k, v in r.items() if k != "row"} for r in payload["results"]]
+        print(json.dumps({**payload, "results": results}, ensure_ascii=False, indent=1))
     else:
         print_table(payload)
     return 0

@@ -18,7 +18,7 @@ from torch import nn
 
 from cpfean import first_stage
 from cpfean.data.region_store import RegionRecord, RegionStore, RegionWriter
-from cpfean.index import IndexMismatchError, RetrievalIndex, build_index, search
+from cpfean.index import IndexMismatchError, RetrievalIndex, build_index, search_index
 
 COLOURS = ["red", "blue", "green", "yellow"]
 SHAPES = ["ball", "box", "cone", "ring"]
@@ -241,13 +241,13 @@ def test_known_answer_ranking(tmp_path):
         ("the blue box", "000.png"),
         ("blue cone and yellow ring", "003.png"),
     ):
-        rows, scores, info = search(model, index, query(model, text), top_k=4)
+        rows, scores, info = search_index(model, index, query(model, text), top_k=4)
         assert index.image_ids[rows[0]] == best, text
         assert info["path"] == "exhaustive" and np.all(np.diff(scores) <= 0)
     assert index.image_path(1).endswith("001.png")
     # image -> captions over the indexed captions
     img = index.images(np.array([1]))
-    rows, _, _ = search(model, index, img, direction="image2text", top_k=2)
+    rows, _, _ = search_index(model, index, img, direction="image2text", top_k=2)
     assert index.captions[rows[0]] == "a green cone"
 
 
@@ -256,7 +256,7 @@ def test_index_matches_live_scores(tmp_path):
     scenes = random_scenes(30)
     model, store, index = build(tmp_path, scenes, dtype="float32", shard_size=7)
     txt = query(model, "large red ball")
-    rows, scores, _ = search(model, index, txt, top_k=30)
+    rows, scores, _ = search_index(model, index, txt, top_k=30)
     from cpfean.encode import encode_records
 
     live = model.score(encode_records(model, [store[i] for i in store.ids()]), txt)[:, 0].numpy()
@@ -341,12 +341,12 @@ def test_two_stage_agrees_with_exhaustive(tmp_path):
     model, _, index = build(tmp_path, random_scenes(120, seed=3), shard_size=50)
     for text in ("large red ball", "small blue cone", "green ring and yellow box"):
         txt = query(model, text)
-        ex_rows, ex_scores, _ = search(model, index, txt, top_k=10, exhaustive=True)
-        all_rows, all_scores, info = search(model, index, txt, top_k=10, first_stage=120)
+        ex_rows, ex_scores, _ = search_index(model, index, txt, top_k=10, exhaustive=True)
+        all_rows, all_scores, info = search_index(model, index, txt, top_k=10, first_stage=120)
         assert info["path"] == "two-stage"
         np.testing.assert_array_equal(all_rows, ex_rows)
         np.testing.assert_allclose(all_scores, ex_scores, rtol=1e-6)
-        few_rows, _, _ = search(model, index, txt, top_k=10, first_stage=40)
+        few_rows, _, _ = search_index(model, index, txt, top_k=10, first_stage=40)
         assert first_stage.recall_at(ex_rows, few_rows) >= 0.8, text
 
 
@@ -407,8 +407,8 @@ def test_an_index_written_before_a_field_was_renamed_still_loads(tmp_path):
     old = RetrievalIndex(path)
     assert torch.equal(old.images(np.arange(4)).gate_context, want_img.gate_context)
     assert torch.equal(old.caption_embeddings(np.array([0])).gate_context, want_txt.gate_context)
-    a = search(model, index, query(model, "a green cone"), top_k=4)
-    b = search(model, old, query(model, "a green cone"), top_k=4)
+    a = search_index(model, index, query(model, "a green cone"), top_k=4)
+    b = search_index(model, old, query(model, "a green cone"), top_k=4)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
 

@@ -40,7 +40,7 @@ from cpfean.index.format import (
     pooled_images,
     pooled_texts,
 )
-from cpfean.index.reader import RetrievalIndex, search
+from cpfean.index.reader import RetrievalIndex, search_index
 
 __all__ = [
     "FORMAT",
@@ -56,5 +56,5 @@ __all__ = [
     "images_root_of",
     "pooled_images",
     "pooled_texts",
-    "search",
+    "search_index",
 ]

@@ -191,7 +191,7 @@ class RetrievalIndex:
 
 # ----------------------------------------------------------------------------------- search
 @torch.no_grad()
-def search(
+def search_index(
     model: Matcher,
     index: RetrievalIndex,
     query: Any,

@@ -15,6 +15,7 @@ from torch import nn
 from cpfean.model.config import ModelConfig
 from cpfean.model.embeddings import ImageEmbeddings, TextEmbeddings
 from cpfean.model.fusion import FragmentGates, Scoring, score_block, score_chunked
+from cpfean.model.layers import Prominence
 from cpfean.model.region_encoder import RegionEncoder
 from cpfean.model.text_encoder import WordEncoder, encode_names, load_text_backbone
 
@@ -66,12 +67,7 @@ class CPFEAN(nn.Module):
         self.prominence = None
         if use_prominence:
             d = word_encoder.proj.out_features
-            self.prominence = nn.Sequential(
-                # no output bias: a softmax over words cannot see it (it would get no gradient)
-                nn.Linear(d, d // 2),
-                nn.GELU(),
-                nn.Linear(d // 2, 1, bias=False),
-            )
+            self.prominence = Prominence(d)
 
     # ----------------------------------------------------------------------------- encoding
     def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
@@ -117,7 +113,7 @@ class CPFEAN(nn.Module):
         gate_self, gate_context = (
             self.gates.text_terms(words) if self.gates is not None else (zeros, zeros)
         )
-        logits = self.prominence(words).squeeze(-1) if self.prominence is not None else zeros
+        logits = self.prominence(words) if self.prominence is not None else zeros
         log_prom = logits.masked_fill(~mask, float("-inf")).log_softmax(-1)
         log_prom = log_prom.masked_fill(~mask, float("-inf"))  # captions with no word
         return TextEmbeddings(

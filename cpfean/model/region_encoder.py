@@ -33,17 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cpfean.model.layers import BoxEmbedding, LabelPrior, rename_on_load, zero_
+
 if TYPE_CHECKING:
     from cpfean.data.dataset import RegionBatch
 
 __all__ = ["RegionEncoder"]
-
-
-def _zero_(layer: nn.Linear) -> nn.Linear:
-    """Zero a layer that adds into the region embedding, so its component starts as a no-op."""
-    nn.init.zeros_(layer.weight)
-    nn.init.zeros_(layer.bias)
-    return layer
 
 
 class RegionEncoder(nn.Module):
@@ -73,19 +68,16 @@ class RegionEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.proj = nn.Linear(feature_dim, embed_dim)
-        self.spatial = None
-        if use_spatial:
-            hidden = min(256, embed_dim)
-            self.spatial = nn.Sequential(
-                nn.Linear(5, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, embed_dim)
-            )
-            _zero_(self.spatial[-1])
-        self.label_proj = self.label_gate = None
-        if label_table is not None:
-            self.register_buffer("label_table", label_table.detach().clone(), persistent=True)
-            self.label_proj = nn.Linear(label_table.shape[1], embed_dim)
-            _zero_(self.label_proj)
-            self.label_gate = nn.Linear(2 * embed_dim, embed_dim)
+        self.spatial = BoxEmbedding(embed_dim) if use_spatial else None
+        self.label_prior = LabelPrior(label_table, embed_dim) if label_table is not None else None
+        rename_on_load(
+            self,
+            {
+                "label_table": "label_prior.table",
+                "label_proj": "label_prior.proj",
+                "label_gate": "label_prior.gate",
+            },
+        )
         self.transformer = None
         self.center_context = center_context
         if use_transformer and layers > 0:
@@ -101,8 +93,8 @@ class RegionEncoder(nn.Module):
                 layer, num_layers=layers, enable_nested_tensor=False
             )
             for block in self.transformer.layers:  # residual branches start at zero
-                _zero_(block.self_attn.out_proj)
-                _zero_(block.linear2)
+                zero_(block.self_attn.out_proj)
+                zero_(block.linear2)
 
     def forward(self, regions: RegionBatch) -> torch.Tensor:
         """Args:
@@ -124,15 +116,9 @@ class RegionEncoder(nn.Module):
         features = torch.where(m, features, 0)
         x = self.proj(features)  # (B, R, d)
         if self.spatial is not None:
-            b = torch.where(m, boxes, 0).to(x.dtype)
-            area = (b[..., 2] - b[..., 0]).clamp_min(0) * (b[..., 3] - b[..., 1]).clamp_min(0)
-            x = x + self.spatial(torch.cat([b, area[..., None]], dim=-1))
-        if self.label_proj is not None:
-            known = mask & (labels >= 0) & (labels < self.label_table.shape[0])  # (B, R)
-            prior = self.label_proj(self.label_table[torch.where(known, labels, 0)])  # (B, R, d)
-            gate = torch.sigmoid(self.label_gate(torch.cat([x, prior], dim=-1)))
-            weight = torch.where(known, scores, 0).to(x.dtype)[..., None]  # (B, R, 1)
-            x = x + weight * gate * prior
+            x = x + self.spatial(boxes, mask, x.dtype)
+        if self.label_prior is not None:
+            x = x + self.label_prior(x, labels, scores, mask)
         if self.transformer is not None:
             pad = ~mask
             pad = pad & ~pad.all(dim=1, keepdim=True)  # an image with no region: avoid NaN

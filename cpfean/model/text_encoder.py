@@ -16,11 +16,11 @@ Backbones (a small registry, the ablation axis on the text side):
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cpfean.model.layers import WordGCN, rename_on_load
 
 __all__ = ["WordEncoder", "load_text_backbone", "encode_names"]
 
@@ -117,13 +117,8 @@ class WordEncoder(nn.Module):
             self.backbone.requires_grad_(False)
         self.register_buffer("special_ids", torch.tensor(special_ids), persistent=False)
         self.proj = nn.Linear(backbone.config.hidden_size, embed_dim)
-        self.gcn_q = self.gcn_k = self.gcn_out = None
-        if use_gcn:
-            self.gcn_q = nn.Linear(embed_dim, embed_dim, bias=False)
-            self.gcn_k = nn.Linear(embed_dim, embed_dim, bias=False)
-            self.gcn_out = nn.Linear(embed_dim, embed_dim)
-            nn.init.zeros_(self.gcn_out.weight)  # the residual GCN starts as the identity
-            nn.init.zeros_(self.gcn_out.bias)
+        self.gcn = WordGCN(embed_dim) if use_gcn else None
+        rename_on_load(self, {"gcn_q": "gcn.q", "gcn_k": "gcn.k", "gcn_out": "gcn.out"})
 
     def train(self, mode: bool = True) -> WordEncoder:
         super().train(mode)
@@ -149,10 +144,8 @@ class WordEncoder(nn.Module):
             h = self._hidden(input_ids, attention_mask)[:, start:stop]  # (C, L, H)
         mask = word_mask[:, start:stop]  # (C, L)
         x = self.proj(h)  # (C, L, d)
-        if self.gcn_q is not None:
-            aff = self.gcn_q(x) @ self.gcn_k(x).transpose(1, 2) / math.sqrt(x.shape[-1])
-            aff = aff.masked_fill(~mask[:, None, :], -1e4).softmax(-1)  # (C, L, L)
-            x = x + self.gcn_out(aff @ x)
+        if self.gcn is not None:
+            x = self.gcn(x, mask)
         words = torch.where(mask[..., None], F.normalize(x, dim=-1), 0)
         return words, mask, input_ids[:, start:stop]
 

@@ -13,7 +13,7 @@ the real scoring cost; "exhaustive" is that same score over every image.
 
 - 5K and 100K: the gallery is written by ``cpfean.index.build_index`` as a real index
   directory (float16 memory maps: regions, Gram matrices, gate terms, pooled vectors) in
-  ``--workdir`` and queried through ``cpfean.index.search``, the code path of
+  ``--workdir`` and queried through ``cpfean.index.search_index``, the code path of
   ``pipelines.retrieve`` (encoding the query text is not included). The exhaustive top-10 of
   every query is computed over the index's stored values, block by block.
 - 1M: 1M x 36 x 1024 float16 region embeddings (73 GB) do not fit, so only the pooled vectors
@@ -59,8 +59,8 @@ def _rss_gb() -> float:
 
 @torch.no_grad()
 def bench_indexed(model, n: int, args, rows_out: list[dict]) -> None:
-    """5K / 100K: a real index on disk, cpfean.index.search, exhaustive ground truth."""
-    from cpfean.index import RetrievalIndex, search
+    """5K / 100K: a real index on disk, cpfean.index.search_index, exhaustive ground truth."""
+    from cpfean.index import RetrievalIndex, search_index
 
     t0 = time.perf_counter()
     gal = SyntheticGallery(n, args.dim, seed=args.seed)
@@ -87,7 +87,7 @@ def bench_indexed(model, n: int, args, rows_out: list[dict]) -> None:
         ex_times = []
         for q in range(min(args.exhaustive_queries, len(words)) if n <= 20000 else 1):
             t = time.perf_counter()
-            rows, _, _ = search(model, index, txt[q], top_k=args.top_k, exhaustive=True)
+            rows, _, _ = search_index(model, index, txt[q], top_k=args.top_k, exhaustive=True)
             ex_times.append(time.perf_counter() - t)
             if first_stage.recall_at(truth[q], rows) < 1.0:  # only float summation order differs
                 print(
@@ -110,7 +110,7 @@ def bench_indexed(model, n: int, args, rows_out: list[dict]) -> None:
             times, recalls = [], []
             for q in range(len(words)):
                 t = time.perf_counter()
-                rows, _, _ = search(model, index, txt[q], top_k=args.top_k, first_stage=k)
+                rows, _, _ = search_index(model, index, txt[q], top_k=args.top_k, first_stage=k)
                 times.append(time.perf_counter() - t)
                 recalls.append(first_stage.recall_at(truth[q], rows))
             rows_out.append(

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 WEB = Path(__file__).resolve().parent  # the page, its script and its style
 STATIC = {"app.js": "text/javascript", "style.css": "text/css"}  # every file the page loads
-EXPLAINED = 24  # results per page whose words and regions are computed (a grid's worth)
+EXPLAIN_PAGE = 24  # results per page whose words and regions are computed (a grid's worth)
 log = logging.getLogger("cpfean.serve")
 
 
@@ -184,16 +184,17 @@ def create_app(
             raise HTTPException(404, "no such image in the index") from None
 
     def links(result: dict) -> dict:
+        """A library result as the API shows it: no index row or file path (the server's
+        own business), the image's URLs instead."""
         from urllib.parse import quote
 
+        shown = {k: v for k, v in result.items() if k not in ("row", "path")}
         image_id = result.get("image_id")
-        result.pop("row", None)
-        result.pop("path", None)
         if image_id:
-            result["id"] = image_id
-            result["image_url"] = f"/images/{quote(image_id)}"
-            result["thumb_url"] = f"/thumbs/{quote(image_id)}"
-        return result
+            shown["id"] = image_id
+            shown["image_url"] = f"/images/{quote(image_id)}"
+            shown["thumb_url"] = f"/thumbs/{quote(image_id)}"
+        return shown
 
     async def answer(fn: Callable[[], dict]) -> dict:
         try:
@@ -218,7 +219,7 @@ def create_app(
             raise HTTPException(
                 400, f"the query is {len(q)} characters; at most {limits.max_query_chars}"
             )
-        return await answer(lambda: searcher.text_to_images(q, k, explain=min(k, EXPLAINED)))
+        return await answer(lambda: searcher.text_to_images(q, k, explain=min(k, EXPLAIN_PAGE)))
 
     @app.post("/api/search")
     async def search_image(image: Annotated[UploadFile, File()], k: int = 10):
@@ -240,10 +241,7 @@ def create_app(
                 except Exception as e:  # the reason goes to the client
                     raise DetectorUnavailable(str(e)) from None
             record = detector["extractor"].extract_one(bgr)
-            payload = searcher.image_to_captions(record, k)
-            payload["query"] = image.filename or "upload"
-            payload["query_hw"] = [int(bgr.shape[0]), int(bgr.shape[1])]
-            return payload
+            return searcher.image_to_captions(record, k, query=image.filename or "upload")
 
         try:
             return await answer(run)

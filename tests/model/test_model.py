@@ -86,11 +86,11 @@ def test_add_on_components_start_as_no_ops():
         torch.testing.assert_close(regions, plain)
         tok = model.tokenize(CAPTIONS[:3])
         words, wmask, _ = model.word_encoder(tok["input_ids"], tok["attention_mask"])
-        model.word_encoder.gcn_out.weight.normal_()  # a trained GCN does change the words
+        model.word_encoder.gcn.out.weight.normal_()  # a trained GCN does change the words
         moved, _, _ = model.word_encoder(tok["input_ids"], tok["attention_mask"])
-    assert model.word_encoder.gcn_q is not None and enc.spatial is not None
+    assert model.word_encoder.gcn is not None and enc.spatial is not None
     assert enc.transformer is not None
-    assert enc.label_proj is not None
+    assert enc.label_prior is not None
     assert not torch.allclose(moved[wmask], words[wmask], atol=1e-3)
     h = model.word_encoder.backbone(**tok).last_hidden_state
     word_slots = tok["attention_mask"].bool() & ~torch.isin(
@@ -170,8 +170,8 @@ def test_rebuild_from_config_and_state_dict(tmp_path):
     cfg = tiny_config()
     model = build_model(cfg, LABELS).eval()
     state = model.state_dict()
-    assert "region_encoder.label_table" in state
-    assert state["region_encoder.label_table"].shape[0] == len(LABELS)
+    assert "region_encoder.label_prior.table" in state
+    assert state["region_encoder.label_prior.table"].shape[0] == len(LABELS)
     torch.save({"model": state}, tmp_path / "ckpt.pt")
     torch.manual_seed(123)  # a different random init must not matter
     again = build_model(cfg, LABELS)
@@ -207,7 +207,7 @@ def test_runs_without_labels_or_boxes():
     assert sims.shape == (2, 3) and torch.isfinite(sims).all()
     # label prior switched on but an empty vocabulary: no prior, still runs
     empty = build_model(tiny_config(), []).eval()
-    assert empty.region_encoder.label_proj is None
+    assert empty.region_encoder.label_prior is None
 
 
 def test_embedding_containers_slice_cat_and_move():
