@@ -33,6 +33,17 @@ def _images_root(given: str | None, store_meta: dict, captions: str | None) -> s
     return root
 
 
+def _codec(given: str, images: int) -> str | None:
+    """--codec: none, a faiss codec, or auto (the default codec above TWO_STAGE_MIN images,
+    where the gallery is searched in two stages and its size starts to matter)."""
+    from cpfean.first_stage import TWO_STAGE_MIN
+    from cpfean.index.codec import DEFAULT_CODEC
+
+    if given == "auto":
+        return DEFAULT_CODEC if images > TWO_STAGE_MIN else None
+    return None if given == "none" else given
+
+
 def run(args: argparse.Namespace) -> int:
     from cpfean.checkpoint import checkpoint_fingerprint, load_model, resolve_device
     from cpfean.config import to_dict
@@ -85,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         progress=not args.quiet,
         force=args.force,
+        codec=_codec(args.codec, len(image_ids)),
+        exact_copy=args.exact_copy,
         log=lambda s: print(s, file=sys.stderr),
     )
     if built.up_to_date:
@@ -123,6 +136,17 @@ def main(argv: list[str] | None = None) -> int:
         choices=["float16", "float32"],
         default="float16",
         help="on-disk dtype of the embeddings",
+    )
+    parser.add_argument(
+        "--codec",
+        default="auto",
+        help="keep region embeddings compressed by this faiss codec (SQ4, SQ8, PQ64, ...); "
+        "'none' keeps them exact; auto: SQ4 above 20,000 images, else none",
+    )
+    parser.add_argument(
+        "--exact-copy",
+        action="store_true",
+        help="with a codec, also keep the exact regions (float16) to re-score the best 50",
     )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--force", action="store_true", help="rebuild an up-to-date index")

@@ -14,6 +14,19 @@ Layout of an index directory (no pickle anywhere; every array is a ``.npy`` memo
     captions/emb.<field>.npy    each field of the TextEmbeddings, [C, ...]
     captions/pooled.npy         [C, d] float32
 
+With a codec (``build_index(codec="SQ4")``, version 2; ``cpfean.index.codec``), the regions
+are kept as codes over the valid regions only, and ``emb.regions`` / ``emb.gram`` /
+``emb.gate_*`` are replaced by::
+
+    images/emb.mask.npy         [N, R] bool, as without a codec
+    images/codec.npy            the fitted faiss codec (faiss.serialize_index bytes)
+    images/codes.npy            [M, code_size] uint8, M = valid regions of all images in order
+    images/offsets.npy          [N + 1] int64: image i's regions are rows offsets[i]:offsets[i+1]
+    images/ragged.<field>.npy   [M] float16 per-region fields (gate terms); ragged.regions.npy
+                                [M, d] float16 with ``exact_copy`` (the final re-rank)
+    images/pooled.npy           [N, d] float16
+    (the Gram matrices are derived from the decoded regions when read)
+
 Building is resumable: the gallery is encoded in shards of ``shard_size`` images under
 ``<out>.building/shards/``; a shard is written to a temporary name and renamed when whole, and a
 re-run skips whole shards. The final directory is assembled under a temporary name and renamed

@@ -18,7 +18,9 @@ import torch
 
 from cpfean.encode import Matcher, encode_captions, encode_records
 from cpfean.fileio import WriterLock, atomic_path, fsync_dir
+from cpfean.index.codec import TRAIN_REGIONS, CodecError, RegionCodec
 from cpfean.index.format import (
+    COMPRESSED_VERSION,
     FORMAT,
     VERSION,
     IndexFormatError,
@@ -68,6 +70,8 @@ def build_key(
     caption_image_ids: Sequence[str] | None,
     dtype: str,
     images_root: str | None,
+    codec: str | None = None,
+    exact_copy: bool = False,
 ) -> str:
     """A digest of everything that decides an index's content (see the module docstring)."""
     digest = hashlib.sha256()
@@ -85,6 +89,8 @@ def build_key(
             [list(captions or []), list(caption_image_ids or [])], ensure_ascii=False
         ).encode("utf-8")
     )
+    if codec:  # digested only when set, so an uncompressed index keeps the key it had
+        digest.update(f"codec={codec} exact={exact_copy}".encode())
     return digest.hexdigest()
 
 
@@ -121,16 +127,47 @@ def _encode_shard(
     return emb, geometry
 
 
-def _write_shard(path: Path, emb: Any, geometry: dict[str, np.ndarray], dtype: str) -> None:
+def _write_shard(
+    path: Path,
+    emb: Any,
+    geometry: dict[str, np.ndarray],
+    enc: _Encoding,
+    codec: RegionCodec | None,
+) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name, t in _fields(emb).items():
-        np.save(tmp / f"emb.{name}.npy", _on_disk(t, dtype), allow_pickle=False)
-    np.save(tmp / "pooled.npy", pooled_images(emb), allow_pickle=False)
-    for name, a in geometry.items():
+    arrays = _compressed(emb, codec, enc.exact_copy) if codec else _padded(emb, enc.dtype)
+    arrays["pooled"] = pooled_images(emb).astype(np.float16 if codec else np.float32)
+    for name, a in {**arrays, **geometry}.items():
         np.save(tmp / f"{name}.npy", a, allow_pickle=False)
     tmp.rename(path)  # a shard directory exists only when whole
+
+
+def _padded(emb: Any, dtype: str) -> dict[str, np.ndarray]:
+    """Every embedding field as it is, [B, R, ...] in the index's float dtype."""
+    return {f"emb.{name}": _on_disk(t, dtype) for name, t in _fields(emb).items()}
+
+
+def _compressed(emb: Any, codec: RegionCodec, exact_copy: bool) -> dict[str, np.ndarray]:
+    """The valid regions as codes (and as float16 with ``exact_copy``), each per-region field
+    as float16 over the valid regions only; the mask padded; the Gram matrices not at all
+    (derived from the decoded regions when read)."""
+    fields = _fields(emb)
+    mask = fields.pop("mask").cpu().numpy().astype(bool)
+    regions = fields.pop("regions").float().cpu().numpy()[mask]
+    out = {"emb.mask": mask, "codes": codec.encode(regions)}
+    if exact_copy:
+        out["ragged.regions"] = regions.astype(np.float16)
+    fields.pop("gram", None)  # derived from the decoded regions when read
+    for name, t in fields.items():
+        if t.shape != mask.shape or not t.is_floating_point():
+            raise CodecError(
+                f"a codec cannot store the embedding field {name!r} {tuple(t.shape)}: only "
+                "per-region numbers beside regions, mask and Gram matrices"
+            )
+        out[f"ragged.{name}"] = t.float().cpu().numpy()[mask].astype(np.float16)
+    return out
 
 
 def _read_plan(path: Path) -> Any:
@@ -140,10 +177,11 @@ def _read_plan(path: Path) -> Any:
         return None
 
 
-def _assemble(shards: list[Path], dest: Path, names: list[str], count: int) -> None:
+def _assemble(shards: list[Path], dest: Path, names: list[str]) -> None:
     """Concatenate the shards' arrays ``names`` into memory-mapped files under ``dest``."""
     for name in names:
         first = np.load(shards[0] / f"{name}.npy", mmap_mode="r")
+        count = sum(len(np.load(s / f"{name}.npy", mmap_mode="r")) for s in shards)
         with atomic_path(dest / f"{name}.npy") as tmp:
             out = np.lib.format.open_memmap(
                 tmp, mode="w+", dtype=first.dtype, shape=(count, *first.shape[1:])
@@ -174,6 +212,8 @@ def build_index(
     device: torch.device | str = "cpu",
     progress: bool = False,
     force: bool = False,
+    codec: str | None = None,
+    exact_copy: bool = False,
     log: Callable[[str], None] = lambda s: None,
 ) -> IndexBuild:
     """Encode a gallery (and optionally a caption set) into an index directory at ``out``;
@@ -190,6 +230,10 @@ def build_index(
             names the image of each.
         dtype: float dtype on disk for the embeddings ("float16" halves the size; scores
             move by ~1e-3).
+        codec: keep the valid regions compressed by this faiss codec (``cpfean.index.codec``,
+            e.g. "SQ4"), fitted on a sample of the gallery; None keeps every field as it is.
+        exact_copy: with a codec, also keep the valid regions as float16, for the final
+            re-rank of the few best.
     Returns:
         the index directory, and whether it was up to date already.
     """
@@ -197,6 +241,11 @@ def build_index(
     ids = list(store.ids() if image_ids is None else image_ids)
     if not ids:
         raise IndexFormatError(f"region store {store.path} holds no images to index")
+    if exact_copy and not codec:
+        raise IndexFormatError(
+            "an exact copy of the regions needs a codec (an index without "
+            "one holds the exact values already)"
+        )
     key = build_key(
         checkpoint_sha256=checkpoint["sha256"],
         store=store,
@@ -205,32 +254,46 @@ def build_index(
         caption_image_ids=caption_image_ids,
         dtype=dtype,
         images_root=images_root,
+        codec=codec,
+        exact_copy=exact_copy,
     )
     if not force and _built_from(out, key):
         return IndexBuild(out, up_to_date=True)
     with WriterLock(out.with_name(f".{out.name}.lock"), f"index {out}"):
         check_replaceable(out)  # now that no other build can change it
         work = out.with_name(out.name + ".building")
-        encoding = _Encoding(batch_size=batch_size, dtype=dtype, device=device, progress=progress)
+        encoding = _Encoding(
+            batch_size=batch_size,
+            dtype=dtype,
+            device=device,
+            progress=progress,
+            codec=codec,
+            exact_copy=exact_copy,
+        )
         shards, emb_class = _encode_gallery(
             model, store, ids, work, checkpoint["sha256"], shard_size, encoding, log
         )
         field_names = sorted(p.name[4:-4] for p in shards[0].glob("emb.*.npy"))
+        ragged = sorted(p.name[7:-4] for p in shards[0].glob("ragged.*.npy"))
         for stale in out.parent.glob(f".{out.name}.*.tmp"):  # left by a build that was killed
             shutil.rmtree(stale, ignore_errors=True)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         (tmp / "images").mkdir(parents=True)
-        _assemble(
-            shards,
-            tmp / "images",
-            [f"emb.{n}" for n in field_names] + ["pooled", "boxes", "labels", "hw"],
-            len(ids),
-        )
+        names = [f"emb.{n}" for n in field_names] + ["pooled", "boxes", "labels", "hw"]
+        if codec:
+            names += ["codes"] + [f"ragged.{n}" for n in ragged]
+        _assemble(shards, tmp / "images", names)
         _write_json(tmp / "images" / "ids.json", ids)
+        embeddings: dict[str, Any] = {"class": _class_name(emb_class), "fields": field_names}
+        if codec:
+            embeddings["codec"] = _finish_codec(work, tmp / "images", codec, ragged, exact_copy)
+            embeddings["codec"]["derived"] = [
+                f.name for f in dataclasses.fields(emb_class) if f.name == "gram"
+            ]
         checkpoint = {**checkpoint, "path_from_index": _relative(checkpoint["path"], out)}
         info: dict[str, Any] = {
             "format": FORMAT,
-            "version": VERSION,
+            "version": COMPRESSED_VERSION if codec else VERSION,
             "checkpoint": checkpoint,
             "config": config,
             "regions": str(store.path),
@@ -242,7 +305,7 @@ def build_index(
             "build_key": key,
             "label_names": list(store.meta.get("label_names", [])),
             "dtype": dtype,
-            "image_embeddings": {"class": _class_name(emb_class), "fields": field_names},
+            "image_embeddings": embeddings,
             "captions": None,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -286,6 +349,8 @@ class _Encoding:
     dtype: str
     device: torch.device | str
     progress: bool
+    codec: str | None = None
+    exact_copy: bool = False
 
 
 def _encode_gallery(
@@ -309,6 +374,8 @@ def _encode_gallery(
         "store": str(Path(store.path).absolute()),
         "store_content": store.fingerprint() if hasattr(store, "fingerprint") else None,
     }
+    if enc.codec:
+        plan.update(codec=enc.codec, exact_copy=enc.exact_copy)
     plan_path = work / "build.json"
     if work.exists() and _read_plan(plan_path) != plan:
         log(
@@ -323,16 +390,73 @@ def _encode_gallery(
     todo = [k for k, s in enumerate(shards) if not s.is_dir()]
     if len(todo) < len(shards):
         log(f"resuming: {len(shards) - len(todo)} of {len(shards)} shards already whole")
+    codec = _fitted_codec(model, store, ids, work, enc, log) if enc.codec else None
     emb_class = None
     for k in progress_of(todo, desc="encode gallery", unit="shard", enabled=enc.progress):
         emb, geometry = _encode_shard(
             model, store, ids[k * shard_size : (k + 1) * shard_size], enc.batch_size, enc.device
         )
         emb_class = type(emb)
-        _write_shard(shards[k], emb, geometry, enc.dtype)
+        _write_shard(shards[k], emb, geometry, enc, codec)
     if emb_class is None:  # every shard came from an earlier run: ask the model for the type
         emb_class = type(_encode_shard(model, store, ids[:1], 1, enc.device)[0])
     return shards, emb_class
+
+
+CODEC_FILE = "codec.npy"
+
+
+def _fitted_codec(
+    model: Matcher,
+    store: Any,
+    ids: list[str],
+    work: Path,
+    enc: _Encoding,
+    log: Callable[[str], None],
+) -> RegionCodec:
+    """The build's codec: the one an interrupted run of it fitted, else fitted now on the valid
+    regions of up to 4,096 images spread over the gallery (at most ``TRAIN_REGIONS``)."""
+    assert enc.codec is not None
+    path = work / CODEC_FILE
+    if path.is_file():
+        return RegionCodec.from_bytes(np.load(path, allow_pickle=False), enc.codec)
+    picks = np.unique(np.linspace(0, len(ids) - 1, min(len(ids), 4096)).astype(np.int64))
+    sample = []
+    for start in range(0, len(picks), 512):
+        emb, _ = _encode_shard(
+            model, store, [ids[i] for i in picks[start : start + 512]], enc.batch_size, enc.device
+        )
+        sample.append(emb.regions.float().cpu().numpy()[emb.mask.cpu().numpy().astype(bool)])
+    regions = np.concatenate(sample)
+    if len(regions) > TRAIN_REGIONS:
+        keep = np.random.default_rng(0).choice(len(regions), TRAIN_REGIONS, replace=False)
+        regions = regions[np.sort(keep)]
+    log(f"fitting codec {enc.codec} on {len(regions)} regions of {len(picks)} images")
+    codec = RegionCodec.fit(enc.codec, regions)
+    _save_npy(path, codec.to_bytes())
+    return codec
+
+
+def _finish_codec(
+    work: Path, dest: Path, codec: str, ragged: list[str], exact_copy: bool
+) -> dict[str, Any]:
+    """Copy the fitted codec beside the codes, write the images' region offsets, and say in
+    index.json how the fields are kept."""
+    shutil.copyfile(work / CODEC_FILE, dest / CODEC_FILE)
+    mask = np.load(dest / "emb.mask.npy", mmap_mode="r")
+    counts = np.zeros(len(mask) + 1, np.int64)
+    for start in range(0, len(mask), 65536):
+        counts[start + 1 : start + 1 + len(mask[start : start + 65536])] = mask[
+            start : start + 65536
+        ].sum(1)
+    _save_npy(dest / "offsets.npy", np.cumsum(counts))
+    code_size = np.load(dest / "codes.npy", mmap_mode="r").shape[1]
+    return {
+        "factory": codec,
+        "code_size": int(code_size),
+        "ragged": [n for n in ragged if n != "regions"],
+        "exact_copy": exact_copy,
+    }
 
 
 @torch.no_grad()

@@ -18,6 +18,9 @@ from cpfean.first_stage import normalise
 
 FORMAT = "cpfean-index"
 VERSION = 1
+# an index whose regions a codec keeps (cpfean.index.codec); a reader of version 1 only would
+# find no regions in it, so it says so by its version
+COMPRESSED_VERSION = 2
 PRELOAD_MAX_BYTES = 2 << 30  # galleries up to this size (float32) stay in memory when served
 # embedding fields renamed since indexes were first written: old files still load
 RENAMED_FIELDS = {"gate_ctx": "gate_context"}

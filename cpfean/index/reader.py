@@ -13,7 +13,10 @@ import torch
 from cpfean.encode import Matcher
 from cpfean.first_stage import DEFAULT_CANDIDATES, TWO_STAGE_MIN, FirstStage, two_stage
 from cpfean.first_stage import exhaustive as exhaustive_search
+from cpfean.first_stage import top_k as top_k_of
+from cpfean.index.codec import RegionCodec, gather_ragged
 from cpfean.index.format import (
+    COMPRESSED_VERSION,
     FORMAT,
     PRELOAD_MAX_BYTES,
     RENAMED_FIELDS,
@@ -25,6 +28,8 @@ from cpfean.index.format import (
     pooled_images,
     pooled_texts,
 )
+
+EXACT_RERANK = 50  # best rows re-scored from the exact copy of a compressed index
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -46,7 +51,10 @@ class RetrievalIndex:
             self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             raise IndexFormatError(f"{meta_path} is not valid JSON: {e}") from None
-        if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
+        if self.meta.get("format") != FORMAT or self.meta.get("version") not in (
+            VERSION,
+            COMPRESSED_VERSION,
+        ):
             raise IndexFormatError(
                 f"{self.path} is not a {FORMAT} v{VERSION} index "
                 f"(format {self.meta.get('format')!r}, "
@@ -59,6 +67,7 @@ class RetrievalIndex:
             RENAMED_FIELDS.get(n, n): _load_npy(self.path / "images" / f"emb.{n}.npy")
             for n in self.meta["image_embeddings"]["fields"]
         }
+        self._open_codec(self.meta["image_embeddings"].get("codec"))
         self.pooled = _load_npy(self.path / "images" / "pooled.npy")  # [N, d]
         self.boxes = _load_npy(self.path / "images" / "boxes.npy")  # [N, R, 4] pixels
         self.labels = _load_npy(self.path / "images" / "labels.npy")  # [N, R]
@@ -88,6 +97,55 @@ class RetrievalIndex:
         self._images_root = self._locate(
             self.meta.get("images_root"), self.meta.get("images_root_from_index")
         )
+
+    def _open_codec(self, spec: dict | None) -> None:
+        """With a codec, the regions are codes [M, code_size] over the valid regions of all
+        images (image i's from offsets[i] to offsets[i + 1]), per-region fields are float16
+        over the same rows, and the Gram matrices are derived when read."""
+        self.codec: RegionCodec | None = None
+        self.exact_copy = False
+        if not spec:
+            return
+        images = self.path / "images"
+        self.codec = RegionCodec.from_bytes(
+            _load_npy(images / "codec.npy", mmap=False), spec["factory"]
+        )
+        self._codes = _load_npy(images / "codes.npy")
+        self._offsets = _load_npy(images / "offsets.npy", mmap=False)
+        self._ragged = {n: _load_npy(images / f"ragged.{n}.npy") for n in spec["ragged"]}
+        self.exact_copy = bool(spec.get("exact_copy"))
+        self._derived = set(spec.get("derived", []))
+        if self.exact_copy:
+            self._exact = _load_npy(images / "ragged.regions.npy")
+        if len(self._offsets) != self.count + 1 or self._offsets[-1] != len(self._codes):
+            raise IndexFormatError(
+                f"{self.path} is inconsistent: {len(self._codes)} region codes, offsets for "
+                f"{len(self._offsets) - 1} images ending at {self._offsets[-1]}"
+            )
+
+    def _decoded(self, rows: np.ndarray | slice, device: torch.device | str, exact: bool) -> Any:
+        """ImageEmbeddings of ``rows`` from the codes (or the exact copy), Gram derived."""
+        assert self.codec is not None
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(self.count))
+        rows = np.asarray(rows, dtype=np.int64)
+        mask = torch.from_numpy(np.array(self._image_fields["mask"][rows], dtype=bool))
+        if exact and self.exact_copy:
+            valid = torch.from_numpy(gather_ragged(self._exact, self._offsets, rows)).float()
+        else:
+            valid = torch.from_numpy(
+                self.codec.decode(gather_ragged(self._codes, self._offsets, rows))
+            )
+        regions = valid.new_zeros((*mask.shape, valid.shape[-1]))
+        regions[mask] = valid  # row-major order: each image's valid slots, in slot order
+        fields: dict[str, torch.Tensor] = {"mask": mask, "regions": regions}
+        for name, arr in self._ragged.items():
+            per_region = torch.zeros(mask.shape)
+            per_region[mask] = torch.from_numpy(gather_ragged(arr, self._offsets, rows)).float()
+            fields[name] = per_region
+        if "gram" in self._derived:
+            fields["gram"] = regions @ regions.transpose(1, 2)
+        return self._image_cls(**{n: t.to(device) for n, t in fields.items()})
 
     def _locate(self, recorded: str | None, from_index: str | None) -> str | None:
         """A recorded path as given when it exists, else relative to the index directory."""
@@ -146,19 +204,33 @@ class RetrievalIndex:
         """Keep the gallery's image embeddings in memory as float32 when they fit in
         ``max_bytes``, so that a long-lived searcher does not convert the memory map on every
         query. Returns whether it did."""
-        size = sum(
-            a.size * (4 if np.issubdtype(a.dtype, np.floating) else a.itemsize)
-            for a in self._image_fields.values()
-        )
+        if self.codec is not None:  # decoded, padded: regions, Gram and gate terms
+            n, r = self._image_fields["mask"].shape
+            size = n * r * (self.codec.dim + r + 4) * 4
+        else:
+            size = sum(
+                a.size * (4 if np.issubdtype(a.dtype, np.floating) else a.itemsize)
+                for a in self._image_fields.values()
+            )
         if size > max_bytes:
             return False
-        self._image_cache = self._rows(self._image_fields, self._image_cls, slice(None), "cpu")
+        if self.codec is not None:
+            self._image_cache = self._decoded(slice(None), "cpu", exact=False)
+        else:
+            self._image_cache = self._rows(self._image_fields, self._image_cls, slice(None), "cpu")
         return True
 
-    def images(self, rows: np.ndarray | slice, device: torch.device | str = "cpu") -> Any:
-        """The ImageEmbeddings of gallery ``rows`` (float32 on ``device``)."""
+    def images(
+        self, rows: np.ndarray | slice, device: torch.device | str = "cpu", *, exact: bool = False
+    ) -> Any:
+        """The ImageEmbeddings of gallery ``rows`` (float32 on ``device``); with a codec, the
+        decoded regions, or with ``exact`` the exact copy when the index keeps one."""
+        if self.codec is not None and exact and self.exact_copy:
+            return self._decoded(rows, device, exact=True)
         cache = getattr(self, "_image_cache", None)
         if cache is None:
+            if self.codec is not None:
+                return self._decoded(rows, device, exact=False)
             return self._rows(self._image_fields, self._image_cls, rows, device)
         if not isinstance(rows, slice):
             rows = np.asarray(rows)
@@ -218,11 +290,10 @@ def search_index(
     if direction == "text2image":
         size, pooled_query = index.count, pooled_texts(query)[0]
 
-        def score_rows(rows: np.ndarray) -> np.ndarray:
+        def score_rows(rows: np.ndarray, exact: bool = False) -> np.ndarray:
+            images = index.images(rows, device, exact=exact)
             return (
-                model.score(index.images(rows, device), query, image_chunk=chunk, text_chunk=1)[
-                    :, 0
-                ]
+                model.score(images, query, image_chunk=chunk, text_chunk=1)[:, 0]
                 .float()
                 .cpu()
                 .numpy()
@@ -234,26 +305,30 @@ def search_index(
                 f"index {index.path} holds no captions (build it with --captions)"
             )
 
-        def score_rows(rows: np.ndarray) -> np.ndarray:
+        def score_rows(rows: np.ndarray, exact: bool = False) -> np.ndarray:
+            captions = index.caption_embeddings(rows, device)
             return (
-                model.score(
-                    query, index.caption_embeddings(rows, device), image_chunk=1, text_chunk=chunk
-                )[0]
+                model.score(query, captions, image_chunk=1, text_chunk=chunk)[0]
                 .float()
                 .cpu()
                 .numpy()
             )
     else:
         raise ValueError(f"unknown direction {direction!r}")
+    # an index with a codec and an exact copy re-scores its few best from the exact values
+    refine = direction == "text2image" and index.exact_copy
+    kept = max(top_k, EXACT_RERANK) if refine else top_k
     use_first = not exhaustive and (first_stage is not None or size > TWO_STAGE_MIN)
     if not use_first:
-        rows, scores = exhaustive_search(score_rows, size, top_k, chunk=chunk)
-        return rows, scores, {"path": "exhaustive", "candidates": size, "gallery": size}
-    n = first_stage or DEFAULT_CANDIDATES
-    which = "images" if direction == "text2image" else "captions"
-    rows, scores = two_stage(pooled_query, index.first_stage(which), score_rows, top_k, n)
-    return (
-        rows,
-        scores,
-        {"path": "two-stage", "candidates": min(max(n, top_k), size), "gallery": size},
-    )
+        rows, scores = exhaustive_search(score_rows, size, kept, chunk=chunk)
+        info = {"path": "exhaustive", "candidates": size, "gallery": size}
+    else:
+        n = first_stage or DEFAULT_CANDIDATES
+        which = "images" if direction == "text2image" else "captions"
+        rows, scores = two_stage(pooled_query, index.first_stage(which), score_rows, kept, n)
+        info = {"path": "two-stage", "candidates": min(max(n, kept), size), "gallery": size}
+    if refine and len(rows):
+        best = np.sort(rows)
+        rows, scores = top_k_of(score_rows(best, exact=True), best, top_k)
+        info["exact_rerank"] = len(best)
+    return rows, scores, info
