@@ -1,7 +1,8 @@
 """``python -m pipelines.benchmark NAME [options]``: performance figures.
 
-NAME: score, extract, retrieve, eval (COCO 5K at paper scale), data (store -> batches),
-serve (search latency through HTTP), train (training images/s and a step's split).
+NAME: score, extract, retrieve, codec (compressed region embeddings), eval (COCO 5K at paper
+scale), data (store -> batches), serve (search latency through HTTP), train (training images/s
+and a step's split).
 
 Each benchmark lives in its own module (``pipelines/bench/*.py``) and prints a markdown table;
 docs/benchmarks.md quotes the figures with the command that produced them.
@@ -16,6 +17,7 @@ BENCHMARKS = {
     "score": "pipelines.bench.score",
     "extract": "pipelines.bench.extract",
     "retrieve": "pipelines.bench.retrieve",
+    "codec": "pipelines.bench.codec",
     "eval": "pipelines.bench.paper_scale",
     "data": "pipelines.bench.paper_scale",
     "serve": "pipelines.bench.serve",

@@ -93,3 +93,14 @@ def image_detector(index, config: str | None, weights: str | None, device: str):
             )
         except ValueError as e:
             raise UsageError(str(e)) from None
+
+
+def index_codec(given: str, images: int) -> str | None:
+    """``--codec``: none, a faiss codec, or auto (the default codec above TWO_STAGE_MIN images,
+    where a gallery is searched in two stages and its size starts to matter)."""
+    from cpfean.first_stage import TWO_STAGE_MIN
+    from cpfean.index.codec import DEFAULT_CODEC
+
+    if given == "auto":
+        return DEFAULT_CODEC if images > TWO_STAGE_MIN else None
+    return None if given == "none" else given

@@ -33,23 +33,13 @@ def _images_root(given: str | None, store_meta: dict, captions: str | None) -> s
     return root
 
 
-def _codec(given: str, images: int) -> str | None:
-    """--codec: none, a faiss codec, or auto (the default codec above TWO_STAGE_MIN images,
-    where the gallery is searched in two stages and its size starts to matter)."""
-    from cpfean.first_stage import TWO_STAGE_MIN
-    from cpfean.index.codec import DEFAULT_CODEC
-
-    if given == "auto":
-        return DEFAULT_CODEC if images > TWO_STAGE_MIN else None
-    return None if given == "none" else given
-
-
 def run(args: argparse.Namespace) -> int:
     from cpfean.checkpoint import checkpoint_fingerprint, load_model, resolve_device
     from cpfean.config import to_dict
     from cpfean.data.captions import check_ids, load_captions
     from cpfean.data.region_store import RegionStore
     from cpfean.index import build_index, check_replaceable
+    from cpfean.index.codec import RegionCodec
 
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_file():
@@ -59,6 +49,11 @@ def run(args: argparse.Namespace) -> int:
     model, cfg, _ = load_model(checkpoint, device)
     store = RegionStore(args.regions or cfg.data.regions)
     image_ids = store.ids()
+    codec = cli.index_codec(args.codec, len(image_ids))
+    if codec:
+        RegionCodec.build(codec, cfg.model.embed_dim)  # a bad name stops here, before encoding
+    elif args.exact_copy:
+        raise ValueError("--exact-copy needs a codec (without one the index is exact already)")
 
     captions, owners, caption_file = [], [], None
     if not args.no_captions:
@@ -96,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         progress=not args.quiet,
         force=args.force,
-        codec=_codec(args.codec, len(image_ids)),
+        codec=codec,
         exact_copy=args.exact_copy,
         log=lambda s: print(s, file=sys.stderr),
     )

@@ -39,19 +39,29 @@ class RegionCodec:
         self.dim: int = index.d
         self.code_size: int = index.sa_code_size()
 
+    @staticmethod
+    def build(factory: str, dim: int):
+        """The untrained faiss index of ``factory`` for ``dim``-d regions (CodecError if faiss
+        cannot make one), so that a command can refuse a bad name before any work."""
+        faiss = _faiss()
+        try:
+            index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+            index.sa_code_size()
+        except RuntimeError as e:
+            lines = str(e).strip().splitlines()
+            raise CodecError(
+                f"codec {factory!r} is not a faiss codec for {dim}-d regions "
+                f"({lines[-1] if lines else 'faiss refused it'}); try SQ4, SQ8 or PQ64"
+            ) from None
+        return index
+
     @classmethod
     def fit(cls, factory: str, sample: np.ndarray, *, seed: int = 0) -> RegionCodec:
         """A codec ``factory`` (a faiss factory string) fitted on ``sample`` [M, d] regions."""
-        faiss = _faiss()
         sample = normalise(sample)
-        try:
-            index = faiss.index_factory(sample.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown"
-            raise CodecError(f"codec {factory!r} is not a faiss factory string ({first})") from None
+        index = cls.build(factory, sample.shape[1])
         _seed(index, seed)
         try:
-            index.sa_code_size()
             if not index.is_trained:
                 index.train(sample)
         except RuntimeError as e:

@@ -1,31 +1,37 @@
-"""Retrieval benchmark: two-stage (faiss first stage + CPFEAN re-rank) vs exhaustive CPFEAN.
+"""Retrieval benchmark: a real index of N synthetic images, searched as ``serve`` searches it.
 
-    python -m pipelines.benchmark retrieve [--sizes 5000,100000,1000000] [--quick]
+    python -m pipelines.benchmark retrieve [--sizes 5000,100000,1000000] [--codec auto]
+                                           [--workdir DIR --keep] [--json F] [--quick]
 
-Galleries are synthetic *encoded* images (no detector, no encoder): 1000 concept vectors in d
-dimensions and scene templates of 3 concepts, ~50 images per template. An image keeps each of
-its template's concepts with p = 0.85, may add an extra object, and has 1-3 clutter concepts;
-each of its 10-36 valid regions is one of them plus Gaussian noise (bigger objects get more
+Galleries are synthetic *encoded* images (no detector): 1000 concept vectors in d dimensions
+and scene templates of 3 concepts, ~50 images per template. An image keeps each of its
+template's concepts with p = 0.85, may add an extra object, and has 1-3 clutter concepts; each
+of its 10-36 valid regions is one of them plus Gaussian noise (bigger objects get more
 regions). A query names 2-3 concepts of a template: two noisy words per concept plus two
 unrelated "function" words. The re-ranker is the real ``CPFEAN.score`` (fusion gates,
-prominence, top-k alignment) with randomly initialised gate/prominence weights, so latency is
-the real scoring cost; "exhaustive" is that same score over every image.
+prominence, top-k alignment) with randomly initialised gate/prominence weights.
 
-- 5K and 100K: the gallery is written by ``cpfean.index.build_index`` as a real index
-  directory (float16 memory maps: regions, Gram matrices, gate terms, pooled vectors) in
-  ``--workdir`` and queried through ``cpfean.index.search_index``, the code path of
-  ``pipelines.retrieve`` (encoding the query text is not included). The exhaustive top-10 of
-  every query is computed over the index's stored values, block by block.
-- 1M: 1M x 36 x 1024 float16 region embeddings (73 GB) do not fit, so only the pooled vectors
-  are materialised (IVF first stage) and the candidates' region embeddings are regenerated
-  deterministically from their ids at query time (timed separately, as "gather"; a real index
-  reads them from a memory map). Exhaustive CPFEAN over 1M is not computed (~10x the 100K
-  cost per query); recall there is reported against the same re-ranking with an *exact*
-  (flat) first stage, i.e. what the IVF approximation loses.
+For each size:
+
+1. the gallery is written by ``cpfean.index.build_index`` as a real index under ``--workdir``
+   (with ``--codec``; auto = SQ4 above 20,000 images, as ``pipelines.index``), kept with
+   ``--keep`` and then reused by a later run (its build key);
+2. the ground truth is the exhaustive top-10 of every query over the gallery's *exact* values
+   (regions regenerated in float32 from their ids, scored by the same model), computed once
+   and kept beside the index;
+3. a fresh process (so its resident memory is the searcher's alone) opens the index as
+   ``serve`` does, then per query encodes one real text with the offline MiniLM encoder (so
+   the latency includes query encoding) and runs ``cpfean.index.search_index`` with the
+   query's synthetic word vectors, for each ``--candidates`` size of the first stage.
+
+Reported per size and candidate count: images, index_bytes, resident_mb (peak RSS of the
+searching process), p50_ms / p95_ms (encoding + search), recall_at_10 (of the exhaustive exact
+top-10), candidates.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import shutil
 import sys
 import tempfile
@@ -39,280 +45,194 @@ from cpfean import first_stage
 from cpfean.fileio import atomic_write_json
 from pipelines import cli
 from pipelines.bench.gallery import (
+    QUERIES,
     GivenRegions,
     SyntheticGallery,
-    exhaustive_top_k,
+    exact_top_k,
     text_embeddings,
     write_index,
 )
 
 
-def _ms(xs: list[float]) -> str:
-    return f"{np.percentile(xs, 50) * 1e3:.0f} / {np.percentile(xs, 95) * 1e3:.0f}"
+def _model(dim: int, seed: int, text_encoder: str = "tiny-random"):
+    """The benchmark's matcher: CPFEAN's scoring at ``dim`` over already-encoded regions."""
+    from cpfean.model import ModelConfig, build_model
+
+    torch.manual_seed(seed)  # the same weights in the parent and the searching process
+    model = build_model(
+        ModelConfig(text_encoder=text_encoder, feature_dim=16, embed_dim=dim, region_heads=1),
+        label_names=[],
+    ).eval()
+    model.region_encoder = GivenRegions()
+    return model
 
 
-def _rss_gb() -> float:
+def _peak_mb() -> float:
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @torch.no_grad()
-def bench_indexed(model, n: int, args, rows_out: list[dict]) -> None:
-    """5K / 100K: a real index on disk, cpfean.index.search_index, exhaustive ground truth."""
+def search_process(spec: dict) -> dict:
+    """Run in a fresh process: open the index as serve does and time every query."""
+    import faiss
+
     from cpfean.index import RetrievalIndex, search_index
 
-    t0 = time.perf_counter()
-    gal = SyntheticGallery(n, args.dim, seed=args.seed)
-    words = gal.queries(args.queries)
+    torch.set_num_threads(spec["threads"])
+    faiss.omp_set_num_threads(spec["threads"])
+    model = _model(spec["dim"], spec["seed"])
+    encoder = _model(spec["dim"], spec["seed"], text_encoder="minilm") if spec["encode"] else None
+    with np.load(spec["queries"]) as saved:
+        words = [saved[f"arr_{q}"] for q in range(len(saved.files))]
+    truth = np.load(spec["truth"])
+    t = time.perf_counter()
+    index = RetrievalIndex(spec["index"])
+    index.preload()
+    index.first_stage("images")
+    open_s = time.perf_counter() - t
     txt = text_embeddings(model, words)
-    work = Path(tempfile.mkdtemp(prefix=f"bench_{n}_", dir=args.workdir))
-    try:
-        write_index(model, gal, work / "index")
-        build_s = time.perf_counter() - t0
-        index = RetrievalIndex(work / "index")
-        t = time.perf_counter()
-        truth = exhaustive_top_k(model, index, txt, args.top_k)
-        score_s = time.perf_counter() - t
-        t = time.perf_counter()
-        index.first_stage("images")
-        fs_build = time.perf_counter() - t
-        size_gb = sum(f.stat().st_size for f in (work / "index").rglob("*")) / 2**30
-        print(
-            f"[{n}] index written in {build_s:.0f} s ({size_gb:.2f} GB on disk); exhaustive "
-            f"scoring of {len(words)} queries took {score_s:.0f} s; flat first stage built in "
-            f"{fs_build:.1f} s",
-            file=sys.stderr,
-        )
-        ex_times = []
-        for q in range(min(args.exhaustive_queries, len(words)) if n <= 20000 else 1):
+    runs = []
+    for k in spec["candidates"]:
+        times, recalls, encode = [], [], []
+        for q in range(len(words)):
             t = time.perf_counter()
-            rows, _, _ = search_index(model, index, txt[q], top_k=args.top_k, exhaustive=True)
-            ex_times.append(time.perf_counter() - t)
-            if first_stage.recall_at(truth[q], rows) < 1.0:  # only float summation order differs
-                print(
-                    f"[{n}] note: query {q}: exhaustive search differs from the ground "
-                    "truth pass (near-tie)",
-                    file=sys.stderr,
-                )
-        rows_out.append(
+            if encoder is not None:
+                enc = encoder.tokenize([QUERIES[q % len(QUERIES)]])
+                encoder.encode_texts(enc["input_ids"], enc["attention_mask"])
+            encode.append(time.perf_counter() - t)
+            rows, _, info = search_index(
+                model, index, txt[q], top_k=spec["top_k"], first_stage=k or None, exhaustive=k == 0
+            )
+            times.append(time.perf_counter() - t)
+            recalls.append(first_stage.recall_at(truth[q], rows))
+        runs.append(
             {
-                "gallery": n,
-                "path": "exhaustive",
-                "first_stage": "-",
-                "candidates": n,
-                "p50_p95_ms": _ms(ex_times),
-                "recall@10": 1.0,
-                "queries": len(ex_times),
+                "candidates": info["candidates"],
+                "path": info["path"],
+                "p50_ms": round(1e3 * float(np.percentile(times, 50)), 1),
+                "p95_ms": round(1e3 * float(np.percentile(times, 95)), 1),
+                "encode_p50_ms": round(1e3 * float(np.percentile(encode, 50)), 1),
+                "recall_at_10": float(np.mean(recalls)),
+                "queries": len(words),
             }
         )
-        for k in args.candidates:
-            times, recalls = [], []
-            for q in range(len(words)):
-                t = time.perf_counter()
-                rows, _, _ = search_index(model, index, txt[q], top_k=args.top_k, first_stage=k)
-                times.append(time.perf_counter() - t)
-                recalls.append(first_stage.recall_at(truth[q], rows))
-            rows_out.append(
-                {
-                    "gallery": n,
-                    "path": "two-stage",
-                    "first_stage": "flat",
-                    "candidates": k,
-                    "p50_p95_ms": _ms(times),
-                    "recall@10": float(np.mean(recalls)),
-                    "queries": len(words),
-                }
-            )
-            print(f"[{n}] {rows_out[-1]}", file=sys.stderr)
-        rows_out[-1]["rss_gb"] = round(_rss_gb(), 2)
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-
-
-class _LazyPooled:
-    """[N, d] normalised pooled vectors of a gallery, computed on indexing (for faiss)."""
-
-    def __init__(self, gal: SyntheticGallery):
-        self.gal, self.shape = gal, (gal.n, gal.d)
-
-    def __getitem__(self, rows) -> np.ndarray:
-        if isinstance(rows, slice):
-            rows = np.arange(*rows.indices(self.gal.n))
-        return first_stage.normalise(self.gal.pooled_raw(np.asarray(rows)))
+    return {"runs": runs, "resident_mb": round(_peak_mb()), "open_s": round(open_s, 1)}
 
 
 @torch.no_grad()
-def bench_generated(model, n: int, args, rows_out: list[dict]) -> None:
-    """1M: pooled vectors only, IVF first stage, candidates regenerated from their ids."""
-    t0 = time.perf_counter()
+def bench_size(model, n: int, args, work: Path) -> list[dict]:
+    """Build (or reuse) the index of ``n`` images, its ground truth, then search it."""
+    codec = cli.index_codec(args.codec, n)
+    folder = work / f"retrieve_{n}_d{args.dim}_s{args.seed}_{(codec or 'exact').replace(',', '_')}"
+    folder.mkdir(parents=True, exist_ok=True)
     gal = SyntheticGallery(n, args.dim, seed=args.seed)
     words = gal.queries(args.queries)
-    txt = text_embeddings(model, words)
-    pooled = _LazyPooled(gal)
-    qpool = np.stack(_pooled_queries(txt))
-    kmax = max(args.candidates_1m)
-    flat = first_stage.FirstStage(pooled, kind="flat")  # exact: the reference first stage
-    print(
-        f"[{n}] gallery + flat first stage built in {time.perf_counter() - t0:.0f} s",
-        file=sys.stderr,
-    )
-    exact, flat_ms = [], []
-    for q in range(len(words)):
-        t = time.perf_counter()
-        exact.append(flat.search(qpool[q], kmax)[1][0])
-        flat_ms.append(time.perf_counter() - t)
-    del flat
     t = time.perf_counter()
-    ivf = first_stage.FirstStage(pooled, kind="ivf")
+    built = write_index(model, gal, folder / "index", codec=codec)
+    build_s = time.perf_counter() - t
+    truth_path = folder / f"truth_q{args.queries}_k{args.top_k}.npy"
+    t = time.perf_counter()
+    if not truth_path.is_file():
+        truth = exact_top_k(model, gal, text_embeddings(model, words), args.top_k)
+        np.save(truth_path, truth)
+    truth_s = time.perf_counter() - t
+    np.savez(folder / "queries.npz", *words)  # arr_0, arr_1, ...: one [L, d] per query
+    del gal
+    index_bytes = sum(f.stat().st_size for f in built.path.rglob("*") if f.is_file())
     print(
-        f"[{n}] IVF (nlist {ivf.index.nlist}) built in {time.perf_counter() - t:.0f} s",
+        f"[{n}] index {'kept' if built.up_to_date else f'built in {build_s:.0f} s'} "
+        f"({index_bytes / 2**30:.2f} GB, codec {codec}); exact ground truth "
+        f"{'kept' if truth_s < 1 else f'in {truth_s:.0f} s'}",
         file=sys.stderr,
     )
-
-    def rerank(q: int, cand: np.ndarray, timing: dict) -> np.ndarray:
-        t = time.perf_counter()
-        regions, mask = gal.regions(cand)
-        emb = model.image_embeddings(torch.from_numpy(regions), torch.from_numpy(mask))
-        timing["gather"] = time.perf_counter() - t
-        t = time.perf_counter()
-        scores = model.score(emb, txt[q], image_chunk=1024, text_chunk=1)[:, 0].numpy()
-        timing["score"] = time.perf_counter() - t
-        return scores
-
-    for k in args.candidates_1m:
-        refs, score_ms = [], []  # the same re-ranking of the exact first stage's candidates
-        for q in range(len(words)):
-            ref_cand = np.sort(exact[q][:k])
-            timing: dict = {}
-            refs.append(
-                (ref_cand, first_stage.top_k(rerank(q, ref_cand, timing), ref_cand, args.top_k)[0])
-            )
-            score_ms.append(timing["score"])
-        rows_out.append(
-            {
-                "gallery": n,
-                "path": "two-stage",
-                "first_stage": "flat",
-                "candidates": k,
-                "queries": len(words),
-                "recall@10": 1.0,
-                "p50_p95_ms": _ms([a + b for a, b in zip(flat_ms, score_ms, strict=True)]),
-                "first_stage_ms": _ms(flat_ms),
-                "score_ms": _ms(score_ms),
-                "recall_vs": "itself (the reference)",
-            }
-        )
-        print(f"[{n}] {rows_out[-1]}", file=sys.stderr)
-        for nprobe in args.nprobe:
-            ivf.index.nprobe = nprobe
-            fs, sc, ga, recalls, fs_recall = [], [], [], [], []
-            for q in range(len(words)):
-                timing: dict = {}
-                t = time.perf_counter()
-                _, cand = ivf.search(qpool[q], k)
-                fs.append(time.perf_counter() - t)
-                cand = np.sort(cand[0][cand[0] >= 0])
-                rows, _ = first_stage.top_k(rerank(q, cand, timing), cand, args.top_k)
-                sc.append(timing["score"])
-                ga.append(timing["gather"])
-                recalls.append(first_stage.recall_at(refs[q][1], rows))
-                fs_recall.append(first_stage.recall_at(refs[q][0], cand))
-            total = [a + b for a, b in zip(fs, sc, strict=True)]
-            rows_out.append(
-                {
-                    "gallery": n,
-                    "path": "two-stage",
-                    "first_stage": f"ivf{ivf.index.nlist}/{nprobe}",
-                    "candidates": k,
-                    "p50_p95_ms": _ms(total),
-                    "recall@10": float(np.mean(recalls)),
-                    "queries": len(words),
-                    "first_stage_ms": _ms(fs),
-                    "score_ms": _ms(sc),
-                    "gather_ms(generated)": _ms(ga),
-                    "ivf_candidate_recall": float(np.mean(fs_recall)),
-                    "recall_vs": "two-stage with an exact first stage",
-                }
-            )
-            print(f"[{n}] {rows_out[-1]}", file=sys.stderr)
-    rows_out[-1]["rss_gb"] = round(_rss_gb(), 2)
-
-
-def _pooled_queries(txt) -> list[np.ndarray]:
-    from cpfean.index import pooled_texts
-
-    return list(pooled_texts(txt))
+    candidates = list(args.candidates) + ([0] if n <= args.exhaustive_max else [])
+    spec = {
+        "index": str(built.path),
+        "queries": str(folder / "queries.npz"),
+        "truth": str(truth_path),
+        "dim": args.dim,
+        "seed": args.seed,
+        "threads": args.threads,
+        "top_k": args.top_k,
+        "candidates": candidates,
+        "encode": not args.no_encode,
+    }
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        found = pool.apply(search_process, (spec,))
+    rows = [
+        {
+            "images": n,
+            "codec": codec or "none",
+            "index_bytes": index_bytes,
+            "resident_mb": found["resident_mb"],
+            "open_s": found["open_s"],
+            "build_s": None if built.up_to_date else round(build_s),
+            **run,
+        }
+        for run in found["runs"]
+    ]
+    for r in rows:
+        print(f"[{n}] {r}", file=sys.stderr)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser("python -m pipelines.benchmark retrieve", __doc__)
     p.add_argument("--sizes", default="5000,100000,1000000", help="gallery sizes")
-    p.add_argument("--dim", type=int, default=1024, help="embedding size d")
+    p.add_argument("--dim", type=int, default=512, help="embedding size d (the demo's)")
     p.add_argument("--queries", type=int, default=40)
-    p.add_argument(
-        "--exhaustive-queries",
-        type=int,
-        default=10,
-        help="queries timed on the exhaustive path (1 above 20K images)",
-    )
-    p.add_argument("--candidates", default="100,200,500,1000", help="first-stage sizes")
+    p.add_argument("--candidates", default="200,500,1000", help="first-stage sizes")
+    p.add_argument("--exhaustive-max", type=int, default=20_000, help="also time exhaustive")
     p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--candidates-1m", default="200,500", help="first-stage sizes above 200K")
-    p.add_argument("--nprobe", default="32,128", help="IVF lists scanned above 200K")
+    p.add_argument("--codec", default="auto", help="as pipelines.index --codec")
+    p.add_argument("--no-encode", action="store_true", help="leave query encoding out")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", default=None, help="where the index files go (temp dir)")
-    p.add_argument("--keep", action="store_true", help="keep the written indexes")
+    p.add_argument("--workdir", default=None, help="where the indexes go (a temporary folder)")
+    p.add_argument("--keep", action="store_true", help="keep the indexes (a re-run reuses them)")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--quick", action="store_true", help="small smoke run")
     args = p.parse_args(argv)
     if args.workdir is not None and not Path(args.workdir).is_dir():
         p.error(f"--workdir {args.workdir} is not an existing folder")
     if args.quick:
-        args.sizes, args.dim, args.queries, args.candidates = "2000,250000", 256, 8, "100,300"
-        args.candidates_1m, args.nprobe = "100", "16,64"
-        args.exhaustive_queries = 3
+        args.sizes, args.dim, args.queries, args.candidates = "2000,30000", 64, 8, "100,300"
     sizes = [int(s) for s in args.sizes.split(",")]
     args.candidates = [int(c) for c in args.candidates.split(",")]
-    args.candidates_1m = [int(c) for c in args.candidates_1m.split(",")]
-    args.nprobe = [int(c) for c in args.nprobe.split(",")]
+    if min(sizes) < 1 or min(args.candidates) < 1:
+        p.error("--sizes and --candidates must be >= 1")
     torch.set_num_threads(args.threads)
-    import faiss
-
-    faiss.omp_set_num_threads(args.threads)
-    from cpfean.model import ModelConfig, build_model
-
-    torch.manual_seed(args.seed)
-    model = build_model(
-        ModelConfig(text_encoder="tiny-random", feature_dim=16, embed_dim=args.dim, region_heads=1),
-        label_names=[],
-    ).eval()
-    model.region_encoder = GivenRegions()  # the synthetic galleries are already encoded
+    model = _model(args.dim, args.seed)
+    work = Path(tempfile.mkdtemp(prefix="bench_retrieve_", dir=args.workdir))
+    if args.keep and args.workdir:
+        shutil.rmtree(work)
+        work = Path(args.workdir)  # a kept index is found again by the next run
     rows: list[dict] = []
-    for n in sizes:
-        (bench_indexed if n <= 200_000 else bench_generated)(model, n, args, rows)
+    try:
+        for n in sizes:
+            rows += bench_size(model, n, args, work)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
     print(
-        f"\nretrieval, d={args.dim}, top-{args.top_k}, {args.threads} threads, "
-        f"{args.queries} queries (p50 / p95 per query, query text encoding excluded)\n"
+        f"\nretrieval, d={args.dim}, top-{args.top_k}, {args.threads} threads, {args.queries} "
+        "queries; latency per query includes "
+        + ("query encoding (MiniLM)" if not args.no_encode else "no query encoding")
+        + "\n"
     )
     print(
-        "| gallery | path | first stage | candidates | latency p50 / p95 ms | "
-        "recall@10 | recall of |"
+        "| images | codec | index GB | search | candidates | p50 / p95 ms | recall@10 | "
+        "resident MB |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---:|---|---:|---|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['gallery']:,} | {r['path']} | {r['first_stage']} | {r['candidates']:,} | "
-            f"{r['p50_p95_ms']} | {r['recall@10']:.3f} | "
-            f"{r.get('recall_vs', 'exhaustive top-10')} |"
+            f"| {r['images']:,} | {r['codec']} | {r['index_bytes'] / 2**30:.2f} | {r['path']} | "
+            f"{r['candidates']:,} | {r['p50_ms']:.0f} / {r['p95_ms']:.0f} | "
+            f"{r['recall_at_10']:.3f} | {r['resident_mb']:,} |"
         )
-    print(
-        "\nlatency = first stage + CPFEAN re-rank (+ reading candidates from the index's "
-        "memory maps up to 200K; above, candidates are generated, see gather_ms in --json); "
-        f"peak RSS {_rss_gb():.1f} GB"
-    )
     if args.json:
         atomic_write_json(args.json, rows, indent=1)
     return 0

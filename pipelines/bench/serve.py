@@ -28,19 +28,7 @@ import numpy as np
 import torch
 
 from pipelines import cli
-
-QUERIES = [
-    "a dog on grass",
-    "a red car on the road",
-    "a small blue ball left of a box",
-    "a green tree near a house",
-    "a yellow cup on a table",
-    "two stars and a moon",
-    "a large red ball to the left of a blue box",
-    "a purple heart",
-    "a white cloud",
-    "an orange fish below a flower",
-]
+from pipelines.bench.gallery import QUERIES
 
 
 def _serve(app) -> tuple[object, threading.Thread, str]:
@@ -110,19 +98,19 @@ def measure(open_searcher, name: str, args: argparse.Namespace) -> dict:
     }
 
 
-def synthetic_searcher(n: int, workdir: Path, seed: int):
+def synthetic_searcher(n: int, workdir: Path, seed: int, codec: str | None = None):
     from cpfean.index import RetrievalIndex
     from cpfean.model import ModelConfig, build_model
     from cpfean.search import Searcher
-    from pipelines.bench.gallery import SyntheticGallery, text_embeddings, write_index
+    from pipelines.bench.gallery import GivenRegions, SyntheticGallery, write_index
 
     torch.manual_seed(seed)
     model = build_model(ModelConfig(feature_dim=16, embed_dim=1024), label_names=[]).eval()
-    out = workdir / f"synthetic_{n}"
+    model.region_encoder = GivenRegions()  # the synthetic gallery is already encoded
+    out = workdir / f"synthetic_{n}_{(codec or 'exact').replace(',', '_')}"
     if not (out / "index.json").is_file():
         shutil.rmtree(out, ignore_errors=True)
-        gal = SyntheticGallery(n, 1024, seed=seed)
-        write_index(model, gal, out, text_embeddings(model, gal.queries(1)), top_k=10)
+        write_index(model, SyntheticGallery(n, 1024, seed=seed), out, codec=codec)
     return Searcher(model, RetrievalIndex(out), torch.device("cpu"))
 
 
@@ -133,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index", default="runs/demo/index", help="the demo index")
     p.add_argument("--synthetic", type=int, default=0, help="also a synthetic index of N images")
     p.add_argument("--workdir", help="where the synthetic index goes (an existing folder)")
+    p.add_argument(
+        "--codec", default="auto", help="the synthetic index's codec (as pipelines.index)"
+    )
     p.add_argument("--requests", type=int, default=200, help="sequential requests timed")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--per-client", type=int, default=50)
@@ -156,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_serve_"))
         rows.append(
             measure(
-                lambda: synthetic_searcher(args.synthetic, work, args.seed),
+                lambda: synthetic_searcher(
+                    args.synthetic, work, args.seed, cli.index_codec(args.codec, args.synthetic)
+                ),
                 f"synthetic {args.synthetic:,}",
                 args,
             )

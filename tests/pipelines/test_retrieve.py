@@ -307,3 +307,20 @@ def test_real_model_end_to_end(tmp_path, capsys):
     assert all(r["prominent_words"] for r in payload["results"])
     meta = json.loads((out / "index.json").read_text())
     assert meta["captions"]["count"] == 4 and meta["images_root"] == str(tmp_path / "images")
+    # the same gallery compressed, with the exact copy for the last re-rank: the same answer
+    packed = tmp_path / "packed"
+    argv = [*argv[:3], str(packed), *argv[4:]]
+    assert index_cli.main([*argv, "--codec", "SQ3x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: codec 'SQ3x'") and err.count("\n") == 1
+    assert not packed.exists()
+    assert index_cli.main([*argv, "--codec", "SQ8", "--exact-copy"]) == 0
+    capsys.readouterr()
+    assert json.loads((packed / "index.json").read_text())["version"] == 2
+    query = ["--query", "a red ball", "--json", "--device", "cpu", "--top-k", "3"]
+    assert retrieve.main([*query, "--index", str(packed)]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert [r["image_id"] for r in again["results"]] == [r["image_id"] for r in payload["results"]]
+    assert [r["score"] for r in again["results"]] == pytest.approx(
+        [r["score"] for r in payload["results"]], abs=1e-4
+    )
