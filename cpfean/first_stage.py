@@ -117,18 +117,30 @@ class FirstStage:
         for start in range(0, pooled.shape[0], chunk):
             self.index.add(normalise(pooled[start : start + chunk]))
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, subset: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` rows for each query.
 
         Args:
             queries: [Q, d] pooled query embeddings (normalised here).
+            subset: only these rows may be returned (a filter applied inside the scan, so k
+                rows come back whenever the subset has them).
         Returns:
             scores [Q, k'] and rows [Q, k'] (int64, best first), k' = min(k, N); IVF may
             return fewer valid rows, padded with -1.
         """
-        k = min(k, self.size)
-        scores, rows = self.index.search(normalise(np.atleast_2d(queries)), k)
-        return scores, rows
+        faiss = _faiss()
+        queries = normalise(np.atleast_2d(queries))
+        if subset is None:
+            return self.index.search(queries, min(k, self.size))
+        subset = np.ascontiguousarray(subset, dtype=np.int64)
+        selector = faiss.IDSelectorBatch(len(subset), faiss.swig_ptr(subset))
+        if self.kind == "ivf":
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=self.index.nprobe)
+        else:
+            params = faiss.SearchParameters(sel=selector)
+        return self.index.search(queries, max(1, min(k, len(subset))), params=params)
 
 
 def top_k(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -142,9 +154,15 @@ def top_k(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.
 
 
 def exhaustive(
-    score_rows: Callable[[np.ndarray], np.ndarray], size: int, k: int, *, chunk: int = 4096
+    score_rows: Callable[[np.ndarray], np.ndarray],
+    size: int,
+    k: int,
+    *,
+    chunk: int = 4096,
+    subset: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Score every row with the full model, in chunks; keep the best ``k``.
+    """Score every row (or every row of ``subset``) with the full model, in chunks; keep the
+    best ``k``.
 
     Args:
         score_rows: rows [M] (int64) -> scores [M] of the query against those gallery rows.
@@ -154,8 +172,9 @@ def exhaustive(
     """
     best_rows = np.empty(0, np.int64)
     best_scores = np.empty(0, np.float32)
-    for start in range(0, size, chunk):
-        rows = np.arange(start, min(start + chunk, size), dtype=np.int64)
+    every = np.arange(size, dtype=np.int64) if subset is None else np.asarray(subset, np.int64)
+    for start in range(0, len(every), chunk):
+        rows = every[start : start + chunk]
         scores = np.asarray(score_rows(rows), dtype=np.float32)
         best_rows, best_scores = top_k(
             np.concatenate([best_scores, scores]), np.concatenate([best_rows, rows]), k
@@ -169,8 +188,10 @@ def two_stage(
     score_rows: Callable[[np.ndarray], np.ndarray],
     k: int,
     n_candidates: int = DEFAULT_CANDIDATES,
+    subset: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """First stage picks ``n_candidates`` rows, the full model re-ranks them; best ``k``.
+    """First stage picks ``n_candidates`` rows (of ``subset`` when given), the full model
+    re-ranks them; best ``k``.
 
     Args:
         query_pooled: [d] pooled query embedding.
@@ -178,7 +199,7 @@ def two_stage(
     Returns:
         rows [k'] and scores [k'] (re-ranked full-model scores), best first.
     """
-    _, cand = first.search(query_pooled[None], max(n_candidates, k))
+    _, cand = first.search(query_pooled[None], max(n_candidates, k), subset)
     cand = np.sort(cand[0][cand[0] >= 0])  # sorted rows read a memory map sequentially
     scores = np.asarray(score_rows(cand), dtype=np.float32)
     return top_k(scores, cand, k)

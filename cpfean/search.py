@@ -88,6 +88,8 @@ class RankOptions(TypedDict, total=False):
     first_stage: int | None  # re-rank this many first-stage candidates (None: automatic)
     exhaustive: bool  # score every item with the full model
     explain: int  # the best results that carry their prominent words and regions
+    label: str | None  # text queries: only images with a region of this detected label
+    under: str | None  # text queries: only images under this folder of the gallery
 
 
 class Result(TypedDict, total=False):
@@ -163,6 +165,27 @@ class Searcher:
     def captions_of(self, image_id: str) -> list[str]:
         """The indexed captions of a gallery image (empty when none were indexed)."""
         return list(self._captions_of.get(image_id, []))
+
+    def filter_rows(self, label: str | None = None, under: str | None = None) -> Any:
+        """The gallery rows a text query may return: images with a region of detected
+        ``label`` and / or under folder ``under``; None when neither is given."""
+        within = None
+        if label:
+            names = {n.lower(): k for k, n in enumerate(self.index.label_names)}
+            if label.strip().lower() not in names:
+                shown = ", ".join(sorted(names)[:12]) or "none"
+                more = f" and {len(names) - 12} more" if len(names) > 12 else ""
+                raise QueryError(
+                    f"no detected label {label!r} in this index (labels: {shown}{more})"
+                )
+            within = self.index.rows_with_label(names[label.strip().lower()])
+        if under:
+            folder = under.strip().removeprefix("./")
+            rows = self.index.rows_under(folder)
+            if not len(rows):
+                raise QueryError(f"no image of this index lies under folder {under!r}")
+            within = rows if within is None else np.intersect1d(within, rows)
+        return within
 
     # ------------------------------------------------------------------------ encoding
     @torch.no_grad()
@@ -284,10 +307,14 @@ class Searcher:
         exhaustive: bool = False,
         explain: int = EXPLAIN,
         query_geometry: tuple | None = None,
+        label: str | None = None,
+        under: str | None = None,
     ) -> Answer:
         index, model, device = self.index, self.model, self.device
         if direction == "image2text" and not index.captions:
             raise IndexFormatError(f"index {index.path} holds no captions (build it with captions)")
+        if direction == "image2text" and (label or under):
+            raise QueryError("label and folder filters choose images, not captions")
         rows, scores, info = search_index(
             model,
             index,
@@ -297,6 +324,7 @@ class Searcher:
             first_stage=first_stage,
             exhaustive=exhaustive,
             device=device,
+            within=self.filter_rows(label, under),
         )
         explained = rows[:explain]
         details: dict = {}

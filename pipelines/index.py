@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         "--codec",
         default="auto",
         help="keep region embeddings compressed by this faiss codec (SQ4, SQ8, PQ64, ...); "
-        "'none' keeps them exact; auto: SQ4 above 20,000 images, else none",
+        "'none' keeps them exact; auto: SQ8 above 20,000 images, else none",
     )
     parser.add_argument(
         "--exact-copy",

@@ -129,12 +129,14 @@ def run(args: argparse.Namespace) -> dict:
         raise UsageError(f"--first-stage must be in 1..{MAX_FIRST_STAGE}, got {args.first_stage}")
     if args.show and Path(args.show).suffix.lower() not in (".png", ".html", ".htm"):
         raise UsageError(f"--show writes a .png or .html file, got {args.show}")
+    if args.image is not None and (args.label or args.under):
+        raise UsageError("--label and --under filter images: they go with --query, not --image")
     query = check_query(args.query) if args.query is not None else None
     image = read_image(args.image) if args.image is not None else None
     searcher = open_searcher(args.index, args.checkpoint, args.device)
     options = dict(top_k=args.top_k, first_stage=args.first_stage, exhaustive=args.exhaustive)
     if query is not None:
-        payload = searcher.text_to_images(query, **options)
+        payload = searcher.text_to_images(query, label=args.label, under=args.under, **options)
     else:
         extractor = image_detector(
             searcher.index, args.detector_config, args.detector_weights, args.device
@@ -172,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         "--first-stage",
         type=int,
         help="re-rank this many first-stage candidates (two-stage search even on small galleries)",
+    )
+    parser.add_argument(
+        "--label", help="only images with a region of this detected label (e.g. dog)"
+    )
+    parser.add_argument(
+        "--under", help="only images under this folder of the gallery (relative to its root)"
     )
     parser.add_argument("--detector-config", help="detector config for --image")
     parser.add_argument("--detector-weights", help="detector weights for --image")

@@ -120,3 +120,54 @@ def test_fp16_first_stage_finds_what_the_float32_one_finds():
         np.mean([first_stage.recall_at(a, b) for a, b in zip(r_flat, r_half, strict=True)]) >= 0.99
     )
     np.testing.assert_allclose(s_half[:, 0], s_flat[:, 0], atol=2e-3)
+
+
+def test_filters_apply_before_the_top_k(tmp_path):
+    """A label or folder filter keeps k results whenever k images pass it, on the exhaustive
+    and the two-stage path alike, and returns only images that pass it."""
+    from tests.test_index import SHAPES
+
+    scenes = random_scenes(90, seed=8)
+    model, _, index = build(tmp_path, scenes, name="filtered")
+    cone = SHAPES.index("cone")
+    with_cone = index.rows_with_label(cone)
+    want = [r for r, objs in enumerate(scenes) if any(s == "cone" for _, s, _ in objs)]
+    assert with_cone.tolist() == want and 10 < len(want) < 90
+    txt = query(model, "large red ball")  # a query that cones do not answer first
+    unfiltered, _, _ = search_index(model, index, txt, top_k=10)
+    assert not set(unfiltered.tolist()) <= set(want)
+    for kw in ({}, {"first_stage": 15}):
+        rows, scores, info = search_index(model, index, txt, top_k=10, within=with_cone, **kw)
+        assert len(rows) == 10 and set(rows.tolist()) <= set(want), kw
+        assert info["filtered"] == len(want) and np.all(np.diff(scores) <= 0)
+        exact, _, _ = search_index(model, index, txt, top_k=10, within=with_cone, exhaustive=True)
+        if not kw:
+            np.testing.assert_array_equal(rows, exact)
+    assert index.rows_under("nowhere").tolist() == []
+    rows, _, info = search_index(model, index, txt, top_k=10, within=np.empty(0, np.int64))
+    assert len(rows) == 0 and info["filtered"] == 0
+
+
+def test_searcher_filters_by_label_and_folder(tmp_path):
+    import torch
+
+    from cpfean.search import QueryError, Searcher
+
+    scenes = random_scenes(60, seed=9)
+    model, _, index = build(tmp_path, scenes, name="folders")
+    index.image_ids = [
+        f"{'cats' if r % 3 else 'dogs/old'}/{i}" for r, i in enumerate(index.image_ids)
+    ]
+    searcher = Searcher(model, index, torch.device("cpu"))
+    answer = searcher.text_to_images("small blue box", 5, label="Ring", under="./dogs/")
+    ids = [r["image_id"] for r in answer["results"]]
+    rings = {r for r, objs in enumerate(scenes) if any(s == "ring" for _, s, _ in objs)}
+    passing = [r for r in range(60) if r % 3 == 0 and r in rings]
+    assert len(ids) == min(5, len(passing)) > 0
+    assert all(i.startswith("dogs/old/") for i in ids)
+    assert {r["row"] for r in answer["results"]} <= set(passing)
+    assert answer["search"]["filtered"] == len(passing)
+    with pytest.raises(QueryError, match="no detected label 'dog'.*ball, box, cone, ring"):
+        searcher.text_to_images("a ball", 5, label="dog")
+    with pytest.raises(QueryError, match="under folder 'birds'"):
+        searcher.text_to_images("a ball", 5, under="birds")

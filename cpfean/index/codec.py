@@ -11,13 +11,17 @@ docs/benchmarks.md ("Compressed region embeddings"). The trained codec is saved 
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import numpy as np
 
 from cpfean.first_stage import normalise
 
-# 4 bits a dimension, one range per dimension: a quarter of float16, and nothing to train but
-# each dimension's range, so it is as good on a 1M gallery as on the sample it was fitted on
-DEFAULT_CODEC = "SQ4"
+# 8 bits a dimension, one range per dimension: half of float16 and nothing to fit but the
+# ranges, so it is as good on a 1M gallery as on its sample; SQ4 halves it again but moved the
+# synthetic galleries' top-10 (dense near-ties) where SQ8 keeps it (docs/benchmarks.md)
+DEFAULT_CODEC = "SQ8"
 TRAIN_REGIONS = 65_536  # regions sampled to fit a codec (k-means codecs ask for ~40 per centroid)
 
 
@@ -103,10 +107,63 @@ def _seed(index, seed: int) -> None:
             cp.seed = seed
 
 
-def gather_ragged(array: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
+class RowFile:
+    """Rows of a 2-D (or 1-D) ``.npy`` file read with ``os.pread``, never memory-mapped: a
+    memory map's page faults pull neighbouring pages into the process (fault-around and
+    readahead), so a server that reads scattered candidates would grow its resident memory
+    towards the whole file. Reads go through the page cache, which the process does not own."""
+
+    def __init__(self, path: str | os.PathLike):
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(f)
+            self.start = f.tell()
+        if fortran:
+            raise ValueError(f"{path} is in Fortran order; an index writes C order")
+        self.path, self.shape, self.dtype = str(path), tuple(shape), np.dtype(dtype)
+        self.row_bytes = self.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __del__(self):
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+
+    def ranges(self, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+        """Rows ``starts[j]:stops[j]`` for each j, concatenated (adjacent ranges read once)."""
+        lengths = np.asarray(stops, np.int64) - np.asarray(starts, np.int64)
+        out = np.empty((int(lengths.sum()), *self.shape[1:]), self.dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        at, j = 0, 0
+        while j < len(starts):
+            s, e = int(starts[j]), int(stops[j])
+            while j + 1 < len(starts) and int(starts[j + 1]) == e:  # merge neighbours
+                j += 1
+                e = int(stops[j])
+            size = (e - s) * self.row_bytes
+            if size:
+                got = os.preadv(self._fd, [view[at : at + size]], self.start + s * self.row_bytes)
+                if got != size:
+                    raise OSError(f"{self.path}: short read ({got} of {size} bytes)")
+            at += size
+            j += 1
+        return out
+
+
+def gather_ragged(array: Any, offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """The ragged rows of images ``rows`` (in that order) from ``array`` [M, ...], image i's
     rows being ``array[offsets[i]:offsets[i + 1]]``; reads only those rows of a memory map."""
     starts, stops = offsets[rows], offsets[np.asarray(rows) + 1]
+    if isinstance(array, RowFile):
+        return array.ranges(starts, stops)
     lengths = stops - starts
     if lengths.sum() == 0:
         return np.zeros((0, *array.shape[1:]), array.dtype)
@@ -120,5 +177,6 @@ __all__ = [
     "TRAIN_REGIONS",
     "CodecError",
     "RegionCodec",
+    "RowFile",
     "gather_ragged",
 ]

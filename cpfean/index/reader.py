@@ -14,7 +14,7 @@ from cpfean.encode import Matcher
 from cpfean.first_stage import DEFAULT_CANDIDATES, TWO_STAGE_MIN, FirstStage, two_stage
 from cpfean.first_stage import exhaustive as exhaustive_search
 from cpfean.first_stage import top_k as top_k_of
-from cpfean.index.codec import RegionCodec, gather_ragged
+from cpfean.index.codec import RegionCodec, RowFile, gather_ragged
 from cpfean.index.format import (
     COMPRESSED_VERSION,
     FORMAT,
@@ -28,6 +28,26 @@ from cpfean.index.format import (
     pooled_images,
     pooled_texts,
 )
+
+
+def _release(array: np.ndarray) -> None:
+    """Drop a read-only memory map's pages from this process (they stay in the page cache and
+    come back on the next read), so a scan at start-up does not count as resident memory."""
+    import mmap
+
+    mapped = getattr(array, "_mmap", None)
+    if mapped is not None and hasattr(mapped, "madvise"):
+        try:
+            mapped.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
+
+
+def _row_file(path: Path) -> RowFile:
+    if not path.is_file():
+        raise IndexFormatError(f"index file missing: {path} (rebuild the index)")
+    return RowFile(path)
+
 
 EXACT_RERANK = 50  # best rows re-scored from the exact copy of a compressed index
 
@@ -94,6 +114,7 @@ class RetrievalIndex:
             }
             self.caption_pooled = _load_npy(self.path / "captions" / "pooled.npy")
         self._first: dict[str, FirstStage] = {}
+        self._filters: dict[tuple, np.ndarray] = {}
         self._images_root = self._locate(
             self.meta.get("images_root"), self.meta.get("images_root_from_index")
         )
@@ -110,13 +131,13 @@ class RetrievalIndex:
         self.codec = RegionCodec.from_bytes(
             _load_npy(images / "codec.npy", mmap=False), spec["factory"]
         )
-        self._codes = _load_npy(images / "codes.npy")
+        self._codes = _row_file(images / "codes.npy")
         self._offsets = _load_npy(images / "offsets.npy", mmap=False)
-        self._ragged = {n: _load_npy(images / f"ragged.{n}.npy") for n in spec["ragged"]}
+        self._ragged = {n: _row_file(images / f"ragged.{n}.npy") for n in spec["ragged"]}
         self.exact_copy = bool(spec.get("exact_copy"))
         self._derived = set(spec.get("derived", []))
         if self.exact_copy:
-            self._exact = _load_npy(images / "ragged.regions.npy")
+            self._exact = _row_file(images / "ragged.regions.npy")
         if len(self._offsets) != self.count + 1 or self._offsets[-1] != len(self._codes):
             raise IndexFormatError(
                 f"{self.path} is inconsistent: {len(self._codes)} region codes, offsets for "
@@ -250,6 +271,27 @@ class RetrievalIndex:
             )
         return self._rows(self._text_fields, self._text_cls, rows, device)
 
+    def rows_with_label(self, label: int) -> np.ndarray:
+        """Sorted rows of the images with a region of detected label id ``label`` (cached)."""
+        key = ("label", label)
+        if key not in self._filters:
+            hits = [
+                np.flatnonzero((self.labels[s : s + 65536] == label).any(1)) + s
+                for s in range(0, self.count, 65536)
+            ]
+            self._filters[key] = np.concatenate(hits).astype(np.int64)
+        return self._filters[key]
+
+    def rows_under(self, folder: str) -> np.ndarray:
+        """Sorted rows of the images whose id lies under ``folder`` of the gallery (cached)."""
+        prefix = folder.strip("/") + "/"
+        key = ("under", prefix)
+        if key not in self._filters:
+            self._filters[key] = np.array(
+                [r for r, i in enumerate(self.image_ids) if i.startswith(prefix)], np.int64
+            )
+        return self._filters[key]
+
     def first_stage(self, which: str = "images", kind: str = "auto") -> FirstStage:
         """The faiss first stage over the pooled image (or caption) vectors, built once."""
         key = f"{which}:{kind}"
@@ -258,6 +300,7 @@ class RetrievalIndex:
             self._first[key] = FirstStage(
                 pooled, kind=kind, cache=self.path / which / f"first_stage_{kind}.faiss"
             )
+            _release(pooled)  # faiss holds its own copy now
         return self._first[key]
 
 
@@ -274,6 +317,7 @@ def search_index(
     exhaustive: bool = False,
     chunk: int = 1024,
     device: torch.device | str = "cpu",
+    within: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Rank the gallery (images, or indexed captions) for one encoded query.
 
@@ -283,6 +327,8 @@ def search_index(
         first_stage: re-rank this many first-stage candidates; None = automatic (two-stage
             above ``TWO_STAGE_MIN`` items with ``DEFAULT_CANDIDATES`` candidates).
         exhaustive: score every item with the full model (overrides ``first_stage``).
+        within: only these rows (sorted, unique) may be ranked: a filter applied before the
+            top-k (inside the first stage's scan), so k results come back when it holds k.
     Returns:
         rows [k], scores [k] (CPFEAN scores, best first) and {"path": "exhaustive" |
         "two-stage", "candidates": n, "gallery": N}.
@@ -318,15 +364,22 @@ def search_index(
     # an index with a codec and an exact copy re-scores its few best from the exact values
     refine = direction == "text2image" and index.exact_copy
     kept = max(top_k, EXACT_RERANK) if refine else top_k
-    use_first = not exhaustive and (first_stage is not None or size > TWO_STAGE_MIN)
+    allowed = size if within is None else len(within)
+    if allowed == 0:
+        empty = {"path": "filtered", "candidates": 0, "gallery": size, "filtered": 0}
+        return np.empty(0, np.int64), np.empty(0, np.float32), empty
+    use_first = not exhaustive and (first_stage is not None or allowed > TWO_STAGE_MIN)
     if not use_first:
-        rows, scores = exhaustive_search(score_rows, size, kept, chunk=chunk)
-        info = {"path": "exhaustive", "candidates": size, "gallery": size}
+        rows, scores = exhaustive_search(score_rows, size, kept, chunk=chunk, subset=within)
+        info: dict[str, Any] = {"path": "exhaustive", "candidates": allowed, "gallery": size}
     else:
         n = first_stage or DEFAULT_CANDIDATES
         which = "images" if direction == "text2image" else "captions"
-        rows, scores = two_stage(pooled_query, index.first_stage(which), score_rows, kept, n)
-        info = {"path": "two-stage", "candidates": min(max(n, kept), size), "gallery": size}
+        first = index.first_stage(which)
+        rows, scores = two_stage(pooled_query, first, score_rows, kept, n, subset=within)
+        info = {"path": "two-stage", "candidates": min(max(n, kept), allowed), "gallery": size}
+    if within is not None:
+        info["filtered"] = allowed
     if refine and len(rows):
         best = np.sort(rows)
         rows, scores = top_k_of(score_rows(best, exact=True), best, top_k)

@@ -14,7 +14,7 @@ prominence, top-k alignment) with randomly initialised gate/prominence weights.
 For each size:
 
 1. the gallery is written by ``cpfean.index.build_index`` as a real index under ``--workdir``
-   (with ``--codec``; auto = SQ4 above 20,000 images, as ``pipelines.index``), kept with
+   (with ``--codec``; auto = SQ8 above 20,000 images, as ``pipelines.index``), kept with
    ``--keep`` and then reused by a later run (its build key);
 2. the ground truth is the exhaustive top-10 of every query over the gallery's *exact* values
    (regions regenerated in float32 from their ids, scored by the same model), computed once
@@ -68,6 +68,16 @@ def _model(dim: int, seed: int, text_encoder: str = "tiny-random"):
 
 
 def _peak_mb() -> float:
+    """Peak resident memory of this process's own address space (VmHWM). Not ru_maxrss: Linux
+    carries that over from the parent through fork and exec, so a spawned child would report
+    the builder's peak."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

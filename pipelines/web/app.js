@@ -134,9 +134,11 @@ async function run() {
   $("q").value = params.get("q") || "";
   if (params.get("k")) $("k").value = params.get("k");
   $("cutoff").value = params.get("min") || "0";
+  $("label").value = params.get("label") || "";
   const k = $("k").value;
   if (params.get("q")) {
-    const payload = await fetchJson(`/api/search?q=${encodeURIComponent(params.get("q"))}&k=${k}`);
+    const label = params.get("label") ? `&label=${encodeURIComponent(params.get("label"))}` : "";
+    const payload = await fetchJson(`/api/search?q=${encodeURIComponent(params.get("q"))}&k=${k}${label}`);
     if (payload) { showImages(payload); markQuery(payload.query, payload.results[0]); }
   } else if (params.get("similar")) {
     const payload = await fetchJson(`/api/similar/${encodeURI(params.get("similar"))}?k=${k}`);
@@ -151,7 +153,7 @@ async function upload(file) {
   if (payload) { showCaptions(payload); $("query-words").textContent = `captions for ${file.name}`; }
 }
 
-$("search").addEventListener("submit", (e) => { e.preventDefault(); go({ q: $("q").value.trim() }); });
+$("search").addEventListener("submit", (e) => { e.preventDefault(); go({ q: $("q").value.trim(), label: $("label").value.trim() }); });
 $("cutoff").addEventListener("input", applyCutoff);
 $("show-regions").addEventListener("change", (e) => document.body.classList.toggle("no-regions", !e.target.checked));
 $("close").addEventListener("click", () => $("detail").close());

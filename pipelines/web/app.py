@@ -211,7 +211,7 @@ def create_app(
             raise HTTPException(400, f"k must be in 1..{limits.max_k}, got {k}")
 
     @app.get("/api/search")
-    async def search_text(q: str = "", k: int = 10):
+    async def search_text(q: str = "", k: int = 10, label: str = "", under: str = ""):
         check_k(k)
         if not q.strip():
             raise HTTPException(400, "the query is empty; pass q=some+words")
@@ -219,7 +219,11 @@ def create_app(
             raise HTTPException(
                 400, f"the query is {len(q)} characters; at most {limits.max_query_chars}"
             )
-        return await answer(lambda: searcher.text_to_images(q, k, explain=min(k, EXPLAIN_PAGE)))
+        return await answer(
+            lambda: searcher.text_to_images(
+                q, k, explain=min(k, EXPLAIN_PAGE), label=label or None, under=under or None
+            )
+        )
 
     @app.post("/api/search")
     async def search_image(image: Annotated[UploadFile, File()], k: int = 10):

@@ -88,6 +88,21 @@ def test_first_stage_flag(demo, capsys):
     assert code == 0 and json.loads(out)["search"]["path"] == "two-stage"
 
 
+def test_label_filter_keeps_k_results_that_have_the_label(demo, capsys):
+    from cpfean.index import RetrievalIndex
+
+    index = RetrievalIndex(demo["index"])
+    cone = index.label_names.index("cone")
+    code, out, _ = run(
+        capsys, "--query", "a red ball", "--index", demo["index"], "--json", "--label", "cone"
+    )
+    payload = json.loads(out)
+    rows = [index.image_ids.index(r["image_id"]) for r in payload["results"]]
+    assert code == 0 and len(rows) == min(10, len(index.rows_with_label(cone)))
+    assert all((index.labels[r] == cone).any() for r in rows)
+    assert payload["search"]["filtered"] == len(index.rows_with_label(cone))
+
+
 class _Given:
     """A detector stand-in that finds ``record`` in any image."""
 
@@ -190,6 +205,12 @@ def _bad_inputs(tmp):
         ),
         "bad top-k": (["--query", "red", "--top-k", "0"], "--top-k must be in 1..1000"),
         "huge top-k": (["--query", "red", "--top-k", "5000000"], "--top-k must be in 1..1000"),
+        "unknown label": (["--query", "red", "--label", "dog"], "no detected label 'dog'"),
+        "empty folder": (["--query", "red", "--under", "birds"], "under folder 'birds'"),
+        "label for an image": (
+            ["--image", str(tmp / "nope.jpg"), "--label", "ball"],
+            "--label and --under filter images",
+        ),
     }
 
 
@@ -206,6 +227,9 @@ def _bad_inputs(tmp):
         "other checkpoint",
         "bad top-k",
         "huge top-k",
+        "unknown label",
+        "empty folder",
+        "label for an image",
     ],
 )
 def test_bad_input(demo, capsys, case):

@@ -71,6 +71,17 @@ def test_text_search_matches_the_library_and_explains(client, served):
         assert 0 <= x1 <= x2 and 0 <= y1 <= y2 and region["label"] and region["weight"] > 0
 
 
+def test_label_filter_over_http(client, served):
+    index = served["searcher"].index
+    label = index.label_names[int(index.labels[0][0])]
+    body = client.get("/api/search", params={"q": "a red ball", "k": 5, "label": label}).json()
+    wanted = index.label_names.index(label)
+    assert body["results"] and body["search"]["filtered"] == len(index.rows_with_label(wanted))
+    assert all(
+        (index.labels[index.image_ids.index(r["id"])] == wanted).any() for r in body["results"]
+    )
+
+
 def test_images_thumbnails_and_info_by_id_only(client, served):
     image_id = served["searcher"].index.image_ids[0]
     full = client.get(f"/images/{image_id}")
@@ -118,6 +129,7 @@ def test_no_path_from_the_request_reaches_the_disk(client, path):
         ({"q": "red", "k": 101}, 400, "k must be"),
         ({"q": "red", "k": "many"}, 422, "k"),
         ({"q": "red", "k": 10**12}, 400, "k must be"),
+        ({"q": "red", "label": "unicorn"}, 400, "no detected label 'unicorn'"),
     ],
 )
 def test_bad_text_queries(client, params, status, needle):
