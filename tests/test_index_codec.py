@@ -171,3 +171,22 @@ def test_searcher_filters_by_label_and_folder(tmp_path):
         searcher.text_to_images("a ball", 5, label="dog")
     with pytest.raises(QueryError, match="under folder 'birds'"):
         searcher.text_to_images("a ball", 5, under="birds")
+
+
+def test_maxsim_pass_is_the_late_interaction_score_of_the_decoded_regions(tmp_path):
+    """The stand-in's score is exactly prominence x best region cosine, so the MaxSim pass of
+    a compressed index equals it on the decoded regions; the two-stage path goes through it."""
+    model, _, packed = build(tmp_path, random_scenes(70, seed=10), name="packed", codec="SQ8")
+    rows = np.array([0, 3, 4, 41, 69])
+    for text in TEXTS:
+        txt = query(model, text)
+        want = model.score(packed.images(rows), txt)[:, 0].numpy()
+        packed._linear = None  # the decoding path: regions decoded and scaled to unit norm
+        np.testing.assert_allclose(packed.maxsim(rows, txt), want, rtol=1e-5, atol=1e-5)
+        del packed._linear  # SQ8's linear form: the same products on the codes, unnormalised
+        assert packed.codec.linear_form() is not None
+        np.testing.assert_allclose(packed.maxsim(rows, txt), want, atol=3e-3)
+        got, _, info = search_index(model, packed, txt, top_k=5, first_stage=8)
+        assert info["maxsim"] == 48 and info["candidates"] == 8
+        exhaustive, _, _ = search_index(model, packed, txt, top_k=5, exhaustive=True)
+        assert first_stage.recall_at(exhaustive, got) >= 0.8, text

@@ -90,6 +90,18 @@ class RegionCodec:
             return np.zeros((0, self.code_size), np.uint8)
         return self.index.sa_encode(np.ascontiguousarray(regions, dtype=np.float32))
 
+    def linear_form(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(scale [d], offset [d]) with decoded = offset + codes * scale, for the 8-bit scalar
+        quantiser (so an inner product with decoded regions is one product with the codes);
+        None for a codec that is not linear in its codes."""
+        faiss = _faiss()
+        sq = getattr(faiss.downcast_index(self.index), "sq", None)
+        if sq is None or sq.qtype != faiss.ScalarQuantizer.QT_8bit:
+            return None
+        trained = faiss.vector_to_array(sq.trained)
+        vmin, vdiff = trained[: self.dim], trained[self.dim :]
+        return vdiff / 255.0, vmin + 0.5 * vdiff / 255.0
+
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """[M, code_size] uint8 -> [M, d] float32, each row scaled back to unit norm (the
         regions were unit-norm; the scale is the part of the error that costs cosine)."""
