@@ -9,8 +9,8 @@ Choice of faiss index (the figures: ``python -m pipelines.benchmark retrieve``,
 docs/benchmarks.md):
 
 - ``fp16`` (``IndexScalarQuantizer`` with float16 values): the exact inner product of the
-  float16-rounded vectors, no training, half the memory of float32 and, being memory-bound,
-  about 3.5x faster than ``flat`` at 1M x 512. The default up to ``FLAT_MAX`` = 1M images.
+  float16-rounded vectors, no training, half the memory of float32 and so, the scan being
+  memory-bound, faster than ``flat``. The default up to ``FLAT_MAX`` = 1M images.
 - ``flat`` (``IndexFlatIP``): exact float32 inner product.
 - ``ivf`` (``IndexIVFFlat``, inner product, k-means with ``nlist`` ~ N / 1000 lists, ``nprobe``
   lists scanned): used above ``FLAT_MAX``. Text queries are not distributed like the pooled
