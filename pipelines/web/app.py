@@ -219,10 +219,9 @@ def create_app(
             raise HTTPException(
                 400, f"the query is {len(q)} characters; at most {limits.max_query_chars}"
             )
+        filters = {name: v for name, v in (("label", label), ("under", under)) if v.strip()}
         return await answer(
-            lambda: searcher.text_to_images(
-                q, k, explain=min(k, EXPLAIN_PAGE), label=label or None, under=under or None
-            )
+            lambda: searcher.text_to_images(q, k, explain=min(k, EXPLAIN_PAGE), **filters)
         )
 
     @app.post("/api/search")
