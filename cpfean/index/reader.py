@@ -49,10 +49,10 @@ def _row_file(path: Path) -> RowFile:
     return RowFile(path)
 
 
-EXACT_RERANK = 50
+EXACT_RERANK = 50  # best rows re-scored from the exact copy of a compressed index
 # a compressed gallery's first stage widens its candidates this many times for a MaxSim pass
 # over the decoded regions, which finds what the pooled vectors rank too low (as PLAID does)
-MAXSIM_WIDEN = 6  # best rows re-scored from the exact copy of a compressed index
+MAXSIM_WIDEN = 6
 
 
 # ----------------------------------------------------------------------------------- loading
