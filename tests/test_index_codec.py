@@ -181,10 +181,10 @@ def test_maxsim_pass_is_the_late_interaction_score_of_the_decoded_regions(tmp_pa
     for text in TEXTS:
         txt = query(model, text)
         want = model.score(packed.images(rows), txt)[:, 0].numpy()
-        packed._linear = None  # the decoding path: regions decoded and scaled to unit norm
+        linear, packed._linear = packed._linear, None  # decoded, scaled to unit norm
         np.testing.assert_allclose(packed.maxsim(rows, txt), want, rtol=1e-5, atol=1e-5)
-        del packed._linear  # SQ8's linear form: the same products on the codes, unnormalised
-        assert packed.codec.linear_form() is not None
+        packed._linear = linear  # SQ8's linear form: the same products on the codes, unnormalised
+        assert linear is not None
         np.testing.assert_allclose(packed.maxsim(rows, txt), want, atol=3e-3)
         got, _, info = search_index(model, packed, txt, top_k=5, first_stage=8)
         assert info["maxsim"] == 48 and info["candidates"] == 8

@@ -444,12 +444,8 @@ def _finish_codec(
     index.json how the fields are kept."""
     shutil.copyfile(work / CODEC_FILE, dest / CODEC_FILE)
     mask = np.load(dest / "emb.mask.npy", mmap_mode="r")
-    counts = np.zeros(len(mask) + 1, np.int64)
-    for start in range(0, len(mask), 65536):
-        counts[start + 1 : start + 1 + len(mask[start : start + 65536])] = mask[
-            start : start + 65536
-        ].sum(1)
-    _save_npy(dest / "offsets.npy", np.cumsum(counts))
+    counts = [mask[s : s + 65536].sum(1) for s in range(0, len(mask), 65536)]
+    _save_npy(dest / "offsets.npy", np.cumsum(np.concatenate([[0], *counts]), dtype=np.int64))
     code_size = np.load(dest / "codes.npy", mmap_mode="r").shape[1]
     return {
         "factory": codec,

@@ -139,6 +139,7 @@ class RetrievalIndex:
         self._ragged = {n: _row_file(images / f"ragged.{n}.npy") for n in spec["ragged"]}
         self.exact_copy = bool(spec.get("exact_copy"))
         self._derived = set(spec.get("derived", []))
+        self._linear = self.codec.linear_form()  # the MaxSim pass on the codes, where it can
         if self.exact_copy:
             self._exact = _row_file(images / "ragged.regions.npy")
         if len(self._offsets) != self.count + 1 or self._offsets[-1] != len(self._codes):
@@ -286,10 +287,8 @@ class RetrievalIndex:
         out = np.full(len(rows), -np.inf, np.float32)
         has = lengths > 0
         if len(codes):
-            linear = self._linear if hasattr(self, "_linear") else self.codec.linear_form()
-            self._linear = linear
-            if linear is not None:  # on the codes themselves: no decoded copy is made
-                scale, offset = linear
+            if self._linear is not None:  # on the codes themselves: no decoded copy is made
+                scale, offset = self._linear
                 sims = (words * scale) @ codes.T.astype(np.float32) + (words @ offset)[:, None]
             else:
                 sims = words @ self.codec.decode(codes).T  # (L, M)
@@ -404,7 +403,7 @@ def search_index(
         first = index.first_stage(which)
         if direction == "text2image" and index.codec is not None:
             rows, scores, wide = _through_maxsim(
-                index, query, pooled_query, score_rows, kept, n, within
+                index, first, query, pooled_query, score_rows, kept, n, within
             )
         else:
             rows, scores = two_stage(pooled_query, first, score_rows, kept, n, subset=within)
@@ -423,6 +422,7 @@ def search_index(
 
 def _through_maxsim(
     index: RetrievalIndex,
+    first: FirstStage,
     query: Any,
     pooled_query: np.ndarray,
     score_rows: Any,
@@ -433,9 +433,7 @@ def _through_maxsim(
     """Three stages for a compressed gallery: the pooled first stage picks ``MAXSIM_WIDEN`` x
     ``n`` images, a MaxSim pass over their decoded regions (prominence-weighted best region
     per word) keeps ``n``, CPFEAN re-ranks those. Returns rows, scores and the widened count."""
-    _, cand = index.first_stage("images").search(
-        pooled_query[None], max(n, k) * MAXSIM_WIDEN, within
-    )
+    _, cand = first.search(pooled_query[None], max(n, k) * MAXSIM_WIDEN, within)
     cand = np.sort(cand[0][cand[0] >= 0])
     wide = len(cand)
     if wide > max(n, k):

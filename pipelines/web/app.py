@@ -220,6 +220,11 @@ def create_app(
                 400, f"the query is {len(q)} characters; at most {limits.max_query_chars}"
             )
         filters = {name: v for name, v in (("label", label), ("under", under)) if v.strip()}
+        for name, value in filters.items():
+            if len(value) > limits.max_query_chars:
+                raise HTTPException(
+                    400, f"{name} is {len(value)} characters; at most {limits.max_query_chars}"
+                )
         return await answer(
             lambda: searcher.text_to_images(q, k, explain=min(k, EXPLAIN_PAGE), **filters)
         )

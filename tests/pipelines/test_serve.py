@@ -130,6 +130,7 @@ def test_no_path_from_the_request_reaches_the_disk(client, path):
         ({"q": "red", "k": "many"}, 422, "k"),
         ({"q": "red", "k": 10**12}, 400, "k must be"),
         ({"q": "red", "label": "unicorn"}, 400, "no detected label 'unicorn'"),
+        ({"q": "red", "label": "x" * 501}, 400, "label is 501 characters; at most 500"),
     ],
 )
 def test_bad_text_queries(client, params, status, needle):
