@@ -21,6 +21,7 @@ __all__ = [
     "DecodedImage",
     "ImageFolder",
     "decode_image",
+    "file_source",
     "list_images",
     "shard",
 ]
@@ -35,11 +36,19 @@ def shard(ids: Sequence[str], rank: int, world_size: int) -> list[str]:
 
 @dataclass
 class DecodedImage:
-    """One item of `ImageFolder`: the RGB pixels [H, W, 3] uint8, or the skip reason."""
+    """One item of `ImageFolder`: the RGB pixels [H, W, 3] uint8, or the skip reason; the
+    file's size and mtime_ns as read (how a later run knows the file changed)."""
 
     image_id: str
     image: np.ndarray | None
     error: str | None = None
+    source: dict | None = None
+
+
+def file_source(path: str | os.PathLike) -> dict:
+    """What a re-run compares to know a file changed: its size and modification time (ns)."""
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 class ImageFolder(Dataset):
@@ -59,7 +68,9 @@ class ImageFolder(Dataset):
     def __getitem__(self, index: int) -> DecodedImage:
         image_id = self.ids[index]
         try:
-            return DecodedImage(image_id, decode_image(self.root / image_id, self.max_pixels))
+            source = file_source(self.root / image_id)  # before reading: a later write is seen
+            pixels = decode_image(self.root / image_id, self.max_pixels)
+            return DecodedImage(image_id, pixels, source=source)
         except BadImage as e:
             return DecodedImage(image_id, None, str(e))
         except Exception as e:  # one odd file must not stop a long run

@@ -2,10 +2,13 @@
 
 ``extract_folder`` runs a `RegionExtractor` over a sorted list of image ids and writes their
 records through `RegionWriter`; ids already in the store are skipped, so a re-run after a crash
-finishes the job. Unusable images are listed with the reason in ``STORE.skipped.jsonl``. With
-a process group of N ranks, rank r takes every N-th id, writes ``STORE.rank{r}``, and rank 0
-merges them into STORE, swapping the merged copy into place so that a crash at any point
-leaves the old store or the new one (``recover_swap`` finishes an interrupted swap).
+finishes the job. A re-run on a folder that changed first brings the store in line with it
+(`sync_store`): images no longer there are dropped, and a file whose size or modification
+time differs from when it was read is dropped and extracted again. Unusable images are listed
+with the reason in ``STORE.skipped.jsonl``. With a process group of N ranks, rank r takes every
+N-th id, writes ``STORE.rank{r}``, and rank 0 merges them into STORE, swapping the merged copy
+into place so that a crash at any point leaves the old store or the new one (``recover_swap``
+finishes an interrupted swap).
 """
 
 from __future__ import annotations
@@ -19,13 +22,13 @@ from pathlib import Path
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from cpfean.data.region_store import RegionStore, RegionWriter, merge_stores
+from cpfean.data.region_store import RegionStore, RegionStoreError, RegionWriter, merge_stores
 from cpfean.fileio import atomic_output, atomic_write
 from cpfean.progress import progress as progress_of
-from detector.data import ImageFolder, shard
+from detector.data import ImageFolder, file_source, shard
 from detector.extractor import RegionExtractor
 
-__all__ = ["extract_folder", "extract_images", "recover_swap", "sibling"]
+__all__ = ["extract_folder", "extract_images", "recover_swap", "sibling", "sync_store"]
 
 
 def sibling(path: Path, suffix: str) -> Path:
@@ -96,10 +99,58 @@ def extract_images(
                 if item.error is not None:
                     skip(item.image_id, item.error)
             for item, record in _detect(extractor, [i for i in batch if i.image is not None], skip):
-                writer.put(item.image_id, record)
+                writer.put(item.image_id, record, item.source)
                 counts["written"] += 1
             bar.update(len(batch))
         bar.close()
+    return counts
+
+
+def sync_store(store: Path, root: Path, ids: Sequence[str], meta: dict) -> dict[str, int]:
+    """Bring an existing store in line with the images ``ids`` now under ``root``: drop the
+    records of images gone and of files changed since they were read (the run extracts those
+    again), and record the source of records from before stores kept one. Refuses a store
+    that holds none of these images (another folder's, which a sync would empty).
+
+    Returns:
+        counts: removed (gone from the folder), changed (to extract again).
+    """
+    counts = {"removed": 0, "changed": 0}
+    if not (store / "data.mdb").exists():
+        return counts
+    reader = RegionStore(store)
+    try:
+        stored, sources, old_root = reader.ids(), reader.sources(), reader.meta.get("images_root")
+    finally:
+        reader.close()
+    listed = set(ids)
+    gone = [i for i in stored if i not in listed]
+    if stored and len(gone) == len(stored):
+        raise RegionStoreError(
+            f"region store {store} holds none of the {len(ids)} images under {root} (it was "
+            f"extracted from {old_root or 'another folder'}); choose another --out"
+        )
+    changed, adopt = [], {}
+    for image_id in stored:
+        if image_id not in listed:
+            continue
+        try:
+            now = file_source(root / image_id)
+        except OSError:  # gone since the listing: drop it, the run skips it with the reason
+            changed.append(image_id)
+            continue
+        known = sources.get(image_id, {})
+        if "size" not in known:
+            adopt[image_id] = now  # written before stores kept sources: taken as it is now
+        elif (known["size"], known.get("mtime_ns")) != (now["size"], now["mtime_ns"]):
+            changed.append(image_id)
+    if gone or changed or adopt or old_root != meta.get("images_root"):
+        with RegionWriter(store, meta) as writer:
+            counts["removed"] = writer.delete(gone)
+            counts["changed"] = writer.delete(changed)
+            if adopt:
+                writer.adopt_sources(adopt)
+            writer.set_meta(images_root=meta.get("images_root"))
     return counts
 
 
@@ -161,8 +212,11 @@ def extract_folder(
     Returns (on rank 0; None on the others): images, in_store, skipped, report, and with one
     process written and already_present.
     """
+    synced = {"removed": 0, "changed": 0}
     if rank == 0:
         recover_swap(store)
+        meta = {**extractor.meta, "images_root": str(root.resolve())}
+        synced = sync_store(store, root, ids, meta)
     if world > 1:
         dist.barrier()
     already = set(RegionStore(store).ids()) if world > 1 and store.exists() else set()
@@ -179,7 +233,7 @@ def extract_folder(
         **options,
     )
     report = sibling(store, ".skipped.jsonl")
-    summary = {"images": len(ids) + len(rejected)}
+    summary = {"images": len(ids) + len(rejected), **synced}
     if world == 1:
         summary.update(in_store=len(RegionStore(store)), skipped=counts["skipped"])
         summary.update(written=counts["written"], already_present=counts["present"])

@@ -25,11 +25,15 @@ SCHEMA_VERSION = 1
 NUM_REGIONS = 36
 META_KEY = "__meta__"
 MAGIC = b"CPRS"
+# each record's companion key: this byte then the id (no file name holds a NUL, and the prefix
+# sorts these keys before every id); its value is `RegionSource` JSON
+SOURCE_PREFIX = b"\x00"
 
 _HEADER = struct.Struct("<4sHHIBBBBHHIII")
 _DTYPES = {1: np.dtype("<f2"), 2: np.dtype("<f4"), 3: np.dtype("<i4"), 4: np.dtype("<i8")}
 _DISK_CODES = (1, 2, 3, 2)  # what this version writes for features, boxes, labels, scores
 _MAX_KEY_BYTES = 511  # LMDB's default maximum key size
+_MAX_ID_BYTES = _MAX_KEY_BYTES - len(SOURCE_PREFIX)  # room for the companion key
 
 
 class RegionStoreError(ValueError):
@@ -146,12 +150,14 @@ def image_id_problem(image_id: object) -> str | None:
         return "the file name is not valid UTF-8"
     if image_id == META_KEY:
         return f"{META_KEY!r} is reserved"
+    if "\x00" in image_id:
+        return "the id holds a NUL character"
     if "\\" in image_id:
         return "the file name holds a backslash (image ids use / separators)"
     if image_id.startswith("/"):
         return "an image id is a relative path"
-    if len(key) > _MAX_KEY_BYTES:
-        return f"the path is {len(key)} UTF-8 bytes; a store key holds at most {_MAX_KEY_BYTES}"
+    if len(key) > _MAX_ID_BYTES:
+        return f"the path is {len(key)} UTF-8 bytes; a store key holds at most {_MAX_ID_BYTES}"
     return None
 
 

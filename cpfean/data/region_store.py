@@ -2,7 +2,10 @@
 
 Written only through `RegionWriter`, read only through `RegionStore`; no other file knows the
 layout. Keys: ``__meta__`` -> UTF-8 JSON (see `RegionWriter`); an image id (path relative to the
-images root, POSIX separators, UTF-8) -> a record's bytes (`cpfean.data.region_record`).
+images root, POSIX separators, UTF-8) -> a record's bytes (`cpfean.data.region_record`); and,
+written in the same transaction, NUL + the id -> the record's source as JSON: ``digest`` of the
+record's bytes, and the image file's ``size`` and ``mtime_ns`` when it was read, which is how a
+re-run of the extractor knows a changed file and an index update knows a changed record.
 Never pickle: stores are shared, unpickling runs code.
 
 One writer at a time holds ``writer.lock`` in the store's folder; a second one is refused with
@@ -20,7 +23,7 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ from cpfean.data.region_record import (
     META_KEY,
     NUM_REGIONS,
     SCHEMA_VERSION,
+    SOURCE_PREFIX,
     RegionRecord,
     RegionStoreError,
     _decode,
@@ -52,6 +56,7 @@ __all__ = [
     "check_lmdb_file",
     "image_id_problem",
     "merge_stores",
+    "record_digest",
     "store_lock",
 ]
 
@@ -75,6 +80,25 @@ _IDENTITY_KEYS = (
 # LMDB allows one env per store and process, so readers and a writer in one process share it:
 # realpath -> (pid that opened it, env, read-only). Another pid's entry came through fork.
 _ENVS: dict[str, tuple[int, lmdb.Environment, bool]] = {}
+
+
+def record_digest(value: bytes | memoryview) -> str:
+    """The digest of a record's stored bytes (an index update compares these)."""
+    return hashlib.blake2b(value, digest_size=16).hexdigest()
+
+
+def _source_key(image_id: str) -> bytes:
+    return SOURCE_PREFIX + image_id.encode("utf-8")
+
+
+def _source_value(value: bytes, source: dict | None) -> bytes:
+    """A record's companion: the digest of its bytes and where it came from (file size and
+    modification time in ns, when known)."""
+    entry = {"digest": record_digest(value)}
+    for key in ("size", "mtime_ns"):
+        if source and source.get(key) is not None:
+            entry[key] = int(source[key])
+    return json.dumps(entry).encode("utf-8")
 
 
 def check_lmdb_file(path: str | os.PathLike) -> None:
@@ -288,7 +312,7 @@ class RegionWriter:
         except LockedError as e:
             raise RegionStoreError(str(e)) from None
         self._env: lmdb.Environment | None = None
-        self._pending: dict[str, bytes] = {}
+        self._pending: dict[str, tuple[bytes, bytes]] = {}  # id -> (record, source)
         try:
             if (self.path / "data.mdb").exists():
                 check_lmdb_file(self.path)
@@ -306,12 +330,15 @@ class RegionWriter:
                 raw_keys = list(keys)
             if not all(_is_utf8(k) for k in raw_keys):
                 raise RegionStoreError(f"{self.path} holds keys that are not UTF-8: not ours")
-            self._done = {k.decode("utf-8") for k in raw_keys} - {META_KEY}
+            self._done = {
+                k.decode("utf-8") for k in raw_keys if not k.startswith(SOURCE_PREFIX)
+            } - {META_KEY}
             if raw is None:
                 if self._done:
                     raise RegionStoreError(f"{self.path} has entries but no {META_KEY}: not ours")
                 self._meta = given
-                self._commit({META_KEY: json.dumps(given).encode("utf-8")})
+                meta_bytes = json.dumps(given).encode("utf-8")
+                self._transact(lambda txn: txn.put(META_KEY.encode(), meta_bytes))
             else:
                 self._meta = _parse_meta(raw, self.path)
                 _check_compatible(self._meta, given, f"reopening region store {self.path}")
@@ -333,8 +360,9 @@ class RegionWriter:
         """Ids already written (committed or pending)."""
         return self._done | set(self._pending)
 
-    def put(self, image_id: str, record: RegionRecord) -> None:
-        """Queue a record (committed every `commit_every` puts); raises on bad values."""
+    def put(self, image_id: str, record: RegionRecord, source: dict | None = None) -> None:
+        """Queue a record (committed every `commit_every` puts); raises on bad values.
+        ``source``: the image file's ``size`` and ``mtime_ns`` as read (see the module)."""
         _key(image_id)
         if image_id in self:
             raise RegionStoreError(
@@ -342,7 +370,48 @@ class RegionWriter:
                 "ids with `image_id in writer`"
             )
         _check_fits(image_id, record, self._meta)
-        self._put_encoded(image_id, _encode(image_id, record))
+        value = _encode(image_id, record)
+        self._put_encoded(image_id, value, _source_value(value, source))
+
+    def delete(self, image_ids: Iterable[str]) -> int:
+        """Remove these records (and their sources) in one transaction; returns how many were
+        there."""
+        self.flush()
+        gone = [i for i in image_ids if i in self._done]
+
+        def drop(txn: lmdb.Transaction) -> None:
+            for image_id in gone:
+                txn.delete(_key(image_id))
+                txn.delete(_source_key(image_id))
+
+        self._transact(drop)
+        self._done.difference_update(gone)
+        return len(gone)
+
+    def set_meta(self, **values: Any) -> None:
+        """Change meta keys that are not the store's identity (the images root of a folder
+        that moved, say)."""
+        clash = sorted(set(values) & set(_IDENTITY_KEYS))
+        if clash:
+            raise RegionStoreError(f"meta key {clash[0]!r} is the store's identity; not changed")
+        if all(self._meta.get(k) == v for k, v in values.items()):
+            return
+        self._meta.update(values)
+        meta_bytes = json.dumps(self._meta).encode("utf-8")
+        self._transact(lambda txn: txn.put(META_KEY.encode(), meta_bytes))
+
+    def adopt_sources(self, sources: dict[str, dict]) -> None:
+        """Record the source of records written before stores kept one (their digest from the
+        stored bytes), in one transaction."""
+        self.flush()
+
+        def adopt(txn: lmdb.Transaction) -> None:
+            for image_id, source in sources.items():
+                value = txn.get(_key(image_id))
+                if value is not None:
+                    txn.put(_source_key(image_id), _source_value(value, source))
+
+        self._transact(adopt)
 
     def flush(self) -> None:
         if self._pending:
@@ -366,21 +435,30 @@ class RegionWriter:
     def __exit__(self, *exc: object) -> None:
         self.close()  # whole records already put are committed even when exiting on an error
 
-    def _put_encoded(self, image_id: str, value: bytes) -> None:
+    def _put_encoded(self, image_id: str, value: bytes, source: bytes) -> None:
         if self._env is None:
             raise RuntimeError(f"RegionWriter for {self.path} is closed")
-        self._pending[image_id] = value
+        self._pending[image_id] = (value, source)
         if len(self._pending) >= self.commit_every:
             self.flush()
 
-    def _commit(self, items: dict[str, bytes]) -> None:
-        """Write `items` in one transaction, growing the (sparse, virtual) map when full."""
+    def _commit(self, items: dict[str, tuple[bytes, bytes]]) -> None:
+        """Write `items` (each record with its source) in one transaction."""
+
+        def put(txn: lmdb.Transaction) -> None:
+            for image_id, (value, source) in items.items():
+                txn.put(image_id.encode("utf-8"), value)
+                txn.put(_source_key(image_id), source)
+
+        self._transact(put)
+
+    def _transact(self, work: Callable[[lmdb.Transaction], None]) -> None:
+        """Run ``work`` in one write transaction, growing the (sparse, virtual) map when full."""
         assert self._env is not None
         while True:
             try:
                 with self._env.begin(write=True) as txn:
-                    for image_id, value in items.items():
-                        txn.put(image_id.encode("utf-8"), value)
+                    work(txn)
                 return
             except lmdb.MapFullError:
                 size = self._env.info()["map_size"]
@@ -417,21 +495,24 @@ class RegionStore:
         return copy.deepcopy(self._stored_meta())
 
     def __len__(self) -> int:
-        self._stored_meta()
-        return _read_env(self.path).stat()["entries"] - 1
+        return len(self.ids())
 
     def fingerprint(self) -> str:
         """A digest that changes whenever the store's content does: its meta (creation time
         included, so a re-extracted store differs), entry count and last LMDB transaction."""
         meta = json.dumps(self._stored_meta(), sort_keys=True)
         with _begin(self.path) as txn:
-            info = txn.id(), len(self)
+            info = txn.id(), txn.stat()["entries"]
         return hashlib.sha256(f"{meta}|{info[0]}|{info[1]}".encode()).hexdigest()
 
     def ids(self) -> list[str]:
-        """All image ids, sorted (``__meta__`` excluded)."""
+        """All image ids, sorted (``__meta__`` and the sources excluded)."""
+        self._stored_meta()
         with _begin(self.path) as txn:
-            raw = [bytes(k) for k in txn.cursor().iternext(keys=True, values=False)]
+            cursor = txn.cursor()
+            # the sources sort first (their NUL prefix): start past them
+            found = cursor.set_range(bytes([SOURCE_PREFIX[0] + 1]))
+            raw = [bytes(k) for k in cursor.iternext(keys=True, values=False)] if found else []
         try:
             keys = [k.decode("utf-8") for k in raw]
         except UnicodeDecodeError:
@@ -442,6 +523,43 @@ class RegionStore:
             ) from None
         return sorted(k for k in keys if k != META_KEY)
 
+    def sources(self) -> dict[str, dict]:
+        """Each image's source entry (``digest``, and ``size`` / ``mtime_ns`` of the file it
+        was read from), for the records that have one (a store written before sources were
+        kept has none)."""
+        out: dict[str, dict] = {}
+        with _begin(self.path) as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(SOURCE_PREFIX):
+                return out
+            for key, value in cursor:
+                if not key.startswith(SOURCE_PREFIX):
+                    break
+                try:
+                    image_id = bytes(key[len(SOURCE_PREFIX) :]).decode("utf-8")
+                    entry = json.loads(bytes(value).decode("utf-8"))
+                except (UnicodeDecodeError, ValueError):
+                    raise RegionStoreError(
+                        f"region store {self.path}: the source entry {bytes(key)[:40]!r} is "
+                        "not UTF-8 JSON: not written by cpfean"
+                    ) from None
+                out[image_id] = entry
+        return out
+
+    def digests(self, image_ids: Sequence[str]) -> list[str]:
+        """The digest of each record's bytes: from its source entry, else computed."""
+        known = self.sources()
+        out = []
+        for image_id in image_ids:
+            digest = known.get(image_id, {}).get("digest")
+            if digest is None:
+                raw = self._raw(image_id)
+                if raw is None:
+                    raise KeyError(f"image id {image_id!r} is not in region store {self.path}")
+                digest = record_digest(raw)
+            out.append(digest)
+        return out
+
     def _raw(self, image_id: object) -> bytes | None:
         """The stored bytes of one record; None when absent (or not a valid id)."""
         try:
@@ -450,6 +568,13 @@ class RegionStore:
             return None
         with _begin(self.path) as txn:
             return txn.get(key)
+
+    def _raw_source(self, image_id: str) -> bytes:
+        """The stored source entry of one record (one made from its bytes when there is none)."""
+        with _begin(self.path) as txn:
+            source = txn.get(_source_key(image_id))
+            value = None if source is not None else txn.get(_key(image_id))
+        return bytes(source) if source is not None else _source_value(value or b"", None)
 
     def __contains__(self, image_id: object) -> bool:
         return self._raw(image_id) is not None
@@ -498,6 +623,7 @@ def merge_stores(
             for i, store in enumerate(stores):
                 for image_id in store.ids():
                     value = store._raw(image_id)
+                    source = store._raw_source(image_id)
                     if image_id in origin:
                         other = stores[origin[image_id]]
                         if other._raw(image_id) != value:
@@ -507,7 +633,7 @@ def merge_stores(
                             )
                     else:
                         _check_fits(image_id, _decode(image_id, value), writer._meta)
-                        writer._put_encoded(image_id, value)
+                        writer._put_encoded(image_id, value, source)
                         origin[image_id] = i
         os.replace(partial, dest)
     finally:

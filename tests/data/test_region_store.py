@@ -370,3 +370,44 @@ def test_merge_stores(tmp_path: Path) -> None:
         pass
     with pytest.raises(RegionStoreError, match="'feature_dim'"):
         merge_stores([tmp_path / "r0", tmp_path / "other"], tmp_path / "bad2")
+
+
+def test_sources_deletes_and_stores_without_sources(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    records = {i: make_record(s) for i, s in {"a.jpg": 1, "b.jpg": 2, "c.jpg": 3}.items()}
+    with RegionWriter(path, make_meta()) as writer:
+        for k, (image_id, rec) in enumerate(records.items()):
+            writer.put(image_id, rec, {"size": 100 + k, "mtime_ns": 7 * k})
+    store = RegionStore(path)
+    sources = store.sources()
+    assert len(store) == 3 and store.ids() == ["a.jpg", "b.jpg", "c.jpg"]
+    assert [sources[i]["size"] for i in store.ids()] == [100, 101, 102]
+    assert sources["c.jpg"]["mtime_ns"] == 14
+    digests = store.digests(["a.jpg", "c.jpg"])
+    assert digests == [sources["a.jpg"]["digest"], sources["c.jpg"]["digest"]]
+    assert len(set(store.digests(store.ids()))) == 3
+    # a store written before sources were kept: its digests come from the bytes
+    store.close()
+    env = lmdb.open(str(path), subdir=True, max_dbs=0)
+    with env.begin(write=True) as txn:
+        txn.delete(b"\x00b.jpg")
+    env.close()
+    assert "b.jpg" not in RegionStore(path).sources() and len(RegionStore(path)) == 3
+    assert RegionStore(path).digests(["b.jpg"]) == [sources["b.jpg"]["digest"]]
+    with RegionWriter(path, make_meta()) as writer:
+        assert writer.done_ids() == {"a.jpg", "b.jpg", "c.jpg"}
+        writer.adopt_sources({"b.jpg": {"size": 5, "mtime_ns": 6}})
+        assert writer.delete(["a.jpg", "nope.jpg"]) == 1
+        writer.put("a.jpg", make_record(9))  # a deleted id can be written again
+    store = RegionStore(path)
+    assert store.ids() == ["a.jpg", "b.jpg", "c.jpg"]
+    assert store.sources()["b.jpg"] == {
+        "digest": sources["b.jpg"]["digest"],
+        "size": 5,
+        "mtime_ns": 6,
+    }
+    assert_same(store["a.jpg"], make_record(9))
+    assert store.digests(["a.jpg"]) != [sources["a.jpg"]["digest"]]
+    # a merge keeps each record's source
+    assert merge_stores([path], tmp_path / "merged") == 3
+    assert RegionStore(tmp_path / "merged").sources() == store.sources()

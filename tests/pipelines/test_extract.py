@@ -118,6 +118,43 @@ def test_extract_folder_then_resume_is_a_no_op(tmp_path, weights, capsys):
     assert main(_args(tmp_path / "imgs", store, weights, "REGIONS.NMS_THRESH", "0.5")) == 2
 
 
+def test_a_rerun_brings_the_store_in_line_with_a_changed_folder(tmp_path, weights, capsys):
+    from pipelines.extract import main
+
+    root, store = tmp_path / "imgs", tmp_path / "regions.lmdb"
+    _write_scenes(root, 4)
+    assert main(_args(root, store, weights)) == 0
+    capsys.readouterr()
+    before = RegionStore(store)["000.jpg"]
+    (root / "001.jpg").unlink()  # deleted
+    Image.fromarray(_scene(11)).save(root / "002.jpg", quality=95)  # changed in place
+    os.utime(root / "002.jpg", ns=(1_000_000_000, 1_000_000_000))
+    for i in (21, 22):  # added
+        Image.fromarray(_scene(i)).save(root / f"new{i}.jpg", quality=95)
+    assert main(_args(root, store, weights)) == 0
+    s = _summary(capsys)
+    assert (s["removed"], s["changed"], s["written"], s["already_present"]) == (1, 1, 3, 2)
+    assert RegionStore(store).ids() == ["000.jpg", "002.jpg", "003.jpg", "new21.jpg", "new22.jpg"]
+    np.testing.assert_array_equal(RegionStore(store)["000.jpg"].features, before.features)
+    fresh = tmp_path / "fresh.lmdb"  # what extracting the folder as it is now gives
+    assert main(_args(root, fresh, weights)) == 0
+    capsys.readouterr()
+    _assert_same_stores(store, fresh)
+    sources = RegionStore(store).sources()
+    assert sources["002.jpg"]["mtime_ns"] == 1_000_000_000
+    assert sources["002.jpg"]["size"] == (root / "002.jpg").stat().st_size
+    # nothing changed since: a no-op
+    assert main(_args(root, store, weights)) == 0
+    s = _summary(capsys)
+    assert (s["removed"], s["changed"], s["written"]) == (0, 0, 0)
+    # a store of another folder is refused, not emptied
+    other = tmp_path / "other"
+    _write_scenes(other, 2, "elsewhere")
+    assert main(_args(other, store, weights)) == 2
+    assert "holds none of the 2 images" in capsys.readouterr().err
+    assert len(RegionStore(store)) == 5
+
+
 def test_bad_inputs_are_converted_or_skipped_with_reasons(tmp_path, weights, capsys):
     from pipelines.extract import main
 
