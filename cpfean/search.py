@@ -9,7 +9,12 @@ a region's weight is the prominence of the words aligned to it, its fusion gate 
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypedDict, Unpack
 
@@ -25,6 +30,7 @@ from cpfean.index import IndexFormatError, RetrievalIndex, search_index
 __all__ = [
     "EXPLAIN",
     "Answer",
+    "LiveSearcher",
     "QueryError",
     "RankOptions",
     "Result",
@@ -156,6 +162,14 @@ class Searcher:
         dev = resolve_device(device)
         model, _, _ = load_model(path, dev)
         return cls(model, idx, dev, path)
+
+    def reopened(self) -> Searcher:
+        """A searcher over the index now at this one's path (rebuilt or updated since), with
+        this model when the index was built by the same checkpoint, else the index's own."""
+        index = RetrievalIndex(self.index.path)
+        if index.meta["checkpoint"]["sha256"] == self.index.meta["checkpoint"]["sha256"]:
+            return Searcher(self.model, index, self.device, self.checkpoint)
+        return Searcher.open(index.path, None, str(self.device))
 
     # ------------------------------------------------------------------------- lookups
     def row_of(self, image_id: str) -> int:
@@ -371,3 +385,71 @@ class Searcher:
                 )
             results.append(r)
         return {"mode": direction, "results": results, "search": info}
+
+
+class LiveSearcher:
+    """The searcher of an index that may be rebuilt or updated while it serves.
+
+    ``current`` is the searcher to answer one request with. At most every ``every`` seconds it
+    looks at the index's ``index.json`` (which a build replaces in one rename); when that has
+    changed, the new index is loaded and warmed up by ``submit`` (the model threads), and
+    requests go on to the old searcher until the new one is ready, so none waits or fails. A
+    new index that cannot be loaded is logged and the old one kept until index.json changes
+    again.
+    """
+
+    def __init__(
+        self,
+        searcher: Searcher,
+        submit: Callable[[Callable[[], Searcher]], Future],
+        every: float = 1.0,
+    ):
+        self._current, self._submit, self._every = searcher, submit, every
+        self._seen = self._signature(searcher)
+        self._checked = time.monotonic()
+        self._loading = False
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _signature(searcher: Searcher) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(searcher.index.path / "index.json")
+        except OSError:  # between two renames of a build: looked at again next time
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    @property
+    def current(self) -> Searcher:
+        if self._every > 0 and time.monotonic() - self._checked >= self._every:
+            self._check()
+        return self._current
+
+    def _check(self) -> None:
+        with self._lock:
+            self._checked = time.monotonic()
+            signature = self._signature(self._current)
+            if self._loading or signature is None or signature == self._seen:
+                return
+            self._loading, self._seen = True, signature
+        old = self._current
+
+        def load() -> Searcher:
+            new = old.reopened()
+            new.text_to_images("warm up", 1)  # lazy set-up before a user's query
+            return new
+
+        self._submit(load).add_done_callback(self._loaded)
+
+    def _loaded(self, future: Future) -> None:
+        try:
+            new = future.result()
+        except Exception as e:  # the old index keeps serving
+            logging.getLogger("cpfean.serve").error("index not reloaded: %s", e)
+        else:
+            self._current = new
+            logging.getLogger("cpfean.serve").info(
+                "index reloaded: %s (%d images)", new.index.path, new.index.count
+            )
+        finally:
+            with self._lock:
+                self._loading = False

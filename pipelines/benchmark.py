@@ -2,7 +2,7 @@
 
 NAME: score, extract, retrieve, codec (compressed region embeddings), eval (COCO 5K at paper
 scale), data (store -> batches), serve (search latency through HTTP), train (training images/s
-and a step's split).
+and a step's split), sync (a changed photo folder: extract and index again, served).
 
 Each benchmark lives in its own module (``pipelines/bench/*.py``) and prints a markdown table;
 docs/benchmarks.md quotes the figures with the command that produced them.
@@ -22,6 +22,7 @@ BENCHMARKS = {
     "data": "pipelines.bench.paper_scale",
     "serve": "pipelines.bench.serve",
     "train": "pipelines.bench.train",
+    "sync": "pipelines.bench.sync",
 }
 PASS_NAME = {"eval", "data"}  # modules that serve several benchmarks take the name too
 

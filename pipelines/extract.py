@@ -5,6 +5,10 @@ Images folder -> region store (36 regions per image), resumable and shardable.
 - Walks IMAGES_DIR recursively (jpg/jpeg/png/webp/bmp, any case); image id = path relative to
   IMAGES_DIR with / separators. Ids already in the store are skipped, so a re-run after a crash
   (even ``kill -9``) finishes the job: the store keeps only whole records.
+- A re-run on a folder that changed brings the store in line with it: images deleted from the
+  folder are dropped from the store, and a file whose size or modification time differs from
+  when it was read is extracted again (``removed`` and ``changed`` in the summary). A store
+  that holds none of the folder's images (another folder's) is refused, not emptied.
 - Images are decoded in DataLoader worker processes and run through `RegionExtractor` in
   batches; records are written through `RegionWriter` in transactions.
 - Unusable images (empty, not an image, truncated/corrupt, > REGIONS.MAX_IMAGE_PIXELS) and

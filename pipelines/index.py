@@ -6,12 +6,18 @@
 The region store, caption file and split default to the ones the checkpoint trained on. The
 build is resumable: re-running after an interrupt skips the gallery shards already written;
 re-running on a whole index built with the same checkpoint and images does nothing (--force
-rebuilds). Exit status: 0 done, 2 bad input (missing files, mismatched data).
+rebuilds). Re-running after the store changed (``pipelines.extract`` on a folder where photos
+were added, changed or deleted) updates the index: only new and changed images are encoded,
+gone ones dropped, and the new index replaces the old in one step, so a search, or a kill,
+at any moment sees one or the other whole. The last line printed (and ``--json F``) says
+``{"encoded": n, "removed": m, "kept": k}``. Exit status: 0 done, 2 bad input (missing files,
+mismatched data).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -38,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from cpfean.config import to_dict
     from cpfean.data.captions import check_ids, load_captions
     from cpfean.data.region_store import RegionStore
+    from cpfean.fileio import atomic_write_json
     from cpfean.index import build_index, check_replaceable
     from cpfean.index.codec import RegionCodec
 
@@ -100,11 +107,16 @@ def run(args: argparse.Namespace) -> int:
             f"index {out} is up to date ({len(image_ids)} images, {len(captions)} captions); "
             "--force rebuilds it"
         )
-        return 0
-    print(
-        f"index {out}: {len(image_ids)} images, {len(captions)} captions, "
-        f"checkpoint {checkpoint} (sha256 {sha256[:12]})"
-    )
+        counts = {"encoded": 0, "removed": 0, "kept": len(image_ids)}
+    else:
+        print(
+            f"index {out}: {len(image_ids)} images, {len(captions)} captions, "
+            f"checkpoint {checkpoint} (sha256 {sha256[:12]})"
+        )
+        counts = {"encoded": built.encoded, "removed": built.removed, "kept": built.kept}
+    print(json.dumps(counts))
+    if args.json:
+        atomic_write_json(args.json, counts)
     return 0
 
 
@@ -146,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--force", action="store_true", help="rebuild an up-to-date index")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--json", type=Path, help='also write {"encoded", "removed", "kept"} to this file'
+    )
     args = parser.parse_args(argv)
     if args.shard_size < 1 or args.batch_size < 1:
         parser.error("--shard-size and --batch-size must be >= 1")

@@ -15,6 +15,9 @@ Endpoints (JSON errors are ``{"error": "..."}`` with a 4xx status, never a trace
 - ``GET /healthz``; ``GET /metrics`` (Prometheus: requests by endpoint and status, latency);
 - ``GET /``: the page (plain HTML, CSS and JavaScript shipped in ``pipelines/web``).
 
+A rebuilt or updated index (``pipelines.index`` re-run on the same ``--out``) is picked up
+without a restart: requests go on to the old index until the new one is loaded.
+
 Every request is bounded: query length, k, upload bytes and pixels, and concurrent work (one
 model call at a time per ``--workers``, at most ``--queue`` waiting; beyond that 429).
 """
@@ -48,11 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--detector-config", help="detector config for uploads")
     parser.add_argument("--detector-weights", help="detector weights for uploads")
+    parser.add_argument(
+        "--reload-every",
+        type=float,
+        default=1.0,
+        help="seconds between looks for a rebuilt or updated index (0: never reload)",
+    )
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error(f"--port must be in 1..65535, got {args.port}")
-    if args.workers < 1 or args.queue < 0 or args.threads < 0:
-        parser.error("--workers must be >= 1, --queue and --threads >= 0")
+    if args.workers < 1 or args.queue < 0 or args.threads < 0 or args.reload_every < 0:
+        parser.error("--workers must be >= 1, --queue, --threads and --reload-every >= 0")
     import uvicorn
 
     def detector(searcher: Any) -> Any:
@@ -66,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             limits=Limits(workers=args.workers, queue=args.queue),
             threads=args.threads,
             detector_factory=None if args.no_image_queries else detector,
+            reload_every=args.reload_every,
         )
     except (OSError, ValueError) as e:
         return cli.fail(e)

@@ -27,6 +27,7 @@ from PIL import Image
 
 from cpfean.data.region_store import RegionRecord, RegionStore, RegionStoreError, RegionWriter
 from cpfean.images import BadImage, decode_image
+from cpfean.index import RetrievalIndex
 
 pytest.importorskip("detectron2")
 pytestmark = [pytest.mark.slow, pytest.mark.detector]
@@ -723,8 +724,8 @@ def test_kill_9_index_then_rerun(demo, capsys):
     got = json.loads((out / "index.json").read_text())
     assert got["count"] == clean["count"] and got["ids_sha256"] == clean["ids_sha256"]
     for name in ["pooled", *(f"emb.{f}" for f in clean["image_embeddings"]["fields"])]:
-        a = np.load(out / "images" / f"{name}.npy")
-        b = np.load(demo["index"] / "images" / f"{name}.npy")
+        a = np.load(RetrievalIndex(out).data / "images" / f"{name}.npy")
+        b = np.load(RetrievalIndex(demo["index"]).data / "images" / f"{name}.npy")
         np.testing.assert_allclose(
             a.astype(np.float32),
             b.astype(np.float32),

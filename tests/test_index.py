@@ -402,7 +402,8 @@ def test_an_index_written_before_a_field_was_renamed_still_loads(tmp_path):
     meta = json.loads(meta_path.read_text())
     for side, spec in (("images", meta["image_embeddings"]), ("captions", meta["captions"])):
         spec["fields"] = ["gate_ctx" if f == "gate_context" else f for f in spec["fields"]]
-        (path / side / "emb.gate_context.npy").rename(path / side / "emb.gate_ctx.npy")
+        folder = index.data / side
+        (folder / "emb.gate_context.npy").rename(folder / "emb.gate_ctx.npy")
     meta_path.write_text(json.dumps(meta))
     old = RetrievalIndex(path)
     assert torch.equal(old.images(np.arange(4)).gate_context, want_img.gate_context)

@@ -54,7 +54,7 @@ def test_compressed_index_ranks_as_the_exact_one(tmp_path):
     meta = json.loads((packed.path / "index.json").read_text())
     assert meta["version"] == 2 and meta["image_embeddings"]["codec"]["factory"] == "SQ8"
     valid = int(np.asarray(exact.images(slice(None)).mask).sum())
-    assert np.load(packed.path / "images" / "codes.npy").shape == (valid, 12)
+    assert np.load(RetrievalIndex(packed.path).data / "images" / "codes.npy").shape == (valid, 12)
     rows = np.array([7, 0, 63, 21])  # any order, as an explanation asks
     a, b, c = exact.images(rows), packed.images(rows), packed.images(rows, exact=True)
     assert (a.mask == b.mask).all()

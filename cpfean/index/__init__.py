@@ -2,9 +2,12 @@
 
 Layout of an index directory (no pickle anywhere; every array is a ``.npy`` memory map)::
 
-    index.json                  format, version, checkpoint {path, sha256}, config, regions
-                                store, images root, count, label names, field specs, created
+    index.json                  format, version, generation, checkpoint {path, sha256},
+                                config, regions store, images root, count, label names,
+                                field specs, created
+    gen-NNNNNN/                 the arrays of one build (index.json names the current one):
     images/ids.json             [N] image ids (paths relative to the images root)
+    images/digests.npy          [N] the region store's digest of each image's record
     images/emb.<field>.npy      each field of the model's ImageEmbeddings, [N, ...]
                                 (regions [N, R, d], mask, gram [N, R, R], gate terms, ...)
     images/pooled.npy           [N, d] float32 unit-norm pooled embeddings (first stage)
@@ -27,10 +30,18 @@ are kept as codes over the valid regions only, and ``emb.regions`` / ``emb.gram`
     images/pooled.npy           [N, d] float16
     (the Gram matrices are derived from the decoded regions when read)
 
+(``images/`` and ``captions/`` below are inside the generation folder; an index written before
+generations has them beside index.json, and is read as it is.)
+
 Building is resumable: the gallery is encoded in shards of ``shard_size`` images under
 ``<out>.building/shards/``; a shard is written to a temporary name and renamed when whole, and a
-re-run skips whole shards. The final directory is assembled under a temporary name and renamed
-into place, so ``<out>/index.json`` exists only for a whole index. One build at a time holds
+re-run skips whole shards. A build writes a new generation folder, syncs it, then replaces
+``index.json`` in one rename: a reader, or a kill at any moment, sees the old index or the new
+one whole. The generation it replaced is kept (a server may still be answering from it) and
+older ones are removed. When the index there was built by the same checkpoint with the same
+dtype, codec and images root, a build is an update: images whose record digest is unchanged
+keep their rows (and codes: the fitted codec is kept), only new and changed ones are encoded,
+gone ones are dropped, and captions already encoded are linked, not encoded again. One build at a time holds
 ``.<out>.lock``; a build replaces ``<out>`` only when it is an index (``index.json`` of this
 format, nothing foreign beside it) or an empty folder, never another folder. ``index.json``
 records a build key over everything that decides the content (checkpoint, store content, ids,

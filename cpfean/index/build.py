@@ -1,5 +1,7 @@
-"""Building an index: the gallery encoded in resumable shards, assembled under a temporary name
-and renamed into place (layout and guarantees: ``cpfean.index``)."""
+"""Building an index: the gallery encoded in resumable shards and assembled into a new
+generation folder, which a replaced ``index.json`` then names; an index built by the same model
+is updated (only new and changed images encoded, the rest copied). Layout and guarantees:
+``cpfean.index``."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from cpfean.index.format import (
     _class_name,
     _fields,
     _on_disk,
+    _resolve_class,
     _save_npy,
     _write_json,
     pooled_images,
@@ -34,8 +37,18 @@ from cpfean.index.format import (
 )
 from cpfean.progress import progress as progress_of
 
-# what a build may find in (and so replace) an existing index folder
+# what a build may find in (and so replace) an existing index folder: index.json, the arrays of
+# an index from before generations, generation folders, and the temporary files of a killed build
 _INDEX_ENTRIES = {"index.json", "images", "captions"}
+GENERATION = "gen-{:06d}"
+
+
+def _ours(name: str) -> bool:
+    return (
+        name in _INDEX_ENTRIES
+        or (name.startswith("gen-") and name[4:].isdigit())
+        or (name.startswith(".index.json.") and name.endswith(".tmp"))
+    )
 
 
 def check_replaceable(out: Path) -> None:
@@ -52,8 +65,9 @@ def check_replaceable(out: Path) -> None:
         fmt = json.loads((out / "index.json").read_text(encoding="utf-8")).get("format")
     except (OSError, ValueError, AttributeError):
         fmt = None
-    foreign = sorted(entries - _INDEX_ENTRIES)
-    if fmt != FORMAT or foreign:
+    foreign = sorted(e for e in entries if not _ours(e))
+    first_build_killed = "index.json" not in entries and not foreign and "images" not in entries
+    if (fmt != FORMAT and not first_build_killed) or foreign:
         what = f"holds {foreign[0]!r}" if foreign else "has no cpfean index.json"
         raise IndexFormatError(
             f"--out {out} is a folder that is not a cpfean index ({what}); "
@@ -270,23 +284,46 @@ def build_index(
             codec=codec,
             exact_copy=exact_copy,
         )
-        shards, emb_class = _encode_gallery(
-            model, store, ids, work, checkpoint["sha256"], shard_size, encoding, log
+        digests = store.digests(ids)
+        previous = _Previous.read(out)
+        update = (
+            not force
+            and previous is not None
+            and previous.updatable_by(checkpoint["sha256"], encoding, images_root)
         )
-        field_names = sorted(p.name[4:-4] for p in shards[0].glob("emb.*.npy"))
-        ragged = sorted(p.name[7:-4] for p in shards[0].glob("ragged.*.npy"))
-        for stale in out.parent.glob(f".{out.name}.*.tmp"):  # left by a build that was killed
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        (tmp / "images").mkdir(parents=True)
-        names = [f"emb.{n}" for n in field_names] + ["pooled", "boxes", "labels", "hw"]
-        if codec:
-            names += ["codes"] + [f"ragged.{n}" for n in ragged]
-        _assemble(shards, tmp / "images", names)
-        _write_json(tmp / "images" / "ids.json", ids)
+        generation = GENERATION.format(previous.number + 1 if previous else 1)
+        dest = out / generation
+        shutil.rmtree(dest, ignore_errors=True)  # left by a build that was killed
+        (dest / "images").mkdir(parents=True)
+        if update:
+            assert previous is not None
+            counts, emb_class = _update_gallery(
+                model,
+                store,
+                ids,
+                digests,
+                previous,
+                dest / "images",
+                work,
+                shard_size,
+                encoding,
+                checkpoint["sha256"],
+                log,
+            )
+        else:
+            shards, emb_class = _encode_gallery(
+                model, store, ids, work, checkpoint["sha256"], shard_size, encoding, log
+            )
+            _assemble(shards, dest / "images", _array_names(shards[0]))
+            gone = set(previous.ids) - set(ids) if previous else set()
+            counts = {"encoded": len(ids), "removed": len(gone), "kept": 0}
+        _write_json(dest / "images" / "ids.json", ids)
+        _save_npy(dest / "images" / DIGESTS_FILE, np.array(digests, dtype="S32"))
+        field_names = sorted(p.name[4:-4] for p in (dest / "images").glob("emb.*.npy"))
+        ragged = sorted(p.name[7:-4] for p in (dest / "images").glob("ragged.*.npy"))
         embeddings: dict[str, Any] = {"class": _class_name(emb_class), "fields": field_names}
         if codec:
-            embeddings["codec"] = _finish_codec(work, tmp / "images", codec, ragged, exact_copy)
+            embeddings["codec"] = _finish_codec(work, dest / "images", codec, ragged, exact_copy)
             embeddings["codec"]["derived"] = [
                 f.name for f in dataclasses.fields(emb_class) if f.name == "gram"
             ]
@@ -294,6 +331,7 @@ def build_index(
         info: dict[str, Any] = {
             "format": FORMAT,
             "version": COMPRESSED_VERSION if codec else VERSION,
+            "generation": generation,
             "checkpoint": checkpoint,
             "config": config,
             "regions": str(store.path),
@@ -310,26 +348,262 @@ def build_index(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         if captions:
-            info["captions"] = _index_captions(
-                model, tmp / "captions", captions, caption_image_ids, encoding
+            reused = (
+                previous.captions_for(captions, caption_image_ids, checkpoint["sha256"], dtype)
+                if (previous and not force)
+                else None
             )
-        _write_json(tmp / "index.json", info)
-        old = out.with_name(f".{out.name}.{os.getpid()}.old")
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        fsync_dir(out.parent)
-        shutil.rmtree(old, ignore_errors=True)
+            info["captions"] = reused or _index_captions(
+                model, dest / "captions", captions, caption_image_ids, encoding
+            )
+            if reused:
+                _link_tree(previous.data / "captions", dest / "captions")
+        for folder in (dest / "images", dest / "captions", dest):  # each array synced already
+            fsync_dir(folder)
+        _write_json(out / "index.json", info)  # the switch: one atomic rename
+        fsync_dir(out)
+        _drop_generations(out, keep={generation, previous.generation if previous else None})
         shutil.rmtree(work, ignore_errors=True)
-        return IndexBuild(out, up_to_date=False)
+        return IndexBuild(out, up_to_date=False, **counts)
 
 
 @dataclasses.dataclass(frozen=True)
 class IndexBuild:
-    """What `build_index` did: the index folder, and whether it was current already."""
+    """What `build_index` did: the index folder, whether it was current already, and how many
+    images it encoded, dropped (gone from the gallery) and kept from the index it replaced."""
 
     path: Path
     up_to_date: bool
+    encoded: int = 0
+    removed: int = 0
+    kept: int = 0
+
+
+DIGESTS_FILE = "digests.npy"  # [N] the region store's digest of each image's record
+
+
+@dataclasses.dataclass(frozen=True)
+class _Previous:
+    """The index a build replaces: its generation folder, meta, ids and record digests."""
+
+    data: Path
+    generation: str | None
+    meta: dict
+    ids: list[str]
+    digests: np.ndarray | None
+
+    @property
+    def number(self) -> int:
+        name = self.generation or ""
+        return int(name[4:]) if name.startswith("gen-") and name[4:].isdigit() else 0
+
+    @classmethod
+    def read(cls, out: Path) -> _Previous | None:
+        """The index at ``out`` (None when there is none, or it cannot be read)."""
+        try:
+            meta = json.loads((out / "index.json").read_text(encoding="utf-8"))
+            generation = meta.get("generation")
+            data = out / generation if generation else out
+            ids = json.loads((data / "images" / "ids.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError, AttributeError, TypeError):
+            return None
+        digests_path = data / "images" / DIGESTS_FILE
+        digests = np.load(digests_path, allow_pickle=False) if digests_path.is_file() else None
+        return cls(data, generation, meta, ids, digests)
+
+    def updatable_by(self, checkpoint_sha256: str, enc: _Encoding, images_root: str | None) -> bool:
+        """Whether a build with these settings may keep this index's rows: the same model,
+        dtype, codec and images root, and digests to tell unchanged records by."""
+        meta, spec = self.meta, self.meta.get("image_embeddings") or {}
+        codec = spec.get("codec") or {}
+        return (
+            self.digests is not None
+            and len(self.digests) == len(self.ids) == meta.get("count")
+            and meta.get("checkpoint", {}).get("sha256") == checkpoint_sha256
+            and meta.get("dtype") == enc.dtype
+            and codec.get("factory") == enc.codec
+            and bool(codec.get("exact_copy")) == enc.exact_copy
+            and meta.get("images_root") == images_root
+        )
+
+    def captions_for(
+        self,
+        captions: Sequence[str],
+        image_ids: Sequence[str] | None,
+        checkpoint_sha256: str,
+        dtype: str,
+    ) -> dict | None:
+        """This index's caption entry when it encoded exactly these captions with this model."""
+        spec = self.meta.get("captions")
+        if (
+            not spec
+            or self.meta.get("checkpoint", {}).get("sha256") != checkpoint_sha256
+            or self.meta.get("dtype") != dtype
+        ):
+            return None
+        try:
+            texts = json.loads((self.data / "captions" / "texts.json").read_text("utf-8"))
+        except (OSError, ValueError):
+            return None
+        owners = list(image_ids) if image_ids is not None else [""] * len(captions)
+        same = texts.get("captions") == list(captions) and texts.get("image_ids") == owners
+        return spec if same else None
+
+
+def _array_names(shard: Path) -> list[str]:
+    """The arrays of a shard, in the order an index lists them."""
+    fields = sorted(p.name[:-4] for p in shard.glob("emb.*.npy"))
+    ragged = sorted(p.name[:-4] for p in shard.glob("ragged.*.npy"))
+    codes = ["codes"] if (shard / "codes.npy").is_file() else []
+    return fields + ["pooled", "boxes", "labels", "hw"] + codes + ragged
+
+
+def _update_gallery(
+    model: Matcher,
+    store: Any,
+    ids: list[str],
+    digests: list[str],
+    previous: _Previous,
+    dest: Path,
+    work: Path,
+    shard_size: int,
+    enc: _Encoding,
+    checkpoint_sha256: str,
+    log: Callable[[str], None],
+) -> tuple[dict[str, int], type]:
+    """Write the gallery ``ids`` into ``dest``: rows of images whose record is unchanged copied
+    from the previous index, the others encoded (a codec index keeps its fitted codec, so the
+    copied codes stay valid). Returns the counts and the embeddings class."""
+    assert previous.digests is not None
+    position = {image_id: k for k, image_id in enumerate(previous.ids)}
+    old_row = np.full(len(ids), -1, dtype=np.int64)
+    for k, (image_id, digest) in enumerate(zip(ids, digests, strict=True)):
+        j = position.get(image_id, -1)
+        if j >= 0 and previous.digests[j].decode() == digest:
+            old_row[k] = j
+    kept = old_row >= 0
+    todo = [image_id for image_id, keep in zip(ids, kept, strict=True) if not keep]
+    counts = {
+        "encoded": len(todo),
+        "removed": len(set(previous.ids) - set(ids)),
+        "kept": int(kept.sum()),
+    }
+    log(f"updating: {counts['kept']} images kept, {len(todo)} to encode, {counts['removed']} gone")
+    before = previous.data / "images"
+    emb_class = _resolve_class(previous.meta["image_embeddings"]["class"])
+    delta = work / "delta"
+    names = [p.name[:-4] for p in before.glob("*.npy") if _is_row_array(p.name)]
+    if todo:
+        shards, emb_class = _encode_gallery(
+            model,
+            store,
+            todo,
+            work,
+            checkpoint_sha256,
+            shard_size,
+            enc,
+            log,
+            codec_from=before / CODEC_FILE if enc.codec else None,
+        )
+        shutil.rmtree(delta, ignore_errors=True)
+        delta.mkdir(parents=True)
+        _assemble(shards, delta, _array_names(shards[0]))
+    if enc.codec and not todo:  # the codec goes on to the new generation from the work folder
+        work.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(before / CODEC_FILE, work / CODEC_FILE)
+    new_row = np.where(kept, -1, np.cumsum(~kept) - 1)
+    dense = [n for n in names if not n.startswith("ragged.") and n != "codes"]
+    for name in dense:
+        _merge_rows(
+            dest / f"{name}.npy",
+            before / f"{name}.npy",
+            delta / f"{name}.npy",
+            kept,
+            np.where(kept, old_row, new_row),
+        )
+    ragged = [n for n in names if n.startswith("ragged.") or n == "codes"]
+    if ragged:
+        old_offsets = np.load(before / "offsets.npy", allow_pickle=False)
+        new_offsets = _offsets(delta / "emb.mask.npy") if todo else np.zeros(1, np.int64)
+        out_counts = np.where(
+            kept,
+            np.diff(old_offsets)[np.maximum(old_row, 0)],
+            np.diff(new_offsets)[np.maximum(new_row, 0)] if todo else 0,
+        )
+        starts = np.where(
+            kept,
+            old_offsets[:-1][np.maximum(old_row, 0)],
+            new_offsets[:-1][np.maximum(new_row, 0)] if todo else 0,
+        )
+        out_offsets = np.concatenate([[0], np.cumsum(out_counts)])
+        per_row_old = np.repeat(kept, out_counts)
+        rows = np.repeat(starts - out_offsets[:-1], out_counts) + np.arange(out_offsets[-1])
+        for name in ragged:
+            _merge_rows(
+                dest / f"{name}.npy",
+                before / f"{name}.npy",
+                delta / f"{name}.npy",
+                per_row_old,
+                rows,
+            )
+    return counts, emb_class
+
+
+def _is_row_array(name: str) -> bool:
+    """An array with one row per image (or per region, for the ragged ones) that an update
+    carries over; the codec, offsets and digests are written afresh."""
+    return name not in (CODEC_FILE, "offsets.npy", DIGESTS_FILE)
+
+
+def _offsets(mask_path: Path) -> np.ndarray:
+    """[N + 1] start of each image's regions in the ragged arrays, from the padded mask."""
+    mask = np.load(mask_path, mmap_mode="r")
+    counts = [mask[s : s + 65536].sum(1) for s in range(0, len(mask), 65536)]
+    return np.cumsum(np.concatenate([[0], *counts]), dtype=np.int64)
+
+
+def _merge_rows(
+    dest: Path, old: Path, new: Path, from_old: np.ndarray, rows: np.ndarray, chunk: int = 65536
+) -> None:
+    """``dest[r] = (old if from_old[r] else new)[rows[r]]``, written in chunks."""
+    a = np.load(old, mmap_mode="r")
+    b = np.load(new, mmap_mode="r") if new.is_file() else a[:0]
+    with atomic_path(dest) as tmp:
+        out = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=a.dtype, shape=(len(rows), *a.shape[1:])
+        )
+        for s in range(0, len(rows), chunk):
+            take, at = from_old[s : s + chunk], rows[s : s + chunk]
+            block = np.empty((len(at), *a.shape[1:]), dtype=a.dtype)
+            block[take] = a[at[take]]
+            block[~take] = b[at[~take]]
+            out[s : s + len(at)] = block
+        out.flush()
+        del out
+
+
+def _link_tree(src: Path, dest: Path) -> None:
+    """``dest`` holding the files of ``src``: hard links where the disk allows, else copies."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in src.iterdir():
+        try:
+            os.link(path, dest / path.name)
+        except OSError:
+            shutil.copyfile(path, dest / path.name)
+
+
+def _drop_generations(out: Path, keep: set[str | None]) -> None:
+    """Remove the generations a build left behind, but the new one and the one it replaced
+    (a server may still be answering from that one); arrays from before generations count
+    as the generation None."""
+    for path in out.iterdir():
+        name = path.name
+        if name.startswith("gen-") and name not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+        elif name in ("images", "captions") and None not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+        elif name.startswith(".index.json.") and name.endswith(".tmp"):
+            path.unlink(missing_ok=True)
 
 
 def _built_from(out: Path, key: str) -> bool:
@@ -362,9 +636,11 @@ def _encode_gallery(
     shard_size: int,
     enc: _Encoding,
     log: Callable[[str], None],
+    codec_from: Path | None = None,
 ) -> tuple[list[Path], type]:
     """Encode the gallery into whole shards under ``work`` (skipping those an interrupted run of
-    the same build left); returns the shard folders and the embeddings class."""
+    the same build left), with the codec saved at ``codec_from`` when given, else one fitted
+    on the gallery; returns the shard folders and the embeddings class."""
     plan = {
         "checkpoint_sha256": checkpoint_sha256,
         "ids_sha256": ids_digest(ids),
@@ -385,6 +661,8 @@ def _encode_gallery(
         shutil.rmtree(work)
     (work / "shards").mkdir(parents=True, exist_ok=True)
     _write_json(plan_path, plan)
+    if codec_from is not None and not (work / CODEC_FILE).is_file():
+        shutil.copyfile(codec_from, work / CODEC_FILE)
 
     shards = [work / "shards" / f"{k:05d}" for k in range(0, -(-len(ids) // shard_size))]
     todo = [k for k, s in enumerate(shards) if not s.is_dir()]
@@ -443,9 +721,7 @@ def _finish_codec(
     """Copy the fitted codec beside the codes, write the images' region offsets, and say in
     index.json how the fields are kept."""
     shutil.copyfile(work / CODEC_FILE, dest / CODEC_FILE)
-    mask = np.load(dest / "emb.mask.npy", mmap_mode="r")
-    counts = [mask[s : s + 65536].sum(1) for s in range(0, len(mask), 65536)]
-    _save_npy(dest / "offsets.npy", np.cumsum(np.concatenate([[0], *counts]), dtype=np.int64))
+    _save_npy(dest / "offsets.npy", _offsets(dest / "emb.mask.npy"))
     code_size = np.load(dest / "codes.npy", mmap_mode="r").shape[1]
     return {
         "factory": codec,

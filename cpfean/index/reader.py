@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -83,20 +84,25 @@ class RetrievalIndex:
                 f"(format {self.meta.get('format')!r}, "
                 f"version {self.meta.get('version')!r})"
             )
+        generation = self.meta.get("generation")
+        if generation is not None and not re.fullmatch(r"gen-\d{6}", str(generation)):
+            raise IndexFormatError(f"{meta_path} names generation {generation!r}: not ours")
+        # the folder of this generation's arrays (an index from before generations: the index)
+        self.data = self.path / generation if generation else self.path
         self.count: int = self.meta["count"]
         self.label_names: list[str] = self.meta.get("label_names", [])
         self._image_cls = _resolve_class(self.meta["image_embeddings"]["class"])
         self._image_fields = {
-            RENAMED_FIELDS.get(n, n): _load_npy(self.path / "images" / f"emb.{n}.npy")
+            RENAMED_FIELDS.get(n, n): _load_npy(self.data / "images" / f"emb.{n}.npy")
             for n in self.meta["image_embeddings"]["fields"]
         }
         self._open_codec(self.meta["image_embeddings"].get("codec"))
-        self.pooled = _load_npy(self.path / "images" / "pooled.npy")  # [N, d]
-        self.boxes = _load_npy(self.path / "images" / "boxes.npy")  # [N, R, 4] pixels
-        self.labels = _load_npy(self.path / "images" / "labels.npy")  # [N, R]
-        self.hw = _load_npy(self.path / "images" / "hw.npy")  # [N, 2]
+        self.pooled = _load_npy(self.data / "images" / "pooled.npy")  # [N, d]
+        self.boxes = _load_npy(self.data / "images" / "boxes.npy")  # [N, R, 4] pixels
+        self.labels = _load_npy(self.data / "images" / "labels.npy")  # [N, R]
+        self.hw = _load_npy(self.data / "images" / "hw.npy")  # [N, 2]
         self.image_ids: list[str] = json.loads(
-            (self.path / "images" / "ids.json").read_text(encoding="utf-8")
+            (self.data / "images" / "ids.json").read_text(encoding="utf-8")
         )
         if len(self.image_ids) != self.count or len(self.pooled) != self.count:
             raise IndexFormatError(
@@ -108,14 +114,14 @@ class RetrievalIndex:
         self.caption_image_ids: list[str] = []
         cap = self.meta.get("captions")
         if cap:
-            texts = json.loads((self.path / "captions" / "texts.json").read_text("utf-8"))
+            texts = json.loads((self.data / "captions" / "texts.json").read_text("utf-8"))
             self.captions, self.caption_image_ids = texts["captions"], texts["image_ids"]
             self._text_cls = _resolve_class(cap["class"])
             self._text_fields = {
-                RENAMED_FIELDS.get(n, n): _load_npy(self.path / "captions" / f"emb.{n}.npy")
+                RENAMED_FIELDS.get(n, n): _load_npy(self.data / "captions" / f"emb.{n}.npy")
                 for n in cap["fields"]
             }
-            self.caption_pooled = _load_npy(self.path / "captions" / "pooled.npy")
+            self.caption_pooled = _load_npy(self.data / "captions" / "pooled.npy")
         self._first: dict[str, FirstStage] = {}
         self._filters: dict[tuple, np.ndarray] = {}
         self._images_root = self._locate(
@@ -130,7 +136,7 @@ class RetrievalIndex:
         self.exact_copy = False
         if not spec:
             return
-        images = self.path / "images"
+        images = self.data / "images"
         self.codec = RegionCodec.from_bytes(
             _load_npy(images / "codec.npy", mmap=False), spec["factory"]
         )

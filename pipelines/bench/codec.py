@@ -31,7 +31,9 @@ from pipelines import cli
 
 def _region_bytes(index_dir: Path) -> int:
     """Bytes of what keeps the regions: codes, per-region fields, mask (or every emb. field)."""
-    images = index_dir / "images"
+    from cpfean.index import RetrievalIndex
+
+    images = RetrievalIndex(index_dir).data / "images"
     names = ["codes.npy", "offsets.npy", "codec.npy", *[p.name for p in images.glob("ragged.*")]]
     names += [p.name for p in images.glob("emb.*.npy")]
     return sum((images / n).stat().st_size for n in names if (images / n).is_file())

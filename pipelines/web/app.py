@@ -120,16 +120,19 @@ def create_app(
     limits: Limits = Limits(),
     detector_factory: Callable[[], Any] | None = None,
     work: WorkQueue | None = None,
+    reload_every: float = 1.0,
 ) -> Any:
     """The ASGI app over a loaded `cpfean.search.Searcher`.
 
     Args:
         detector_factory: builds the RegionExtractor for image uploads (called once, on the
             first upload); None refuses uploads with 501.
+        reload_every: seconds between looks at the index folder for a rebuilt or updated
+            index, loaded without a restart (`cpfean.search.LiveSearcher`); 0: never.
     """
     from cpfean.images import BadImage, decode_image_bytes
     from cpfean.index import IndexFormatError
-    from cpfean.search import QueryError
+    from cpfean.search import LiveSearcher, QueryError
 
     app = FastAPI(title="cpfean", docs_url=None, redoc_url=None, openapi_url=None)
     work = work or WorkQueue(limits.workers, limits.queue)
@@ -144,7 +147,8 @@ def create_app(
         registry=registry,
         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     )
-    index = searcher.index
+    work_queue = work
+    live = LiveSearcher(searcher, lambda fn: work_queue.executor.submit(fn), reload_every)
     detector: dict[str, Any] = {}
     thumbs = functools.lru_cache(maxsize=4096)(_thumbnail)
 
@@ -177,7 +181,7 @@ def create_app(
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
         return error(422, f"{where}: {first.get('msg', 'invalid')}")
 
-    def row_of(image_id: str) -> int:
+    def row_of(searcher: Any, image_id: str) -> int:
         try:
             return searcher.row_of(image_id)
         except KeyError:
@@ -220,6 +224,7 @@ def create_app(
                 400, f"the query is {len(q)} characters; at most {limits.max_query_chars}"
             )
         filters = {name: v for name, v in (("label", label), ("under", under)) if v.strip()}
+        searcher = live.current  # one index for the whole request, even if another arrives
         for name, value in filters.items():
             if len(value) > limits.max_query_chars:
                 raise HTTPException(
@@ -241,6 +246,7 @@ def create_app(
             bgr = decode_image_bytes(data, limits.max_upload_pixels)[:, :, ::-1].copy()
         except BadImage as e:
             raise HTTPException(400, f"cannot use the upload: {e}") from None
+        searcher = live.current
 
         def run() -> dict:
             if "extractor" not in detector:
@@ -259,29 +265,33 @@ def create_app(
     @app.get("/api/similar/{image_id:path}")
     async def similar(image_id: str, k: int = 10):
         check_k(k)
-        row_of(image_id)
+        searcher = live.current
+        row_of(searcher, image_id)
         return await answer(lambda: searcher.similar_images(image_id, k))
 
     @app.get("/api/image/{image_id:path}")
     async def image_info(image_id: str):
-        row = row_of(image_id)
+        searcher = live.current
+        row = row_of(searcher, image_id)
         return {
             "id": image_id,
-            "hw": [int(x) for x in index.hw[row]],
+            "hw": [int(x) for x in searcher.index.hw[row]],
             "captions": searcher.captions_of(image_id),
             "image_url": links({"image_id": image_id})["image_url"],
         }
 
     @app.get("/images/{image_id:path}")
     async def full_image(image_id: str):
-        path = Path(index.image_path(row_of(image_id)))
+        searcher = live.current
+        path = Path(searcher.index.image_path(row_of(searcher, image_id)))
         if not path.is_file():
             raise HTTPException(404, "the image file is not on this server")
         return FileResponse(path)
 
     @app.get("/thumbs/{image_id:path}")
     async def thumbnail(image_id: str):
-        path = index.image_path(row_of(image_id))
+        searcher = live.current
+        path = searcher.index.image_path(row_of(searcher, image_id))
         try:
             data = await work.run(lambda: thumbs(path))
         except Busy:
@@ -292,7 +302,13 @@ def create_app(
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "images": index.count, "captions": len(index.captions)}
+        index = live.current.index
+        return {
+            "status": "ok",
+            "images": index.count,
+            "captions": len(index.captions),
+            "generation": index.meta.get("generation"),
+        }
 
     @app.get("/metrics")
     async def metrics():
@@ -317,6 +333,7 @@ def open_server(
     limits: Limits = Limits(),
     threads: int = 0,
     detector_factory: Callable[[Any], Any] | None = None,
+    reload_every: float = 1.0,
 ) -> tuple[Any, Any]:
     """Load a searcher on the model threads, warm it up there, and build the app.
 
@@ -330,5 +347,7 @@ def open_server(
     searcher = work.call(open_searcher)
     work.call(lambda: searcher.text_to_images("warm up", 1))  # lazy set-up before any user
     factory = functools.partial(detector_factory, searcher) if detector_factory else None
-    app = create_app(searcher, limits=limits, detector_factory=factory, work=work)
+    app = create_app(
+        searcher, limits=limits, detector_factory=factory, work=work, reload_every=reload_every
+    )
     return app, searcher

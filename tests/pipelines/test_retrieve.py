@@ -12,6 +12,7 @@ from PIL import Image
 import cpfean.search as search_module
 from cpfean.checkpoint import checkpoint_fingerprint
 from cpfean.config import Config
+from cpfean.data.region_store import RegionStore, RegionWriter
 from cpfean.index import build_index
 from pipelines import retrieve
 from tests.test_index import KNOWN, SHAPES, StandInModel, make_store, object_feature
@@ -320,7 +321,28 @@ def test_real_model_end_to_end(tmp_path, capsys):
         "cpu",
     ]
     assert index_cli.main(argv) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {
+        "encoded": 4,
+        "removed": 0,
+        "kept": 0,
+    }
     assert index_cli.main(argv) == 0 and "up to date" in capsys.readouterr().out
+    # a photo added to the store, then removed again: only it is encoded, then dropped
+    with RegionWriter(tmp_path / "regions", RegionStore(tmp_path / "regions").meta) as writer:
+        writer.put("extra.png", RegionStore(tmp_path / "regions")["001.png"])
+    counts = tmp_path / "counts.json"
+    assert index_cli.main([*argv, "--json", str(counts)]) == 0
+    want = {"encoded": 1, "removed": 0, "kept": 4}
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == want
+    assert json.loads(counts.read_text()) == want
+    with RegionWriter(tmp_path / "regions", RegionStore(tmp_path / "regions").meta) as writer:
+        writer.delete(["extra.png"])
+    assert index_cli.main(argv) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {
+        "encoded": 0,
+        "removed": 1,
+        "kept": 4,
+    }
     code = retrieve.main(
         ["--query", "a red ball", "--index", str(out), "--json", "--device", "cpu", "--top-k", "3"]
     )

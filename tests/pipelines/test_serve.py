@@ -193,6 +193,7 @@ def test_similar_and_health_and_metrics(client, served):
         "status": "ok",
         "images": served["searcher"].index.count,
         "captions": len(served["searcher"].index.captions),
+        "generation": "gen-000001",
     }
     client.get("/api/search", params={"q": "a box"})
     metrics = client.get("/metrics").text
