@@ -41,11 +41,12 @@ one whole. The generation it replaced is kept (a server may still be answering f
 older ones are removed. When the index there was built by the same checkpoint with the same
 dtype, codec and images root, a build is an update: images whose record digest is unchanged
 keep their rows (and codes: the fitted codec is kept), only new and changed ones are encoded,
-gone ones are dropped, and captions already encoded are linked, not encoded again. One build at a time holds
-``.<out>.lock``; a build replaces ``<out>`` only when it is an index (``index.json`` of this
-format, nothing foreign beside it) or an empty folder, never another folder. ``index.json``
-records a build key over everything that decides the content (checkpoint, store content, ids,
-captions, dtype, images root), so a stale index is never taken for an up-to-date one.
+gone ones are dropped, and captions already encoded are linked, not encoded again. One build
+at a time holds ``.<out>.lock``; a build replaces ``<out>`` only when it is an index
+(``index.json`` of this format, nothing foreign beside it) or an empty folder, never another
+folder. ``index.json`` records a build key over everything that decides the content
+(checkpoint, store content, ids, captions, dtype, images root), so a stale index is never taken
+for an up-to-date one.
 """
 
 from cpfean.index.build import (

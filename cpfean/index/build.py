@@ -284,10 +284,12 @@ def build_index(
             codec=codec,
             exact_copy=exact_copy,
         )
-        digests = store.digests(ids)
+        # a store that cannot tell its records' digests (a synthetic one) is never updated
+        digests = store.digests(ids) if hasattr(store, "digests") else None
         previous = _Previous.read(out)
         update = (
             not force
+            and digests is not None
             and previous is not None
             and previous.updatable_by(checkpoint["sha256"], encoding, images_root)
         )
@@ -318,7 +320,8 @@ def build_index(
             gone = set(previous.ids) - set(ids) if previous else set()
             counts = {"encoded": len(ids), "removed": len(gone), "kept": 0}
         _write_json(dest / "images" / "ids.json", ids)
-        _save_npy(dest / "images" / DIGESTS_FILE, np.array(digests, dtype="S32"))
+        if digests is not None:
+            _save_npy(dest / "images" / DIGESTS_FILE, np.array(digests, dtype="S32"))
         field_names = sorted(p.name[4:-4] for p in (dest / "images").glob("emb.*.npy"))
         ragged = sorted(p.name[7:-4] for p in (dest / "images").glob("ragged.*.npy"))
         embeddings: dict[str, Any] = {"class": _class_name(emb_class), "fields": field_names}

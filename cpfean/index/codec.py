@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 import numpy as np
+import torch
 
 from cpfean.first_stage import normalise
 
@@ -108,6 +109,18 @@ class RegionCodec:
         if len(codes) == 0:
             return np.zeros((0, self.dim), np.float32)
         return normalise(self.index.sa_decode(np.ascontiguousarray(codes, dtype=np.uint8)))
+
+    def decode_tensor(self, codes: np.ndarray) -> torch.Tensor:
+        """`decode` as a float32 tensor; a linear codec decodes in torch, on every thread
+        torch has (faiss' decoder and numpy's norm run on one)."""
+        if not hasattr(self, "_torch_linear"):  # read once the codec is trained
+            linear = self.linear_form()
+            self._torch_linear = linear and tuple(torch.from_numpy(a) for a in linear)
+        if self._torch_linear is None or len(codes) == 0:
+            return torch.from_numpy(self.decode(codes))
+        scale, offset = self._torch_linear
+        decoded = torch.from_numpy(np.ascontiguousarray(codes)).float().mul_(scale).add_(offset)
+        return torch.nn.functional.normalize(decoded, dim=-1, eps=1e-12)
 
 
 def _seed(index, seed: int) -> None:

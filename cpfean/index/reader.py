@@ -51,9 +51,25 @@ def _row_file(path: Path) -> RowFile:
 
 
 EXACT_RERANK = 50  # best rows re-scored from the exact copy of a compressed index
-# a compressed gallery's first stage widens its candidates this many times for a MaxSim pass
-# over the decoded regions, which finds what the pooled vectors rank too low (as PLAID does)
+# a compressed gallery's first stage picks MAXSIM_WIDEN x the candidates, and at least
+# MAXSIM_SQRT x sqrt(gallery size) images (a bigger gallery crowds more near-ties ahead of a
+# true match), for a MaxSim pass over their coded regions, which finds what the pooled vectors
+# rank too low (as PLAID does); that pass ranks well enough that CPFEAN re-ranks only
+# MAXSIM_RERANK of them by default
 MAXSIM_WIDEN = 6
+MAXSIM_SQRT = 3
+MAXSIM_RERANK = 200
+
+
+def _codes_product(weights: np.ndarray, codes: np.ndarray, block: int = 4096) -> np.ndarray:
+    """``weights [L, d] @ codes [M, d].T`` with the uint8 codes widened a block at a time (a
+    block stays in cache, where widening all of them at once went through memory twice)."""
+    w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))
+    c = torch.from_numpy(np.ascontiguousarray(codes))
+    out = torch.empty((len(codes), len(w)))
+    for s in range(0, len(codes), block):
+        torch.matmul(c[s : s + block].float(), w.T, out=out[s : s + block])
+    return out.T.numpy()
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -164,11 +180,12 @@ class RetrievalIndex:
         if exact and self.exact_copy:
             valid = torch.from_numpy(gather_ragged(self._exact, self._offsets, rows)).float()
         else:
-            valid = torch.from_numpy(
-                self.codec.decode(gather_ragged(self._codes, self._offsets, rows))
-            )
-        regions = valid.new_zeros((*mask.shape, valid.shape[-1]))
-        regions[mask] = valid  # row-major order: each image's valid slots, in slot order
+            valid = self.codec.decode_tensor(gather_ragged(self._codes, self._offsets, rows))
+        regions = torch.empty((*mask.shape, valid.shape[-1]))
+        flat = regions.view(-1, valid.shape[-1])
+        slots = mask.view(-1)
+        flat[~slots] = 0.0
+        flat[slots] = valid  # row-major order: each image's valid slots, in slot order
         fields: dict[str, torch.Tensor] = {"mask": mask, "regions": regions}
         for name, arr in self._ragged.items():
             per_region = torch.zeros(mask.shape)
@@ -295,7 +312,7 @@ class RetrievalIndex:
         if len(codes):
             if self._linear is not None:  # on the codes themselves: no decoded copy is made
                 scale, offset = self._linear
-                sims = (words * scale) @ codes.T.astype(np.float32) + (words @ offset)[:, None]
+                sims = _codes_product(words * scale, codes) + (words @ offset)[:, None]
             else:
                 sims = words @ self.codec.decode(codes).T  # (L, M)
             starts = (np.cumsum(lengths) - lengths)[has]
@@ -404,10 +421,11 @@ def search_index(
         rows, scores = exhaustive_search(score_rows, size, kept, chunk=chunk, subset=within)
         info: dict[str, Any] = {"path": "exhaustive", "candidates": allowed, "gallery": size}
     else:
-        n = first_stage or DEFAULT_CANDIDATES
+        maxsim = direction == "text2image" and index.codec is not None
+        n = first_stage or (MAXSIM_RERANK if maxsim else DEFAULT_CANDIDATES)
         which = "images" if direction == "text2image" else "captions"
         first = index.first_stage(which)
-        if direction == "text2image" and index.codec is not None:
+        if maxsim:
             rows, scores, wide = _through_maxsim(
                 index, first, query, pooled_query, score_rows, kept, n, within
             )
@@ -437,9 +455,12 @@ def _through_maxsim(
     within: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Three stages for a compressed gallery: the pooled first stage picks ``MAXSIM_WIDEN`` x
-    ``n`` images, a MaxSim pass over their decoded regions (prominence-weighted best region
-    per word) keeps ``n``, CPFEAN re-ranks those. Returns rows, scores and the widened count."""
-    _, cand = first.search(pooled_query[None], max(n, k) * MAXSIM_WIDEN, within)
+    ``n`` images (``MAXSIM_SQRT`` x sqrt(gallery) when more), a MaxSim pass over their coded
+    regions (prominence-weighted best region per word) keeps ``n``, CPFEAN re-ranks those.
+    Returns rows, scores and the widened count."""
+    gallery = index.count if within is None else len(within)
+    widened = max(max(n, k) * MAXSIM_WIDEN, int(MAXSIM_SQRT * gallery**0.5))
+    _, cand = first.search(pooled_query[None], widened, within)
     cand = np.sort(cand[0][cand[0] >= 0])
     wide = len(cand)
     if wide > max(n, k):
