@@ -25,7 +25,8 @@ from cpfean.checkpoint import checkpoint_fingerprint, load_model, resolve_device
 from cpfean.data.region_store import RegionRecord
 from cpfean.encode import Matcher, encode_captions, encode_records
 from cpfean.first_stage import TWO_STAGE_MIN
-from cpfean.index import IndexFormatError, RetrievalIndex, search_index
+from cpfean.index import IndexFormatError, RetrievalIndex, pooled_texts, search_index
+from cpfean.index.reader import MAXSIM_RERANK, maxsim_width, query_words
 
 __all__ = [
     "EXPLAIN",
@@ -134,9 +135,19 @@ class Searcher:
     """A model and the index it built, kept loaded; answers queries with explanations."""
 
     def __init__(
-        self, model: Matcher, index: RetrievalIndex, device: torch.device, checkpoint: str = ""
+        self,
+        model: Matcher,
+        index: RetrievalIndex,
+        device: torch.device,
+        checkpoint: str = "",
+        engine: Any = None,
     ):
+        """``engine``: a `cpfean.index.qdrant.QdrantStage` mirroring the index, which then
+        picks the candidates of text queries (CPFEAN re-ranks them from the index)."""
         self.model, self.index, self.device, self.checkpoint = model, index, device, checkpoint
+        self.engine = engine
+        if engine is not None:
+            engine.check(index)
         if index.count <= TWO_STAGE_MIN:  # searched exhaustively: keep it in memory if it fits
             index.preload()
         self.max_words = int(getattr(model, "max_words", 32))
@@ -151,6 +162,7 @@ class Searcher:
         index: str | os.PathLike,
         checkpoint: str | os.PathLike | None = None,
         device: str = "auto",
+        engine: Any = None,
     ) -> Searcher:
         """Load an index and its checkpoint (refusing another one)."""
         idx = RetrievalIndex(index)
@@ -161,15 +173,15 @@ class Searcher:
         idx.check_checkpoint(path, checkpoint_fingerprint(path))
         dev = resolve_device(device)
         model, _, _ = load_model(path, dev)
-        return cls(model, idx, dev, path)
+        return cls(model, idx, dev, path, engine)
 
     def reopened(self) -> Searcher:
         """A searcher over the index now at this one's path (rebuilt or updated since), with
         this model when the index was built by the same checkpoint, else the index's own."""
         index = RetrievalIndex(self.index.path)
         if index.meta["checkpoint"]["sha256"] == self.index.meta["checkpoint"]["sha256"]:
-            return Searcher(self.model, index, self.device, self.checkpoint)
-        return Searcher.open(index.path, None, str(self.device))
+            return Searcher(self.model, index, self.device, self.checkpoint, self.engine)
+        return Searcher.open(index.path, None, str(self.device), self.engine)
 
     # ------------------------------------------------------------------------- lookups
     def row_of(self, image_id: str) -> int:
@@ -185,14 +197,7 @@ class Searcher:
         ``label`` and / or under folder ``under``; None when neither is given."""
         within = None
         if label:
-            names = {n.lower(): k for k, n in enumerate(self.index.label_names)}
-            if label.strip().lower() not in names:
-                shown = ", ".join(sorted(names)[:12]) or "none"
-                more = f" and {len(names) - 12} more" if len(names) > 12 else ""
-                raise QueryError(
-                    f"no detected label {label!r} in this index (labels: {shown}{more})"
-                )
-            within = self.index.rows_with_label(names[label.strip().lower()])
+            within = self.index.rows_with_label(self._label_id(label))
         if under:
             folder = under.strip().removeprefix("./")
             rows = self.index.rows_under(folder)
@@ -200,6 +205,39 @@ class Searcher:
                 raise QueryError(f"no image of this index lies under folder {under!r}")
             within = rows if within is None else np.intersect1d(within, rows)
         return within
+
+    def _label_id(self, label: str) -> int:
+        names = {n.lower(): k for k, n in enumerate(self.index.label_names)}
+        if label.strip().lower() not in names:
+            shown = ", ".join(sorted(names)[:12]) or "none"
+            more = f" and {len(names) - 12} more" if len(names) > 12 else ""
+            raise QueryError(f"no detected label {label!r} in this index (labels: {shown}{more})")
+        return names[label.strip().lower()]
+
+    def _engine_candidates(
+        self,
+        encoded: Any,
+        top_k: int,
+        first_stage: int | None,
+        label: str | None,
+        under: str | None,
+    ) -> np.ndarray:
+        """The rows the engine picks for a text query (its MaxSim over its pooled neighbours,
+        the filters applied there)."""
+        words, weights = query_words(encoded)
+        n = first_stage or MAXSIM_RERANK
+        name = self.index.label_names[self._label_id(label)] if label else None
+        folder = under.strip().removeprefix("./") if under else None
+        ids = self.engine.candidates(
+            pooled_texts(encoded)[0],
+            words,
+            weights,
+            max(n, top_k),
+            maxsim_width(self.index.count, n, top_k),
+            label=name,
+            under=folder,
+        )
+        return np.array([self._rows[i] for i in ids if i in self._rows], dtype=np.int64)
 
     # ------------------------------------------------------------------------ encoding
     @torch.no_grad()
@@ -329,6 +367,7 @@ class Searcher:
             raise IndexFormatError(f"index {index.path} holds no captions (build it with captions)")
         if direction == "image2text" and (label or under):
             raise QueryError("label and folder filters choose images, not captions")
+        engine = self.engine is not None and direction == "text2image" and not exhaustive
         rows, scores, info = search_index(
             model,
             index,
@@ -338,7 +377,12 @@ class Searcher:
             first_stage=first_stage,
             exhaustive=exhaustive,
             device=device,
-            within=self.filter_rows(label, under),
+            within=None if engine else self.filter_rows(label, under),
+            candidates=(
+                self._engine_candidates(encoded, top_k, first_stage, label, under)
+                if engine
+                else None
+            ),
         )
         explained = rows[:explain]
         details: dict = {}

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 EXIT_USAGE = 2
 
@@ -63,14 +64,42 @@ def default_index() -> Path:
     return max(found, key=lambda p: (p / "index.json").stat().st_mtime)
 
 
-def open_searcher(index_dir: str | None, checkpoint: str | None, device: str):
-    """The index (default: the newest demo one) with its checkpoint loaded."""
+def open_searcher(index_dir: str | None, checkpoint: str | None, device: str, engine: Any = None):
+    """The index (default: the newest demo one) with its checkpoint loaded; ``engine`` (see
+    `add_engine_args`) picks the candidates of text queries."""
     from cpfean.search import Searcher
 
     try:
-        return Searcher.open(index_dir or default_index(), checkpoint, device)
+        return Searcher.open(index_dir or default_index(), checkpoint, device, engine)
     except FileNotFoundError as e:
         raise UsageError(str(e)) from None
+
+
+def add_engine_args(p: ArgumentParser) -> None:
+    """--engine, --url and --collection: where the first stage lives (``cpfean.index.qdrant``)."""
+    p.add_argument(
+        "--engine",
+        choices=["local", "qdrant"],
+        default="local",
+        help="first stage in the index itself (local) or in a Qdrant collection",
+    )
+    p.add_argument(
+        "--url", help="with --engine qdrant: http(s)://host:port, or a folder for local mode"
+    )
+    p.add_argument("--collection", help="Qdrant collection (default: the index folder's name)")
+
+
+def engine_of(args: Any, index_dir: str | os.PathLike) -> Any:
+    """The QdrantStage the arguments name, or None for --engine local."""
+    if args.engine == "local":
+        if args.url or args.collection:
+            raise UsageError("--url and --collection go with --engine qdrant")
+        return None
+    if not args.url:
+        raise UsageError("--engine qdrant needs --url (http://host:6333, or a folder)")
+    from cpfean.index.qdrant import QdrantStage
+
+    return QdrantStage(args.url, args.collection or Path(index_dir).resolve().name)
 
 
 def image_detector(index, config: str | None, weights: str | None, device: str):

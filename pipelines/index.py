@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     check_replaceable(Path(args.out))  # before the model loads
+    engine = cli.engine_of(args, args.out)
     device = resolve_device(args.device)
     model, cfg, _ = load_model(checkpoint, device)
     store = RegionStore(args.regions or cfg.data.regions)
@@ -114,6 +115,15 @@ def run(args: argparse.Namespace) -> int:
             f"checkpoint {checkpoint} (sha256 {sha256[:12]})"
         )
         counts = {"encoded": built.encoded, "removed": built.removed, "kept": built.kept}
+    if engine is not None:
+        from cpfean.index import RetrievalIndex
+
+        mirrored = engine.write(RetrievalIndex(out), log=lambda s: None if args.quiet else print(s))
+        print(
+            f"qdrant collection {engine.collection!r} at {engine.url}: "
+            f"{mirrored['upserted']} points written, {mirrored['deleted']} deleted, "
+            f"{mirrored['kept']} kept"
+        )
     print(json.dumps(counts))
     if args.json:
         atomic_write_json(args.json, counts)
@@ -156,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         help="with a codec, also keep the exact regions (float16) to re-score the best 50",
     )
     parser.add_argument("--device", default="auto")
+    cli.add_engine_args(parser)
     parser.add_argument("--force", action="store_true", help="rebuild an up-to-date index")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument(

@@ -15,6 +15,9 @@ Endpoints (JSON errors are ``{"error": "..."}`` with a 4xx status, never a trace
 - ``GET /healthz``; ``GET /metrics`` (Prometheus: requests by endpoint and status, latency);
 - ``GET /``: the page (plain HTML, CSS and JavaScript shipped in ``pipelines/web``).
 
+With ``--engine qdrant --url URL``, text queries take their candidates from the Qdrant
+collection that ``pipelines.index --engine qdrant`` wrote (``docs/scale.md``).
+
 A rebuilt or updated index (``pipelines.index`` re-run on the same ``--out``) is picked up
 without a restart: requests go on to the old index until the new one is loaded.
 
@@ -49,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-image-queries", action="store_true", help="refuse uploads (no detector is loaded)"
     )
+    cli.add_engine_args(parser)
     parser.add_argument("--detector-config", help="detector config for uploads")
     parser.add_argument("--detector-weights", help="detector weights for uploads")
     parser.add_argument(
@@ -69,9 +73,12 @@ def main(argv: list[str] | None = None) -> int:
             searcher.index, args.detector_config, args.detector_weights, args.device
         )
 
+    index_dir = args.index or cli.default_index()
     try:
         app, searcher = open_server(
-            lambda: cli.open_searcher(args.index, args.checkpoint, args.device),
+            lambda: cli.open_searcher(
+                args.index, args.checkpoint, args.device, cli.engine_of(args, index_dir)
+            ),
             limits=Limits(workers=args.workers, queue=args.queue),
             threads=args.threads,
             detector_factory=None if args.no_image_queries else detector,

@@ -61,6 +61,19 @@ MAXSIM_SQRT = 3
 MAXSIM_RERANK = 200
 
 
+def query_words(query: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The valid word vectors [L, d] of one encoded text query and their prominence [L]."""
+    valid = query.mask[0].bool().cpu()
+    words = query.words[0][valid].float().cpu().numpy()
+    weights = query.log_prominence[0][valid].float().exp().nan_to_num(0.0).cpu().numpy()
+    return words, weights
+
+
+def maxsim_width(gallery: int, n: int, k: int) -> int:
+    """How many pooled neighbours a MaxSim pass looks at to keep ``n`` (see MAXSIM_WIDEN)."""
+    return max(max(n, k) * MAXSIM_WIDEN, int(MAXSIM_SQRT * gallery**0.5))
+
+
 def _codes_product(weights: np.ndarray, codes: np.ndarray, block: int = 4096) -> np.ndarray:
     """``weights [L, d] @ codes [M, d].T`` with the uint8 codes widened a block at a time (a
     block stays in cache, where widening all of them at once went through memory twice)."""
@@ -302,9 +315,7 @@ class RetrievalIndex:
         """[len(rows)] late-interaction scores of one text query against compressed images:
         sum over words of prominence x the best cosine with a decoded region."""
         assert self.codec is not None
-        valid = query.mask[0].bool().cpu()
-        words = query.words[0][valid].float().cpu().numpy()
-        weights = query.log_prominence[0][valid].float().exp().nan_to_num(0.0).cpu().numpy()
+        words, weights = query_words(query)
         codes = gather_ragged(self._codes, self._offsets, rows)
         lengths = self._offsets[rows + 1] - self._offsets[rows]
         out = np.full(len(rows), -np.inf, np.float32)
@@ -318,6 +329,14 @@ class RetrievalIndex:
             starts = (np.cumsum(lengths) - lengths)[has]
             out[has] = weights @ np.maximum.reduceat(sims, starts, axis=1)
         return out
+
+    def digests(self) -> list[str | None]:
+        """The region store's digest of each image's record (None for an index built before
+        digests were kept, or from a store that has none)."""
+        path = self.data / "images" / "digests.npy"
+        if not path.is_file():
+            return [None] * self.count
+        return [d.decode() for d in np.load(path, allow_pickle=False)]
 
     def rows_with_label(self, label: int) -> np.ndarray:
         """Sorted rows of the images with a region of detected label id ``label`` (cached)."""
@@ -366,6 +385,7 @@ def search_index(
     chunk: int = 1024,
     device: torch.device | str = "cpu",
     within: np.ndarray | None = None,
+    candidates: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Rank the gallery (images, or indexed captions) for one encoded query.
 
@@ -377,6 +397,8 @@ def search_index(
         exhaustive: score every item with the full model (overrides ``first_stage``).
         within: only these rows (sorted, unique) may be ranked: a filter applied before the
             top-k (inside the first stage's scan), so k results come back when it holds k.
+        candidates: rows an engine outside the index chose (``cpfean.index.qdrant``): CPFEAN
+            re-ranks these, and no first stage runs here.
     Returns:
         rows [k], scores [k] (CPFEAN scores, best first) and {"path": "exhaustive" |
         "two-stage", "candidates": n, "gallery": N}.
@@ -417,7 +439,14 @@ def search_index(
         empty = {"path": "filtered", "candidates": 0, "gallery": size, "filtered": 0}
         return np.empty(0, np.int64), np.empty(0, np.float32), empty
     use_first = not exhaustive and (first_stage is not None or allowed > TWO_STAGE_MIN)
-    if not use_first:
+    if candidates is not None:
+        chosen = np.unique(np.asarray(candidates, dtype=np.int64))
+        if len(chosen):
+            rows, scores = top_k_of(np.asarray(score_rows(chosen), np.float32), chosen, kept)
+        else:
+            rows, scores = np.empty(0, np.int64), np.empty(0, np.float32)
+        info = {"path": "engine", "candidates": len(chosen), "gallery": size}
+    elif not use_first:
         rows, scores = exhaustive_search(score_rows, size, kept, chunk=chunk, subset=within)
         info: dict[str, Any] = {"path": "exhaustive", "candidates": allowed, "gallery": size}
     else:
@@ -458,8 +487,7 @@ def _through_maxsim(
     ``n`` images (``MAXSIM_SQRT`` x sqrt(gallery) when more), a MaxSim pass over their coded
     regions (prominence-weighted best region per word) keeps ``n``, CPFEAN re-ranks those.
     Returns rows, scores and the widened count."""
-    gallery = index.count if within is None else len(within)
-    widened = max(max(n, k) * MAXSIM_WIDEN, int(MAXSIM_SQRT * gallery**0.5))
+    widened = maxsim_width(index.count if within is None else len(within), n, k)
     _, cand = first.search(pooled_query[None], widened, within)
     cand = np.sort(cand[0][cand[0] >= 0])
     wide = len(cand)

@@ -353,6 +353,27 @@ def test_real_model_end_to_end(tmp_path, capsys):
     assert all(r["prominent_words"] for r in payload["results"])
     meta = json.loads((out / "index.json").read_text())
     assert meta["captions"]["count"] == 4 and meta["images_root"] == str(tmp_path / "images")
+    # the first stage in Qdrant (the client's local mode): the same answer
+    assert index_cli.main([*argv, "--engine", "qdrant"]) == 2
+    assert capsys.readouterr().err.startswith("error: --engine qdrant needs --url")
+    engine = ["--engine", "qdrant", "--url", str(tmp_path / "qdrant")]
+    assert index_cli.main([*argv, *engine]) == 0
+    out_lines = capsys.readouterr().out.splitlines()
+    assert (
+        out_lines[-2].startswith("qdrant collection 'index'")
+        and "4 points written" in out_lines[-2]
+    )
+    from pipelines.cli import engine_of, open_searcher
+    from pipelines.serve import main as serve_main
+
+    args = type("A", (), {"engine": "qdrant", "url": str(tmp_path / "qdrant"), "collection": None})
+    searcher = open_searcher(str(out), None, "cpu", engine_of(args, out))
+    answer = searcher.text_to_images("a red ball", 3)
+    assert answer["search"]["path"] == "engine"
+    assert [r["image_id"] for r in answer["results"]] == [r["image_id"] for r in payload["results"]]
+    searcher.engine.close()
+    assert serve_main(["--index", str(out), "--url", "x"]) == 2
+    assert "go with --engine qdrant" in capsys.readouterr().err
     # the same gallery compressed, with the exact copy for the last re-rank: the same answer
     packed = tmp_path / "packed"
     argv = [*argv[:3], str(packed), *argv[4:]]
