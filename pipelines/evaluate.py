@@ -22,6 +22,7 @@ from pathlib import Path
 from cpfean.checkpoint import load_model, resolve_device
 from cpfean.data.captions import MissingImagesError, check_ids, load_captions
 from cpfean.data.region_store import RegionStore
+from cpfean.eccv import eccv_ids, eccv_metrics, format_eccv
 from cpfean.evaluation import similarity_blocks, similarity_matrix
 from cpfean.fileio import atomic_write_json
 from cpfean.metrics import (
@@ -38,6 +39,8 @@ from pipelines import cli
 def _protocols(protocol: str, n_images: int, fold_size: int) -> list[str]:
     """What to report: a named protocol, or for "all" on a COCO-sized test set (five folds)
     both of COCO's tables, else the whole matrix."""
+    if protocol == "eccv":  # the usual COCO 5K keys, the ECCV and CxC ones beside them
+        return ["coco-5k"]
     if protocol != "all":
         return [protocol]
     return ["coco-5fold-1k", "coco-5k"] if n_images == 5 * fold_size else ["all"]
@@ -54,8 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--protocol",
         default="all",
-        choices=["all", "f30k", "coco-5fold-1k", "coco-5k"],
-        help="'all' on 5 folds of images (COCO 5K) prints both COCO tables",
+        choices=["all", "f30k", "coco-5fold-1k", "coco-5k", "eccv"],
+        help="'all' on 5 folds of images (COCO 5K) prints both COCO tables; 'eccv': COCO 5K "
+        "with ECCV Caption mAP@R, R-Precision, R@1 and CxC R@K (needs --coco-captions)",
+    )
+    parser.add_argument(
+        "--coco-captions",
+        help="with --protocol eccv: COCO's captions_val2014.json, for each caption's COCO id",
     )
     parser.add_argument(
         "--split",
@@ -100,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--json {args.json} is a folder; give a file name")
     if args.against and args.protocol == "coco-5fold-1k":
         parser.error("--against compares whole matrices; use --protocol coco-5k or all")
+    if (args.protocol == "eccv") != bool(args.coco_captions):
+        parser.error("--protocol eccv and --coco-captions go together")
 
     try:
         device = resolve_device(args.device)
@@ -130,6 +140,17 @@ def main(argv: list[str] | None = None) -> int:
             against[protocol] = _evaluate(other[0], protocol, args)
             table[other_name + suffix] = against[protocol]
     print(format_table(table))
+    if args.protocol == "eccv":
+        try:
+            rows = {name: eccv_metrics(sims, *args.eccv_ids)}
+            if other is not None:
+                rows[other_name] = eccv_metrics(other[0], *args.eccv_ids)
+        except ValueError as exc:
+            return cli.fail(exc)
+        results["coco-5k"]["eccv"] = rows[name]
+        if other is not None:
+            against["coco-5k"]["eccv"] = rows[other_name]
+        print("\n" + format_eccv(rows))
     payload: dict = results[protocols[0]] if len(protocols) == 1 else results
     if other is not None:
         comparison = paired_bootstrap(sims, other[0], resamples=args.resamples)
@@ -174,6 +195,8 @@ def _similarities(paths: list[str], args: argparse.Namespace, device):
         check_ids(caps, store.ids())
         caps = caps.head(args.images)
         n = len(caps.image_ids)
+        if args.protocol == "eccv" and not hasattr(args, "eccv_ids"):  # before any scoring
+            args.eccv_ids = eccv_ids(caps, args.coco_captions)
         for protocol in _protocols(args.protocol, n, args.fold_size):  # before any scoring
             check_protocol_size(protocol, n, fold_size=args.fold_size, strict=not args.any_size)
         kwargs = dict(batch_size=args.batch_size, device=device, progress=True)

@@ -567,6 +567,14 @@ def test_evaluate_checks_the_protocol_size_before_scoring(demo, capsys, monkeypa
     assert not json_out.exists()
     code, _, err = run(capsys, "evaluate", "--checkpoint", demo["ckpt"], "--batch-size", "0")
     one_error(code, err, "--batch-size")
+    # the ECCV protocol: its COCO ids are checked before any scoring too
+    code, _, err = run(capsys, "evaluate", "--checkpoint", demo["ckpt"], "--protocol", "eccv")
+    one_error(code, err, "--protocol eccv and --coco-captions go together")
+    coco = demo["tmp"] / "captions_val2014.json"
+    coco.write_text('{"annotations": []}')
+    argv = ["--checkpoint", demo["ckpt"], "--protocol", "eccv", "--coco-captions", coco]
+    code, _, err = run(capsys, "evaluate", *argv, "--any-size")
+    one_error(code, err, "test images are not COCO 5K test images that eccv-caption knows")
 
 
 @pytest.mark.parametrize(
