@@ -9,7 +9,7 @@ index tests use).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader
@@ -38,6 +38,19 @@ class Matcher(Protocol):
     def score(
         self, img, txt, image_chunk: int = 32, text_chunk: int = 128, return_details: bool = False
     ): ...
+
+
+class RecordSource(Protocol):
+    """What indexing reads of a region store (`cpfean.data.region_store.RegionStore`, or a
+    synthetic gallery): its records by id. A store may also offer ``fingerprint()`` (its
+    content's digest, for the build key) and ``digests(ids)`` (each record's, for updates)."""
+
+    path: Any
+    meta: dict
+
+    def ids(self) -> list[str]: ...
+
+    def __getitem__(self, image_id: str) -> RegionRecord: ...
 
 
 def _cat(parts: list):

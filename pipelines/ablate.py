@@ -98,25 +98,54 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         return cli.fail(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
     out = Path(args.out)
+    try:  # everything checked before anything trains
+        heldout = _heldout(args)
+        planned = _plan(rows, args, out)
+    except ValueError as exc:
+        return cli.fail(exc)
+    results: dict[str, dict] = {}
+    held: dict[str, dict] = {}
+    for row, name, cfg in planned:
+        results[name], held_metrics = _run_row(out / row, name, cfg, heldout, args.quiet)
+        print(format_table({name: results[name]}), flush=True)
+        if held_metrics is not None:
+            held[name] = held_metrics
+    _write_table(out / "results", results)
+    if heldout is not None:
+        print(f"held-out set: {len(heldout[1].image_ids)} images of {args.heldout_captions}")
+        _write_table(out / "results_heldout", held)
+    return 0
+
+
+def _heldout(args) -> tuple | None:
+    """(store, captions, source) of the held-out set, or None; ValueError naming the fault."""
+    if bool(args.heldout_regions) != bool(args.heldout_captions):
+        raise ValueError("--heldout-regions and --heldout-captions go together")
+    if not args.heldout_regions:
+        return None
+    try:
+        store, captions = RegionStore(args.heldout_regions), load_captions(args.heldout_captions)
+        check_ids(captions, store.ids())
+        captions.flatten(5)  # the protocol's 5 captions per image
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise ValueError(
+            f"held-out set: {exc.args[0] if isinstance(exc, KeyError) else exc}"
+        ) from None
+    source = {
+        "regions": str(Path(args.heldout_regions).resolve()),
+        "captions": str(Path(args.heldout_captions).resolve()),
+    }
+    return store, captions, source
+
+
+def _plan(rows: list[str], args, out: Path) -> list[tuple]:
+    """(row, name, config) of each row to run: one that is the same model as 'full' is
+    skipped; a folder trained with another config is an error (ValueError)."""
     try:
         full_cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
-        return cli.fail(exc)
-    heldout = None
-    if bool(args.heldout_regions) != bool(args.heldout_captions):
-        return cli.fail("--heldout-regions and --heldout-captions go together")
-    if args.heldout_regions:
-        try:  # checked before anything trains
-            heldout = (RegionStore(args.heldout_regions), load_captions(args.heldout_captions))
-            check_ids(heldout[1], heldout[0].ids())
-            heldout[1].flatten(5)  # the protocol's 5 captions per image
-        except (FileNotFoundError, ValueError, KeyError) as exc:
-            return cli.fail(f"held-out set: {exc.args[0] if isinstance(exc, KeyError) else exc}")
-        source = {
-            "regions": str(Path(args.heldout_regions).resolve()),
-            "captions": str(Path(args.heldout_captions).resolve()),
-        }
-    planned = []  # (row, name, cfg), all checked before anything trains
+        raise ValueError(str(exc)) from None
+    planned = []
     for row in rows:
         name, switches = ROWS[row]
         try:
@@ -129,57 +158,53 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             stale = _changed_keys(out / row / "config.yaml", cfg)
         except ConfigError as exc:
-            return cli.fail(f"{out / row}: {exc}")
+            raise ValueError(f"{out / row}: {exc}") from None
         if stale:
-            print(
-                f"error: {out / row} was trained with a different config ({', '.join(stale)}); "
-                "use another --out or remove that folder",
-                file=sys.stderr,
+            raise ValueError(
+                f"{out / row} was trained with a different config ({', '.join(stale)}); "
+                "use another --out or remove that folder"
             )
-            return 2
         planned.append((row, name, cfg))
-    results: dict[str, dict] = {}
-    held: dict[str, dict] = {}
-    for row, name, cfg in planned:
-        metrics_path = out / row / "test_metrics.json"
-        held_path = out / row / "heldout_metrics.json"
-        need_held = heldout is not None and (
-            not held_path.is_file() or json.loads(held_path.read_text()).get("source") != source
+    return planned
+
+
+def _run_row(folder: Path, name: str, cfg, heldout: tuple | None, quiet: bool):
+    """Train the row (unless done) and score it on the test split and the held-out set
+    (unless scored); returns its test metrics and held-out metrics (None without a set)."""
+    metrics_path, held_path = folder / "test_metrics.json", folder / "heldout_metrics.json"
+    need_held = heldout is not None and (
+        not held_path.is_file() or json.loads(held_path.read_text()).get("source") != heldout[2]
+    )
+    if not metrics_path.is_file() or need_held:
+        if not (folder / "best.json").is_file():
+            print(f"[ablate] training {folder.name}: {name}", flush=True)
+            train(cfg, resume=(folder / "last.pt").is_file(), progress=not quiet)
+        device = resolve_device(cfg.train.device)
+        model, _, _ = load_model(folder / "best.pt", device)
+    if not metrics_path.is_file():
+        test = load_captions(cfg.data.captions, split=cfg.data.test_split)
+        metrics, _ = evaluate_split(
+            model,
+            RegionStore(cfg.data.regions),
+            test,
+            batch_size=cfg.train.eval_batch_size,
+            device=device,
         )
-        if not metrics_path.is_file() or need_held:
-            if not (out / row / "best.json").is_file():
-                print(f"[ablate] training {row}: {name}", flush=True)
-                train(cfg, resume=(out / row / "last.pt").is_file(), progress=not args.quiet)
-            device = resolve_device(cfg.train.device)
-            model, _, _ = load_model(out / row / "best.pt", device)
-        if not metrics_path.is_file():
-            test = load_captions(cfg.data.captions, split=cfg.data.test_split)
-            metrics, _ = evaluate_split(
-                model,
-                RegionStore(cfg.data.regions),
-                test,
-                batch_size=cfg.train.eval_batch_size,
-                device=device,
-            )
-            atomic_write_json(metrics_path, metrics, indent=2)
-        if need_held:
-            metrics, sims = evaluate_split(
-                model, *heldout, batch_size=cfg.train.eval_batch_size, device=device
-            )
-            # the scores themselves, for paired bootstraps between rows (pipelines.scaling_report)
-            with atomic_path(out / row / "heldout_sims.npy") as tmp, open(tmp, "wb") as f:
-                np.save(f, sims.astype(np.float32))  # a file object: np.save renames no path
-            atomic_write_json(held_path, {**metrics, "source": source}, indent=2)
-        results[name] = json.loads(metrics_path.read_text())
-        print(format_table({name: results[name]}), flush=True)
-        if heldout is not None:
-            held[name] = json.loads(held_path.read_text())
-            del held[name]["source"]
-    _write_table(out / "results", results)
+        atomic_write_json(metrics_path, metrics, indent=2)
+    if need_held:
+        assert heldout is not None
+        metrics, sims = evaluate_split(
+            model, *heldout[:2], batch_size=cfg.train.eval_batch_size, device=device
+        )
+        # the scores themselves, for paired bootstraps between rows (pipelines.scaling_report)
+        with atomic_path(folder / "heldout_sims.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, sims.astype(np.float32))  # a file object: np.save renames no path
+        atomic_write_json(held_path, {**metrics, "source": heldout[2]}, indent=2)
+    held = None
     if heldout is not None:
-        print(f"held-out set: {len(heldout[1].image_ids)} images of {args.heldout_captions}")
-        _write_table(out / "results_heldout", held)
-    return 0
+        held = json.loads(held_path.read_text())
+        del held["source"]
+    return json.loads(metrics_path.read_text()), held
 
 
 def _write_table(stem: Path, results: dict[str, dict]) -> None:

@@ -40,6 +40,108 @@ def _stage(name: str, done: bool, run: Callable[[], int | None], timings: dict) 
     print(f"[demo] {name}: done in {timings[name]:.0f} s", flush=True)
 
 
+class _Paths:
+    """Where each stage of a demo run writes, under ``out``."""
+
+    def __init__(self, out: Path):
+        self.out, self.data, self.det = out, out / "data", out / "detector"
+        self.regions, self.run, self.idx = out / "regions", out / "cpfean", out / "index"
+        self.metrics, self.queries = self.run / "test_metrics.json", out / "queries.json"
+
+
+def _stages(args, p: _Paths, images: int, iters: int, epochs: int | None) -> list[tuple]:
+    """(name, done already, the command's module, its argv) of every stage, in order."""
+    from pipelines import evaluate, extract, index, make_demo_data, queries, train, train_detector
+
+    dev, captions = args.device, str(p.data / "captions.json")
+    detector = ["--config", str(p.det / "config.yaml"), "--weights", str(p.det / "model_final.pth")]
+    train_args = [
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        f"run_dir={p.run}",
+        f"data.regions={p.regions}",
+        f"data.captions={captions}",
+        f"train.device={dev}",
+    ]
+    if epochs:  # as configs/demo.yaml: hardest negatives only after 6 epochs, for the last 4
+        train_args += [f"train.epochs={epochs}", f"train.all_negatives_epochs={max(6, epochs - 4)}"]
+    if args.quick:
+        train_args += ["train.batch_size=16", "train.lr_decay_epochs=[]"]
+    if (p.run / "last.pt").is_file():
+        train_args.insert(0, "--resume")
+    best = str(p.run / "best.pt")
+    return [
+        (
+            "generate scenes",
+            (p.data / "captions.json").is_file(),
+            make_demo_data,
+            [str(p.data), "--images", str(images), "--seed", "0"],
+        ),
+        (
+            "train detector",
+            (p.det / "model_final.pth").is_file(),
+            train_detector,
+            [
+                "--data",
+                str(p.data),
+                "--out",
+                str(p.det),
+                "--iters",
+                str(iters),
+                "MODEL.DEVICE",
+                dev,
+            ],
+        ),
+        (
+            "extract regions",
+            (p.regions / "COMPLETE").is_file(),
+            extract,
+            [str(p.data / "images"), "--out", str(p.regions), *detector, "--device", dev],
+        ),
+        ("train CPFEAN", (p.run / "best.json").is_file(), train, train_args),
+        (
+            "evaluate",
+            p.metrics.is_file(),
+            evaluate,
+            ["--checkpoint", best, "--json", str(p.metrics), "--name", "CPFEAN", "--device", dev],
+        ),
+        (
+            "build index",
+            (p.idx / "index.json").is_file(),
+            index,
+            [
+                "--checkpoint",
+                best,
+                "--regions",
+                str(p.regions),
+                "--captions",
+                captions,
+                "--split",
+                "test",
+                "--out",
+                str(p.idx),
+                "--device",
+                dev,
+            ],
+        ),
+        (
+            "plain-English queries",
+            p.queries.is_file(),
+            queries,
+            [
+                "--index",
+                str(p.idx),
+                "--captions",
+                captions,
+                "--device",
+                dev,
+                "--json",
+                str(p.queries),
+            ],
+        ),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = cli.parser("python -m pipelines.demo", __doc__)
     parser.add_argument("--out", default="runs/demo", help="where every stage writes")
@@ -50,164 +152,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--query", default=EXAMPLE_QUERY, help="the example query at the end")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-
-    from pipelines import (
-        evaluate,
-        extract,
-        index,
-        make_demo_data,
-        queries,
-        retrieve,
-        train,
-        train_detector,
-    )
+    from pipelines import retrieve
 
     images, iters, epochs = SIZES["quick" if args.quick else "full"]
     images, iters = args.images or images, args.detector_iters or iters
-    epochs = args.epochs or epochs
-    out = Path(args.out)
-    data, det, regions, run, idx = (
-        out / "data",
-        out / "detector",
-        out / "regions",
-        out / "cpfean",
-        out / "index",
-    )
-    timings: dict[str, float] = {}
-    started = time.time()
-
-    _stage(
-        "generate scenes",
-        (data / "captions.json").is_file(),
-        lambda: make_demo_data.main([str(data), "--images", str(images), "--seed", "0"]),
-        timings,
-    )
-    _stage(
-        "train detector",
-        (det / "model_final.pth").is_file(),
-        lambda: train_detector.main(
-            ["--data", str(data), "--out", str(det), "--iters", str(iters)]
-            + ["MODEL.DEVICE", args.device]
-        ),
-        timings,
-    )
-    _stage(
-        "extract regions",
-        (regions / "COMPLETE").is_file(),
-        lambda: extract.main(
-            [
-                str(data / "images"),
-                "--out",
-                str(regions),
-                "--config",
-                str(det / "config.yaml"),
-                "--weights",
-                str(det / "model_final.pth"),
-                "--device",
-                args.device,
-            ]
-        ),
-        timings,
-    )
-    (regions / "COMPLETE").touch()
-
-    train_args = [
-        "--config",
-        str(REPO / "configs" / "demo.yaml"),
-        f"run_dir={run}",
-        f"data.regions={regions}",
-        f"data.captions={data / 'captions.json'}",
-        f"train.device={args.device}",
-    ]
-    if epochs:  # as configs/demo.yaml: hardest negatives only after 6 epochs, for the last 4
-        train_args += [f"train.epochs={epochs}", f"train.all_negatives_epochs={max(6, epochs - 4)}"]
-    if args.quick:
-        train_args += ["train.batch_size=16", "train.lr_decay_epochs=[]"]
-    if (run / "last.pt").is_file():
-        train_args.insert(0, "--resume")
-    _stage("train CPFEAN", (run / "best.json").is_file(), lambda: train.main(train_args), timings)
-    metrics_path = run / "test_metrics.json"
-    _stage(
-        "evaluate",
-        metrics_path.is_file(),
-        lambda: evaluate.main(
-            [
-                "--checkpoint",
-                str(run / "best.pt"),
-                "--json",
-                str(metrics_path),
-                "--name",
-                "CPFEAN",
-                "--device",
-                args.device,
-            ]
-        ),
-        timings,
-    )
-    _stage(
-        "build index",
-        (idx / "index.json").is_file(),
-        lambda: index.main(
-            [
-                "--checkpoint",
-                str(run / "best.pt"),
-                "--regions",
-                str(regions),
-                "--captions",
-                str(data / "captions.json"),
-                "--split",
-                "test",
-                "--out",
-                str(idx),
-                "--device",
-                args.device,
-            ]
-        ),
-        timings,
-    )
-    queries_path = out / "queries.json"
-    _stage(
-        "plain-English queries",
-        queries_path.is_file(),
-        lambda: queries.main(
-            [
-                "--index",
-                str(idx),
-                "--captions",
-                str(data / "captions.json"),
-                "--device",
-                args.device,
-                "--json",
-                str(queries_path),
-            ]
-        ),
-        timings,
-    )
+    paths, timings, started = _Paths(Path(args.out)), {}, time.time()
+    for name, done, module, stage_argv in _stages(
+        args, paths, images, iters, args.epochs or epochs
+    ):
+        _stage(name, done, lambda m=module, a=stage_argv: m.main(a), timings)
+        if name == "extract regions":
+            (paths.regions / "COMPLETE").touch()
     print(f'[demo] example query: "{args.query}"', flush=True)
     status = retrieve.main(
-        ["--query", args.query, "--index", str(idx), "--top-k", "5", "--device", args.device]
+        ["--query", args.query, "--index", str(paths.idx), "--top-k", "5", "--device", args.device]
     )
+    _summary(paths, images, timings, started, args.query)
+    return status
 
-    metrics = json.loads(metrics_path.read_text())
+
+def _summary(p: _Paths, images: int, timings: dict, started: float, query: str) -> None:
+    metrics = json.loads(p.metrics.read_text())
     print("\n[demo] summary")
-    print(f"  scenes:      {data}  ({images} images)")
-    print(f"  detector:    {det / 'model_final.pth'}")
-    print(f"  regions:     {regions}")
-    print(f"  checkpoint:  {run / 'best.pt'}")
-    print(f"  index:       {idx}")
+    print(f"  scenes:      {p.data}  ({images} images)")
+    print(f"  detector:    {p.det / 'model_final.pth'}")
+    print(f"  regions:     {p.regions}")
+    print(f"  checkpoint:  {p.run / 'best.pt'}")
+    print(f"  index:       {p.idx}")
     print(
         f"  test rSum:   {metrics['rsum']:.1f}  (i2t R@1 {metrics['i2t']['r1']:.1f}, "
         f"t2i R@1 {metrics['t2i']['r1']:.1f})"
     )
-    precision = json.loads(queries_path.read_text())["mean_precision@5"]
+    precision = json.loads(p.queries.read_text())["mean_precision@5"]
     print(f"  queries:     precision@5 {precision:.2f} over the plain-English queries")
     print(f"  stage times: {json.dumps(timings)}; total {time.time() - started:.0f} s")
-    print(f'  try:         python -m pipelines.retrieve --query "{args.query}"')
+    print(f'  try:         python -m pipelines.retrieve --query "{query}"')
     serve = "python -m pipelines.serve" + (
-        "" if idx == Path("runs/demo/index") else f" --index {idx}"
+        "" if p.idx == Path("runs/demo/index") else f" --index {p.idx}"
     )
     print(f"  serve it:    {serve}   (then open http://127.0.0.1:8000/)")
-    return status
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def _protocols(protocol: str, n_images: int, fold_size: int) -> list[str]:
     return ["coco-5fold-1k", "coco-5k"] if n_images == 5 * fold_size else ["all"]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = cli.parser("python -m pipelines.evaluate", __doc__)
     parser.add_argument(
         "--checkpoint",
@@ -98,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--resamples", type=int, default=1000, help="bootstrap resamples for --against"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse out-of-range and conflicting options before anything loads."""
     for name in ("resamples", "batch_size", "fold_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -111,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     if (args.protocol == "eccv") != bool(args.coco_captions):
         parser.error("--protocol eccv and --coco-captions go together")
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check(parser, args)
     try:
         device = resolve_device(args.device)
         sims, caps = _similarities(args.checkpoint, args, device)
@@ -125,49 +134,48 @@ def main(argv: list[str] | None = None) -> int:
             "give --regions and --captions"
         )
     protocols = _protocols(args.protocol, len(caps.image_ids), args.fold_size)
-    name = args.name or _name(args.checkpoint)
-    other_name = _name(args.against) if other is not None else ""
-    if other_name == name:  # e.g. two runs' best.pt, each in a folder named "full"
-        other_name = f"{other_name} (--against)"
+    names = {"model": args.name or _name(args.checkpoint)}
+    if other is not None:
+        other_name = _name(args.against)
+        if other_name == names["model"]:  # e.g. two runs' best.pt, each in a folder "full"
+            other_name = f"{other_name} (--against)"
+        names["against"] = other_name
+    matrices = {"model": sims, "against": other[0] if other is not None else None}
+    results: dict = {key: {} for key in names}
     table: dict = {}
-    results: dict = {}
-    against: dict = {}
     for protocol in protocols:
         suffix = f" ({protocol})" if len(protocols) > 1 else ""
-        results[protocol] = _evaluate(sims, protocol, args)
-        table[name + suffix] = results[protocol]
-        if other is not None:
-            against[protocol] = _evaluate(other[0], protocol, args)
-            table[other_name + suffix] = against[protocol]
+        for key, name in names.items():
+            results[key][protocol] = _evaluate(matrices[key], protocol, args)
+            table[name + suffix] = results[key][protocol]
     print(format_table(table))
     if args.protocol == "eccv":
         try:
-            rows = {name: eccv_metrics(sims, *args.eccv_ids)}
-            if other is not None:
-                rows[other_name] = eccv_metrics(other[0], *args.eccv_ids)
+            rows = {n: eccv_metrics(matrices[k], *args.eccv_ids) for k, n in names.items()}
         except ValueError as exc:
             return cli.fail(exc)
-        results["coco-5k"]["eccv"] = rows[name]
-        if other is not None:
-            against["coco-5k"]["eccv"] = rows[other_name]
+        for key, name in names.items():
+            results[key]["coco-5k"]["eccv"] = rows[name]
         print("\n" + format_eccv(rows))
-    payload: dict = results[protocols[0]] if len(protocols) == 1 else results
+    one = len(protocols) == 1
+    payload: dict = {k: (r[protocols[0]] if one else r) for k, r in results.items()}
     if other is not None:
-        comparison = paired_bootstrap(sims, other[0], resamples=args.resamples)
-        print(
-            f"rSum difference on all {len(caps.image_ids)} images: {comparison['diff']:+.1f} "
-            f"(95% interval {comparison['ci_low']:+.1f} .. {comparison['ci_high']:+.1f}; "
-            f"ahead in {100 * comparison['a_ahead']:.1f}% of {comparison['resamples']} "
-            "resamples of the images)"
-        )
-        payload = {
-            "model": payload,
-            "against": against[protocols[0]] if len(protocols) == 1 else against,
-            "comparison": comparison,
-        }
+        payload["comparison"] = _compare(sims, other[0], len(caps.image_ids), args.resamples)
     if args.json:
-        atomic_write_json(args.json, payload, indent=2)
+        atomic_write_json(args.json, payload if other is not None else payload["model"], indent=2)
     return 0
+
+
+def _compare(sims, other, n_images: int, resamples: int) -> dict:
+    """The paired bootstrap of the two models' rSum over the images, printed."""
+    comparison = paired_bootstrap(sims, other, resamples=resamples)
+    print(
+        f"rSum difference on all {n_images} images: {comparison['diff']:+.1f} "
+        f"(95% interval {comparison['ci_low']:+.1f} .. {comparison['ci_high']:+.1f}; "
+        f"ahead in {100 * comparison['a_ahead']:.1f}% of {comparison['resamples']} "
+        "resamples of the images)"
+    )
+    return comparison
 
 
 def _evaluate(sims, protocol: str, args: argparse.Namespace):

@@ -39,10 +39,35 @@ def _images_root(given: str | None, store_meta: dict, captions: str | None) -> s
     return root
 
 
+def _captions(args: argparse.Namespace, cfg, image_ids: list[str]):
+    """(captions, the image of each, the caption file) to index for image queries: the
+    checkpoint's caption file and test split unless told otherwise; none with --no-captions
+    or when the default file is missing (a note says so)."""
+    from cpfean.data.captions import check_ids, load_captions
+
+    captions, owners, caption_file = [], [], None
+    if not args.no_captions:
+        caption_file = args.captions or cfg.data.captions
+        if args.captions or Path(caption_file).is_file():
+            split = args.split or cfg.data.test_split
+            caps = load_captions(caption_file, split=None if split == "all" else split)
+            check_ids(caps, image_ids)
+            for image_id, group in zip(caps.image_ids, caps.captions, strict=True):
+                captions += group
+                owners += [image_id] * len(group)
+        else:
+            print(
+                f"note: caption file {caption_file} not found; indexing images only",
+                file=sys.stderr,
+            )
+            caption_file = None
+
+    return captions, owners, caption_file
+
+
 def run(args: argparse.Namespace) -> int:
     from cpfean.checkpoint import checkpoint_fingerprint, load_model, resolve_device
     from cpfean.config import to_dict
-    from cpfean.data.captions import check_ids, load_captions
     from cpfean.data.region_store import RegionStore
     from cpfean.fileio import atomic_write_json
     from cpfean.index import build_index, check_replaceable
@@ -63,23 +88,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.exact_copy:
         raise ValueError("--exact-copy needs a codec (without one the index is exact already)")
 
-    captions, owners, caption_file = [], [], None
-    if not args.no_captions:
-        caption_file = args.captions or cfg.data.captions
-        if args.captions or Path(caption_file).is_file():
-            split = args.split or cfg.data.test_split
-            caps = load_captions(caption_file, split=None if split == "all" else split)
-            check_ids(caps, image_ids)
-            for image_id, group in zip(caps.image_ids, caps.captions, strict=True):
-                captions += group
-                owners += [image_id] * len(group)
-        else:
-            print(
-                f"note: caption file {caption_file} not found; indexing images only",
-                file=sys.stderr,
-            )
-            caption_file = None
-
+    captions, owners, caption_file = _captions(args, cfg, image_ids)
     out = Path(args.out)
     sha256 = checkpoint_fingerprint(checkpoint)
     images_root = _images_root(args.images_root, store.meta, caption_file)

@@ -22,15 +22,22 @@ import hashlib
 import json
 import os
 import shutil
-import struct
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import lmdb
-import numpy as np
 
+from cpfean.data.lmdb_env import (
+    _ENVS,
+    _LOCK_NAME,
+    _MAX_MAP_SIZE,
+    _begin,
+    _drop_env,
+    _is_utf8,
+    check_lmdb_file,
+    store_lock,
+)
 from cpfean.data.region_record import (
     META_KEY,
     NUM_REGIONS,
@@ -43,7 +50,14 @@ from cpfean.data.region_record import (
     _key,
     image_id_problem,
 )
-from cpfean.fileio import LockedError, WriterLock
+from cpfean.data.store_meta import (
+    _IDENTITY_KEYS,
+    _check_compatible,
+    _check_fits,
+    _normalise_meta,
+    _parse_meta,
+)
+from cpfean.fileio import LockedError
 
 __all__ = [
     "META_KEY",
@@ -59,27 +73,6 @@ __all__ = [
     "record_digest",
     "store_lock",
 ]
-
-_MAX_MAP_SIZE = 1 << 44
-_LOCK_NAME = "writer.lock"
-# LMDB's meta page (64-bit build): magic u32 at 16, page size u32 at 40 (the free DB's md_pad),
-# last used page u64 at 136, transaction id u64 at 144; meta pages 0 and 1 alternate.
-_LMDB_MAGIC, _LMDB_META = 0xBEEFC0DE, struct.Struct("<16xI20xI92xQQ")
-# Meta keys that must agree between a store and a writer reopening it (or stores being merged).
-_IDENTITY_KEYS = (
-    "schema_version",
-    "num_regions",
-    "feature_dim",
-    "feature_dtype",
-    "label_names",
-    "detector",
-    "thresholds",
-    "has_boxes",
-    "has_labels",
-)
-# LMDB allows one env per store and process, so readers and a writer in one process share it:
-# realpath -> (pid that opened it, env, read-only). Another pid's entry came through fork.
-_ENVS: dict[str, tuple[int, lmdb.Environment, bool]] = {}
 
 
 def record_digest(value: bytes | memoryview) -> str:
@@ -99,177 +92,6 @@ def _source_value(value: bytes, source: dict | None) -> bytes:
         if source and source.get(key) is not None:
             entry[key] = int(source[key])
     return json.dumps(entry).encode("utf-8")
-
-
-def check_lmdb_file(path: str | os.PathLike) -> None:
-    """Raise RegionStoreError unless ``path/data.mdb`` is an LMDB file as long as its header
-    says (mapping a truncated file and touching a missing page kills the process with SIGBUS).
-    """
-    data = Path(path) / "data.mdb"
-    try:
-        size = data.stat().st_size
-        with open(data, "rb") as f:
-            head = f.read(_LMDB_META.size)
-            magic, psize, *_ = (
-                _LMDB_META.unpack(head) if len(head) == _LMDB_META.size else (0, 0, 0, 0)
-            )
-            if magic != _LMDB_MAGIC or psize < 512 or psize & (psize - 1):
-                raise RegionStoreError(
-                    f"{data} is not an LMDB data file (a region store is an "
-                    "LMDB directory written by pipelines.extract)"
-                )
-            f.seek(psize)
-            second = f.read(_LMDB_META.size)
-    except OSError as e:
-        raise RegionStoreError(f"cannot read region store {path}: {e.strerror or e}") from None
-    metas = [_LMDB_META.unpack(head)]
-    if len(second) == _LMDB_META.size and _LMDB_META.unpack(second)[0] == _LMDB_MAGIC:
-        metas.append(_LMDB_META.unpack(second))
-    _, _, last_page, _ = max(metas, key=lambda m: m[3])  # the newer transaction's meta
-    need = (last_page + 1) * psize
-    if size < need:
-        raise RegionStoreError(
-            f"region store {path} is truncated: data.mdb has {size} bytes, its header needs {need}"
-        )
-
-
-def _check_compatible(stored: dict, given: dict, where: str) -> None:
-    """Raise RegionStoreError naming the first identity meta key on which the two differ."""
-    for key in _IDENTITY_KEYS:
-        a, b = stored.get(key), given.get(key)
-        if a == b:
-            continue
-        name = key
-        if isinstance(a, dict) and isinstance(b, dict):
-            sub = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
-            name, a, b = f"{key}.{sub}", a.get(sub), b.get(sub)
-        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-            i = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
-            name, a, b = f"{key}[{i}]", a[i], b[i]
-        raise RegionStoreError(
-            f"{where}: meta key {name!r} differs: stored {repr(a)[:80]}, given {repr(b)[:80]}"
-        )
-
-
-def _check_fits(image_id: str, record: RegionRecord, meta: dict) -> None:
-    """Raise RegionStoreError unless the record's dims and labels fit the store's meta."""
-    got = [record.num_regions, record.feature_dim]
-    want = [meta["num_regions"], meta["feature_dim"]]
-    top, lo, hi = len(meta["label_names"]) or 2**31, record.labels.min(), record.labels.max()
-    if got != want or lo < -1 or hi >= top:
-        raise RegionStoreError(
-            f"region record {image_id!r} does not fit the store: [regions, "
-            f"dim] {got} vs {want}, labels {lo}..{hi} vs [-1, {top})"
-        )
-
-
-def _normalise_meta(meta: dict) -> dict:
-    """The caller's meta, validated, with the writer-owned keys filled in (JSON-normalised)."""
-    dim, names = meta.get("feature_dim"), meta.get("label_names")
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
-        raise RegionStoreError(f"meta 'feature_dim' must be a positive int, got {dim!r}")
-    if not isinstance(names, (list, tuple)) or not all(isinstance(x, str) for x in names):
-        raise RegionStoreError(f"meta 'label_names' must be a list of str, got {names!r:.80}")
-    fixed = {
-        "schema_version": SCHEMA_VERSION,
-        "num_regions": NUM_REGIONS,
-        "feature_dtype": "float16",
-    }
-    for key, want in fixed.items():
-        if key in meta and meta[key] != want:
-            raise RegionStoreError(f"meta {key!r} is {meta[key]!r}, this writer writes {want!r}")
-    out = {"detector": {}, "thresholds": {}, "has_boxes": True, "has_labels": bool(names)}
-    out.update(meta)
-    out.update(
-        fixed,
-        feature_dim=int(dim),
-        label_names=list(names),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    )
-    try:
-        return json.loads(json.dumps(out, allow_nan=False))
-    except (TypeError, ValueError) as e:
-        raise RegionStoreError(f"region store meta must be plain JSON: {e}") from e
-
-
-def _parse_meta(raw: Any, path: Path) -> dict:
-    try:
-        meta = json.loads(bytes(raw).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise RegionStoreError(f"region store {path}: {META_KEY} is not valid JSON: {e}") from e
-    version = meta.get("schema_version") if isinstance(meta, dict) else None
-    if version != SCHEMA_VERSION or not {"feature_dim", "num_regions", "label_names"} <= set(meta):
-        raise RegionStoreError(
-            f"region store {path}: {META_KEY} has schema version {version!r} "
-            f"(this code reads {SCHEMA_VERSION}) or lacks required keys"
-        )
-    return meta
-
-
-def _drop_env(key: str) -> None:
-    """Close and forget this process's env for a store (inherited ones too: py-lmdb counts them
-    as open in a forked child until closed, and closing touches only the child's copy)."""
-    _, env, _ = _ENVS.pop(key, (0, None, True))
-    if env is not None:
-        env.close()
-
-
-def _is_utf8(raw: bytes) -> bool:
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def store_lock(path: str | Path) -> WriterLock:
-    """The lock a store's one writer holds (``is_held_elsewhere`` / ``holder`` to ask)."""
-    return WriterLock(Path(path) / _LOCK_NAME, f"region store {path}")
-
-
-def _open_reader(key: str) -> lmdb.Environment:
-    """A read-only env registered in LMDB's reader table (a writer then keeps the pages it
-    reads); in a folder this process cannot write, an unregistered one, refused while a writer
-    holds the store."""
-    check_lmdb_file(key)
-    options = dict(subdir=True, readonly=True, readahead=False, meminit=False, max_dbs=0)
-    try:
-        return lmdb.open(key, lock=True, **options)
-    except lmdb.Error:
-        pass
-    lock = store_lock(key)
-    if lock.is_held_elsewhere():
-        raise RegionStoreError(
-            f"region store {key} is being written by {lock.holder()} and "
-            "its folder is read-only here; read it when the writer is done"
-        )
-    try:
-        return lmdb.open(key, lock=False, **options)
-    except lmdb.Error as e:
-        raise RegionStoreError(f"cannot open region store {key}: {e}") from None
-
-
-def _read_env(path: Path) -> lmdb.Environment:
-    """This process's env for the store at `path`: the one already open (a writer's, or a
-    reader's) or a new read-only one."""
-    key = os.path.realpath(path)
-    pid, env, _ = _ENVS.get(key, (0, None, True))
-    if env is None or pid != os.getpid():
-        _drop_env(key)
-        env = _open_reader(key)
-        _ENVS[key] = (os.getpid(), env, True)
-    return env
-
-
-def _begin(path: Path) -> lmdb.Transaction:
-    """A read transaction on the store at `path`, following the map when another process grew
-    it since this env was opened."""
-    env = _read_env(path)
-    try:
-        return env.begin()
-    except lmdb.MapResizedError:
-        env.set_mapsize(0)  # adopt the size the writer set
-        return env.begin()
 
 
 class RegionWriter:

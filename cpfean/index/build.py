@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cpfean.encode import Matcher, encode_captions
+from cpfean.encode import Matcher, RecordSource, encode_captions
 from cpfean.fileio import WriterLock, fsync_dir
 from cpfean.index.format import (
     COMPRESSED_VERSION,
@@ -82,7 +82,7 @@ def check_replaceable(out: Path) -> None:
 def build_key(
     *,
     checkpoint_sha256: str,
-    store: Any,
+    store: RecordSource,
     image_ids: Sequence[str],
     captions: Sequence[str] | None,
     caption_image_ids: Sequence[str] | None,
@@ -128,7 +128,7 @@ def images_root_of(store_meta: dict, given: str | None = None) -> str | None:
 # ---------------------------------------------------------------------------------- building
 def build_index(
     model: Matcher,
-    store: Any,
+    store: RecordSource,
     out: str | os.PathLike,
     *,
     checkpoint: dict[str, str],

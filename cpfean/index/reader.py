@@ -403,34 +403,7 @@ def search_index(
         rows [k], scores [k] (CPFEAN scores, best first) and {"path": "exhaustive" |
         "two-stage", "candidates": n, "gallery": N}.
     """
-    if direction == "text2image":
-        size, pooled_query = index.count, pooled_texts(query)[0]
-
-        def score_rows(rows: np.ndarray, exact: bool = False) -> np.ndarray:
-            images = index.images(rows, device, exact=exact)
-            return (
-                model.score(images, query, image_chunk=chunk, text_chunk=1)[:, 0]
-                .float()
-                .cpu()
-                .numpy()
-            )
-    elif direction == "image2text":
-        size, pooled_query = len(index.captions), pooled_images(query)[0]
-        if not size:
-            raise IndexFormatError(
-                f"index {index.path} holds no captions (build it with --captions)"
-            )
-
-        def score_rows(rows: np.ndarray, exact: bool = False) -> np.ndarray:
-            captions = index.caption_embeddings(rows, device)
-            return (
-                model.score(query, captions, image_chunk=1, text_chunk=chunk)[0]
-                .float()
-                .cpu()
-                .numpy()
-            )
-    else:
-        raise ValueError(f"unknown direction {direction!r}")
+    size, pooled_query, score_rows = _scorer(model, index, query, direction, chunk, device)
     # an index with a codec and an exact copy re-scores its few best from the exact values
     refine = direction == "text2image" and index.exact_copy
     kept = max(top_k, EXACT_RERANK) if refine else top_k
@@ -471,6 +444,47 @@ def search_index(
         rows, scores = top_k_of(score_rows(best, exact=True), best, top_k)
         info["exact_rerank"] = len(best)
     return rows, scores, info
+
+
+def _scorer(
+    model: Matcher,
+    index: RetrievalIndex,
+    query: Any,
+    direction: str,
+    chunk: int,
+    device: torch.device | str,
+) -> tuple[int, np.ndarray, Any]:
+    """(items ranked, the query's pooled vector, CPFEAN's scores of given rows) for one
+    direction."""
+    if direction == "text2image":
+        size, pooled_query = index.count, pooled_texts(query)[0]
+
+        def score_rows(rows: np.ndarray, exact: bool = False) -> np.ndarray:
+            images = index.images(rows, device, exact=exact)
+            return (
+                model.score(images, query, image_chunk=chunk, text_chunk=1)[:, 0]
+                .float()
+                .cpu()
+                .numpy()
+            )
+    elif direction == "image2text":
+        size, pooled_query = len(index.captions), pooled_images(query)[0]
+        if not size:
+            raise IndexFormatError(
+                f"index {index.path} holds no captions (build it with --captions)"
+            )
+
+        def score_rows(rows: np.ndarray, exact: bool = False) -> np.ndarray:
+            captions = index.caption_embeddings(rows, device)
+            return (
+                model.score(query, captions, image_chunk=1, text_chunk=chunk)[0]
+                .float()
+                .cpu()
+                .numpy()
+            )
+    else:
+        raise ValueError(f"unknown direction {direction!r}")
+    return size, pooled_query, score_rows
 
 
 def _through_maxsim(

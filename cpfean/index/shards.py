@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cpfean.encode import Matcher, encode_records
+from cpfean.encode import Matcher, RecordSource, encode_records
 from cpfean.fileio import atomic_path
 from cpfean.index.codec import TRAIN_REGIONS, CodecError, RegionCodec
 from cpfean.index.format import _fields, _on_disk, _save_npy, _write_json, pooled_images
@@ -141,7 +141,7 @@ class Job:
     """What every step of one build needs."""
 
     model: Matcher
-    store: Any
+    store: RecordSource
     out: Path
     checkpoint_sha256: str
     shard_size: int
@@ -155,7 +155,11 @@ class Job:
 
 @torch.no_grad()
 def _encode_shard(
-    model: Matcher, store: Any, ids: Sequence[str], batch_size: int, device: torch.device | str
+    model: Matcher,
+    store: RecordSource,
+    ids: Sequence[str],
+    batch_size: int,
+    device: torch.device | str,
 ) -> tuple[Any, dict[str, np.ndarray]]:
     """ImageEmbeddings of ``ids`` plus their geometry arrays (boxes in pixels, labels, hw)."""
     records = [store[i] for i in ids]

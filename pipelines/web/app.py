@@ -114,6 +114,60 @@ def _body_too_large(request: Request, limits: Limits) -> JSONResponse | None:
     return None
 
 
+@dataclass
+class _Server:
+    """What the routes share: the limits, the model threads, the live searcher, the upload
+    detector (built on first use)."""
+
+    limits: Limits
+    work: WorkQueue
+    live: Any
+    detector_factory: Callable[[], Any] | None
+    detector: dict[str, Any]
+
+    def row_of(self, searcher: Any, image_id: str) -> int:
+        try:
+            return searcher.row_of(image_id)
+        except KeyError:
+            raise HTTPException(404, "no such image in the index") from None
+
+    async def answer(self, fn: Callable[[], dict]) -> dict:
+        """Run a search on a model thread; its results as the API shows them."""
+        from cpfean.index import IndexFormatError
+        from cpfean.search import QueryError
+
+        try:
+            payload = await self.work.run(fn)
+        except Busy:
+            raise HTTPException(429, "the server is busy; try again shortly") from None
+        except (QueryError, IndexFormatError) as e:
+            raise HTTPException(400, str(e)) from None
+        payload["results"] = [_links(r) for r in payload["results"]]
+        return payload
+
+    def check_k(self, k: int) -> None:
+        if not 1 <= k <= self.limits.max_k:
+            raise HTTPException(400, f"k must be in 1..{self.limits.max_k}, got {k}")
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _links(result: dict) -> dict:
+    """A library result as the API shows it: no index row or file path (the server's own
+    business), the image's URLs instead."""
+    from urllib.parse import quote
+
+    shown = {k: v for k, v in result.items() if k not in ("row", "path")}
+    image_id = result.get("image_id")
+    if image_id:
+        shown["id"] = image_id
+        shown["image_url"] = f"/images/{quote(image_id)}"
+        shown["thumb_url"] = f"/thumbs/{quote(image_id)}"
+    return shown
+
+
 def create_app(
     searcher: Any,
     *,
@@ -130,12 +184,22 @@ def create_app(
         reload_every: seconds between looks at the index folder for a rebuilt or updated
             index, loaded without a restart (`cpfean.search.LiveSearcher`); 0: never.
     """
-    from cpfean.images import BadImage, decode_image_bytes
-    from cpfean.index import IndexFormatError
-    from cpfean.search import LiveSearcher, QueryError
+    from cpfean.search import LiveSearcher
 
     app = FastAPI(title="cpfean", docs_url=None, redoc_url=None, openapi_url=None)
     work = work or WorkQueue(limits.workers, limits.queue)
+    queue = work
+    live = LiveSearcher(searcher, lambda fn: queue.executor.submit(fn), reload_every)
+    server = _Server(limits, work, live, detector_factory, {})
+    registry = _instrument(app, limits)
+    _search_routes(app, server)
+    _gallery_routes(app, server)
+    _service_routes(app, server, registry)
+    return app
+
+
+def _instrument(app: Any, limits: Limits) -> CollectorRegistry:
+    """Every response measured and counted; every error a JSON body, never a traceback."""
     registry = CollectorRegistry()
     requests = Counter(
         "cpfean_requests", "HTTP requests", ["endpoint", "status"], registry=registry
@@ -147,13 +211,6 @@ def create_app(
         registry=registry,
         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     )
-    work_queue = work
-    live = LiveSearcher(searcher, lambda fn: work_queue.executor.submit(fn), reload_every)
-    detector: dict[str, Any] = {}
-    thumbs = functools.lru_cache(maxsize=4096)(_thumbnail)
-
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
 
     @app.middleware("http")
     async def measure(request: Request, call_next):
@@ -166,57 +223,33 @@ def create_app(
             response = _body_too_large(request, limits) or await call_next(request)
         except Exception:  # reported as JSON, logged with its traceback here
             log.exception("unexpected error on %s", request.url.path)
-            response = error(500, "internal error")
+            response = _error(500, "internal error")
         latency.labels(endpoint).observe(time.perf_counter() - start)
         requests.labels(endpoint, str(response.status_code)).inc()
         return response
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return error(exc.status_code, str(exc.detail))
+        return _error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
-        return error(422, f"{where}: {first.get('msg', 'invalid')}")
+        return _error(422, f"{where}: {first.get('msg', 'invalid')}")
 
-    def row_of(searcher: Any, image_id: str) -> int:
-        try:
-            return searcher.row_of(image_id)
-        except KeyError:
-            raise HTTPException(404, "no such image in the index") from None
+    return registry
 
-    def links(result: dict) -> dict:
-        """A library result as the API shows it: no index row or file path (the server's
-        own business), the image's URLs instead."""
-        from urllib.parse import quote
 
-        shown = {k: v for k, v in result.items() if k not in ("row", "path")}
-        image_id = result.get("image_id")
-        if image_id:
-            shown["id"] = image_id
-            shown["image_url"] = f"/images/{quote(image_id)}"
-            shown["thumb_url"] = f"/thumbs/{quote(image_id)}"
-        return shown
+def _search_routes(app: Any, server: _Server) -> None:
+    """Text queries, image uploads, "more like this"."""
+    from cpfean.images import BadImage, decode_image_bytes
 
-    async def answer(fn: Callable[[], dict]) -> dict:
-        try:
-            payload = await work.run(fn)
-        except Busy:
-            raise HTTPException(429, "the server is busy; try again shortly") from None
-        except (QueryError, IndexFormatError) as e:
-            raise HTTPException(400, str(e)) from None
-        payload["results"] = [links(r) for r in payload["results"]]
-        return payload
-
-    def check_k(k: int) -> None:
-        if not 1 <= k <= limits.max_k:
-            raise HTTPException(400, f"k must be in 1..{limits.max_k}, got {k}")
+    limits = server.limits
 
     @app.get("/api/search")
     async def search_text(q: str = "", k: int = 10, label: str = "", under: str = ""):
-        check_k(k)
+        server.check_k(k)
         if not q.strip():
             raise HTTPException(400, "the query is empty; pass q=some+words")
         if len(q) > limits.max_query_chars:
@@ -224,20 +257,20 @@ def create_app(
                 400, f"the query is {len(q)} characters; at most {limits.max_query_chars}"
             )
         filters = {name: v for name, v in (("label", label), ("under", under)) if v.strip()}
-        searcher = live.current  # one index for the whole request, even if another arrives
         for name, value in filters.items():
             if len(value) > limits.max_query_chars:
                 raise HTTPException(
                     400, f"{name} is {len(value)} characters; at most {limits.max_query_chars}"
                 )
-        return await answer(
+        searcher = server.live.current  # one index for the whole request, even if another arrives
+        return await server.answer(
             lambda: searcher.text_to_images(q, k, explain=min(k, EXPLAIN_PAGE), **filters)
         )
 
     @app.post("/api/search")
     async def search_image(image: Annotated[UploadFile, File()], k: int = 10):
-        check_k(k)
-        if detector_factory is None:
+        server.check_k(k)
+        if server.detector_factory is None:
             raise HTTPException(501, "image queries are off on this server (no detector)")
         data = await image.read(limits.max_upload_bytes + 1)
         if len(data) > limits.max_upload_bytes:
@@ -246,63 +279,72 @@ def create_app(
             bgr = decode_image_bytes(data, limits.max_upload_pixels)[:, :, ::-1].copy()
         except BadImage as e:
             raise HTTPException(400, f"cannot use the upload: {e}") from None
-        searcher = live.current
+        searcher = server.live.current
 
         def run() -> dict:
-            if "extractor" not in detector:
+            if "extractor" not in server.detector:
                 try:
-                    detector["extractor"] = detector_factory()
+                    server.detector["extractor"] = server.detector_factory()
                 except Exception as e:  # the reason goes to the client
                     raise DetectorUnavailable(str(e)) from None
-            record = detector["extractor"].extract_one(bgr)
+            record = server.detector["extractor"].extract_one(bgr)
             return searcher.image_to_captions(record, k, query=image.filename or "upload")
 
         try:
-            return await answer(run)
+            return await server.answer(run)
         except DetectorUnavailable as e:
             raise HTTPException(503, f"image queries are not available: {e}") from None
 
     @app.get("/api/similar/{image_id:path}")
     async def similar(image_id: str, k: int = 10):
-        check_k(k)
-        searcher = live.current
-        row_of(searcher, image_id)
-        return await answer(lambda: searcher.similar_images(image_id, k))
+        server.check_k(k)
+        searcher = server.live.current
+        server.row_of(searcher, image_id)
+        return await server.answer(lambda: searcher.similar_images(image_id, k))
+
+
+def _gallery_routes(app: Any, server: _Server) -> None:
+    """A gallery image's facts, file and thumbnail, looked up by id in the index."""
+    thumbs = functools.lru_cache(maxsize=4096)(_thumbnail)
 
     @app.get("/api/image/{image_id:path}")
     async def image_info(image_id: str):
-        searcher = live.current
-        row = row_of(searcher, image_id)
+        searcher = server.live.current
+        row = server.row_of(searcher, image_id)
         return {
             "id": image_id,
             "hw": [int(x) for x in searcher.index.hw[row]],
             "captions": searcher.captions_of(image_id),
-            "image_url": links({"image_id": image_id})["image_url"],
+            "image_url": _links({"image_id": image_id})["image_url"],
         }
 
     @app.get("/images/{image_id:path}")
     async def full_image(image_id: str):
-        searcher = live.current
-        path = Path(searcher.index.image_path(row_of(searcher, image_id)))
+        searcher = server.live.current
+        path = Path(searcher.index.image_path(server.row_of(searcher, image_id)))
         if not path.is_file():
             raise HTTPException(404, "the image file is not on this server")
         return FileResponse(path)
 
     @app.get("/thumbs/{image_id:path}")
     async def thumbnail(image_id: str):
-        searcher = live.current
-        path = searcher.index.image_path(row_of(searcher, image_id))
+        searcher = server.live.current
+        path = searcher.index.image_path(server.row_of(searcher, image_id))
         try:
-            data = await work.run(lambda: thumbs(path))
+            data = await server.work.run(lambda: thumbs(path))
         except Busy:
             raise HTTPException(429, "the server is busy; try again shortly") from None
         except Exception:  # a missing or unreadable file is the same to a user
             raise HTTPException(404, "the image file is not readable on this server") from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
+
+def _service_routes(app: Any, server: _Server, registry: CollectorRegistry) -> None:
+    """Health, metrics, the page and its static files."""
+
     @app.get("/healthz")
     async def healthz():
-        index = live.current.index
+        index = server.live.current.index
         return {
             "status": "ok",
             "images": index.count,
@@ -323,8 +365,6 @@ def create_app(
         if name not in STATIC:
             raise HTTPException(404, "not found")
         return Response((WEB / name).read_bytes(), media_type=STATIC[name])
-
-    return app
 
 
 def open_server(

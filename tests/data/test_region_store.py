@@ -262,7 +262,7 @@ def test_resume_after_kill9(tmp_path: Path) -> None:
         text=True,
     )
     assert child.stdout.readline().strip() == "started"
-    # the kill point replays from CPFEAN_KILL_SEED (default 0), as tests/test_hostile.py does
+    # the kill point replays from CPFEAN_KILL_SEED (default 0), as tests/hostile/ does
     time.sleep(np.random.default_rng(KILL_SEED).uniform(0.05, 0.3))
     os.kill(child.pid, signal.SIGKILL)
     assert child.wait(timeout=30) == -signal.SIGKILL
