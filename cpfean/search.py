@@ -92,7 +92,7 @@ def top_words(words: list[tuple[str, float]], n: int = 3) -> list[str]:
 class RankOptions(TypedDict, total=False):
     """Keyword options of `Searcher.text_to_images` and `Searcher.image_to_captions`."""
 
-    first_stage: int | None  # re-rank this many first-stage candidates (None: automatic)
+    rerank: int | None  # re-rank this many first-stage candidates (None: automatic)
     exhaustive: bool  # score every item with the full model
     explain: int  # the best results that carry their prominent words and regions
     label: str | None  # text queries: only images with a region of this detected label
@@ -218,14 +218,14 @@ class Searcher:
         self,
         encoded: Any,
         top_k: int,
-        first_stage: int | None,
+        rerank: int | None,
         label: str | None,
         under: str | None,
     ) -> np.ndarray:
         """The rows the engine picks for a text query (its MaxSim over its pooled neighbours,
         the filters applied there)."""
         words, weights = query_words(encoded)
-        n = first_stage or MAXSIM_RERANK
+        n = rerank or MAXSIM_RERANK
         name = self.index.label_names[self._label_id(label)] if label else None
         folder = under.strip().removeprefix("./") if under else None
         ids = self.engine.candidates(
@@ -355,7 +355,7 @@ class Searcher:
         direction: str,
         top_k: int,
         *,
-        first_stage: int | None = None,
+        rerank: int | None = None,
         exhaustive: bool = False,
         explain: int = EXPLAIN,
         query_geometry: tuple | None = None,
@@ -374,14 +374,12 @@ class Searcher:
             encoded,
             direction=direction,
             top_k=top_k,
-            first_stage=first_stage,
+            rerank=rerank,
             exhaustive=exhaustive,
             device=device,
             within=None if engine else self.filter_rows(label, under),
             candidates=(
-                self._engine_candidates(encoded, top_k, first_stage, label, under)
-                if engine
-                else None
+                self._engine_candidates(encoded, top_k, rerank, label, under) if engine else None
             ),
         )
         explained = rows[:explain]

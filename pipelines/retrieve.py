@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> dict:
     query = check_query(args.query) if args.query is not None else None
     image = read_image(args.image) if args.image is not None else None
     searcher = open_searcher(args.index, args.checkpoint, args.device)
-    options = dict(top_k=args.top_k, first_stage=args.first_stage, exhaustive=args.exhaustive)
+    options = dict(top_k=args.top_k, rerank=args.first_stage, exhaustive=args.exhaustive)
     if query is not None:
         payload = searcher.text_to_images(query, label=args.label, under=args.under, **options)
     else:

@@ -342,11 +342,11 @@ def test_two_stage_agrees_with_exhaustive(tmp_path):
     for text in ("large red ball", "small blue cone", "green ring and yellow box"):
         txt = query(model, text)
         ex_rows, ex_scores, _ = search_index(model, index, txt, top_k=10, exhaustive=True)
-        all_rows, all_scores, info = search_index(model, index, txt, top_k=10, first_stage=120)
+        all_rows, all_scores, info = search_index(model, index, txt, top_k=10, rerank=120)
         assert info["path"] == "two-stage"
         np.testing.assert_array_equal(all_rows, ex_rows)
         np.testing.assert_allclose(all_scores, ex_scores, rtol=1e-6)
-        few_rows, _, _ = search_index(model, index, txt, top_k=10, first_stage=40)
+        few_rows, _, _ = search_index(model, index, txt, top_k=10, rerank=40)
         assert first_stage.recall_at(ex_rows, few_rows) >= 0.8, text
 
 

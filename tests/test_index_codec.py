@@ -136,7 +136,7 @@ def test_filters_apply_before_the_top_k(tmp_path):
     txt = query(model, "large red ball")  # a query that cones do not answer first
     unfiltered, _, _ = search_index(model, index, txt, top_k=10)
     assert not set(unfiltered.tolist()) <= set(want)
-    for kw in ({}, {"first_stage": 15}):
+    for kw in ({}, {"rerank": 15}):
         rows, scores, info = search_index(model, index, txt, top_k=10, within=with_cone, **kw)
         assert len(rows) == 10 and set(rows.tolist()) <= set(want), kw
         assert info["filtered"] == len(want) and np.all(np.diff(scores) <= 0)
@@ -186,7 +186,7 @@ def test_maxsim_pass_is_the_late_interaction_score_of_the_decoded_regions(tmp_pa
         packed._linear = linear  # SQ8's linear form: the same products on the codes, unnormalised
         assert linear is not None
         np.testing.assert_allclose(packed.maxsim(rows, txt), want, atol=3e-3)
-        got, _, info = search_index(model, packed, txt, top_k=5, first_stage=8)
+        got, _, info = search_index(model, packed, txt, top_k=5, rerank=8)
         assert info["maxsim"] == 48 and info["candidates"] == 8
         exhaustive, _, _ = search_index(model, packed, txt, top_k=5, exhaustive=True)
         assert first_stage.recall_at(exhaustive, got) >= 0.8, text

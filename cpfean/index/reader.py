@@ -380,7 +380,7 @@ def search_index(
     *,
     direction: str = "text2image",
     top_k: int = 10,
-    first_stage: int | None = None,
+    rerank: int | None = None,
     exhaustive: bool = False,
     chunk: int = 1024,
     device: torch.device | str = "cpu",
@@ -392,9 +392,9 @@ def search_index(
     Args:
         query: TextEmbeddings of one caption (text2image) or ImageEmbeddings of one image
             (image2text), on ``device``.
-        first_stage: re-rank this many first-stage candidates; None = automatic (two-stage
+        rerank: re-rank this many first-stage candidates; None = automatic (two-stage
             above ``TWO_STAGE_MIN`` items with ``DEFAULT_CANDIDATES`` candidates).
-        exhaustive: score every item with the full model (overrides ``first_stage``).
+        exhaustive: score every item with the full model (overrides ``rerank``).
         within: only these rows (sorted, unique) may be ranked: a filter applied before the
             top-k (inside the first stage's scan), so k results come back when it holds k.
         candidates: rows an engine outside the index chose (``cpfean.index.qdrant``): CPFEAN
@@ -411,7 +411,7 @@ def search_index(
     if allowed == 0:
         empty = {"path": "filtered", "candidates": 0, "gallery": size, "filtered": 0}
         return np.empty(0, np.int64), np.empty(0, np.float32), empty
-    use_first = not exhaustive and (first_stage is not None or allowed > TWO_STAGE_MIN)
+    use_first = not exhaustive and (rerank is not None or allowed > TWO_STAGE_MIN)
     if candidates is not None:
         chosen = np.unique(np.asarray(candidates, dtype=np.int64))
         if len(chosen):
@@ -424,7 +424,7 @@ def search_index(
         info: dict[str, Any] = {"path": "exhaustive", "candidates": allowed, "gallery": size}
     else:
         maxsim = direction == "text2image" and index.codec is not None
-        n = first_stage or (MAXSIM_RERANK if maxsim else DEFAULT_CANDIDATES)
+        n = rerank or (MAXSIM_RERANK if maxsim else DEFAULT_CANDIDATES)
         which = "images" if direction == "text2image" else "captions"
         first = index.first_stage(which)
         if maxsim:

@@ -113,7 +113,7 @@ def search_process(spec: dict) -> dict:
                 encoder.encode_texts(enc["input_ids"], enc["attention_mask"])
             encode.append(time.perf_counter() - t)
             rows, _, info = search_index(
-                model, index, txt[q], top_k=spec["top_k"], first_stage=k or None, exhaustive=k == 0
+                model, index, txt[q], top_k=spec["top_k"], rerank=k or None, exhaustive=k == 0
             )
             times.append(time.perf_counter() - t)
             recalls.append(first_stage.recall_at(truth[q], rows))
