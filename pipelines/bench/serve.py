@@ -45,14 +45,23 @@ def _serve(app) -> tuple[object, threading.Thread, str]:
     return server, thread, f"http://127.0.0.1:{port}"
 
 
-def measure(open_searcher, name: str, args: argparse.Namespace) -> dict:
-    """Serve the searcher ``open_searcher()`` loads, as pipelines.serve does, and time it."""
+def measure(open_searcher, name: str, args: argparse.Namespace, uploads: int = 0) -> dict:
+    """Serve the searcher ``open_searcher()`` loads, as pipelines.serve does, and time it
+    (``uploads`` image queries too, through the detector that made the index's regions)."""
     import httpx
 
     from pipelines.web.app import Limits, open_server
 
+    files = (getattr(args, "detector_config", None), getattr(args, "detector_weights", None))
+
+    def detector(searcher):
+        return cli.image_detector(searcher.index, *files, "cpu")
+
     app, searcher = open_server(
-        open_searcher, limits=Limits(workers=1, queue=4 * args.clients), threads=args.threads
+        open_searcher,
+        limits=Limits(workers=1, queue=4 * args.clients),
+        threads=args.threads,
+        detector_factory=detector if uploads else None,
     )
     server, thread, base = _serve(app)
     try:
@@ -68,6 +77,16 @@ def measure(open_searcher, name: str, args: argparse.Namespace) -> dict:
                 get(i)
             sequential = [get(i) for i in range(args.requests)]
             path = c.get("/api/search", params={"q": QUERIES[0]}).json()["search"]["path"]
+            images = _gallery_files(searcher, uploads + 2)
+
+            def post(i: int) -> float:
+                data = images[i % len(images)].read_bytes()
+                start = time.perf_counter()
+                r = c.post("/api/search", files={"image": ("q.jpg", data)}, params={"k": 10})
+                r.raise_for_status()
+                return time.perf_counter() - start
+
+            uploaded = [post(i) for i in range(-2, uploads)][2:] if uploads else []  # 2 warm
 
         def client(n: int) -> list[float]:
             with httpx.Client(base_url=base, timeout=120) as c:
@@ -95,7 +114,20 @@ def measure(open_searcher, name: str, args: argparse.Namespace) -> dict:
         "seq": f"{pct(sequential, 50):.0f} / {pct(sequential, 99):.0f}",
         "rps": len(concurrent) / wall,
         "conc": f"{pct(concurrent, 50):.0f} / {pct(concurrent, 99):.0f}",
+        "image": f"{pct(uploaded, 50):.0f} / {pct(uploaded, 99):.0f}" if uploaded else "-",
     }
+
+
+def _gallery_files(searcher, n: int) -> list[Path]:
+    """Up to ``n`` of the gallery's image files (the uploads of the image-query timing)."""
+    paths = []
+    for row in range(min(searcher.index.count, 10 * n)):
+        path = Path(searcher.index.image_path(row))
+        if path.is_file():
+            paths.append(path)
+        if len(paths) == n:
+            break
+    return paths
 
 
 def synthetic_searcher(n: int, workdir: Path, seed: int, codec: str | None = None):
@@ -125,6 +157,14 @@ def main(argv: list[str] | None = None) -> int:
         "--codec", default="auto", help="the synthetic index's codec (as pipelines.index)"
     )
     p.add_argument("--requests", type=int, default=200, help="sequential requests timed")
+    p.add_argument(
+        "--image-requests",
+        type=int,
+        default=0,
+        help="also time this many image uploads (ranked captions) on --index",
+    )
+    p.add_argument("--detector-config", help="for --image-requests: the store's detector config")
+    p.add_argument("--detector-weights", help="for --image-requests: its weights")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--per-client", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
@@ -139,7 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         rows.append(
-            measure(lambda: cli.open_searcher(args.index, None, args.device), args.index, args)
+            measure(
+                lambda: cli.open_searcher(args.index, None, args.device),
+                args.index,
+                args,
+                uploads=args.image_requests,
+            )
         )
     except (OSError, ValueError) as e:
         return cli.fail(e)
@@ -161,13 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         "| index | images | search | sequential p50 / p99 ms | "
-        f"{args.clients} clients: requests/s | p50 / p99 ms |"
+        f"{args.clients} clients: requests/s | p50 / p99 ms | image query p50 / p99 ms |"
     )
-    print("|---|---:|---|---:|---:|---:|")
+    print("|---|---:|---|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['index']} | {r['images']:,} | {r['path']} | {r['seq']} | {r['rps']:.1f} "
-            f"| {r['conc']} |"
+            f"| {r['conc']} | {r['image']} |"
         )
     if args.json:
         from cpfean.fileio import atomic_write_json
