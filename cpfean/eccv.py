@@ -12,6 +12,7 @@ or the bare number a precomp import keeps), the caption id from COCO's own capti
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import re
@@ -26,7 +27,9 @@ TOP = 50  # retrieved items kept per query: more than the largest ECCV positive 
 METRICS = ("eccv_map_at_r", "eccv_rprecision", "eccv_r1", "cxc_r1", "cxc_r5", "cxc_r10")
 
 
+@functools.lru_cache(maxsize=1)
 def _metrics() -> Any:
+    """The package's annotations, read once a process (checking ids and scoring both use them)."""
     with warnings.catch_warnings():  # "failed to import ujson": json does the same work
         warnings.simplefilter("ignore")
         from eccv_caption import Metrics
