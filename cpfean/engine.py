@@ -447,11 +447,13 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
         save_config(cfg, run_dir / "config.yaml")
     try:
         run = setup_run(cfg, store, train_caps, val_caps, device=device, resume=resume)
+        epoch_seconds: dict[int, float] = {}
         for epoch in range(run.start_epoch, cfg.train.epochs):
             if isinstance(run.loader.sampler, DistributedSampler):
                 run.loader.sampler.set_epoch(epoch)
             started = time.time()
             loss = train_one_epoch(run, epoch, progress)
+            epoch_seconds[epoch + 1] = time.time() - started  # training only, not validation
             if is_main:
                 val = validate_and_save(run, epoch, loss)
                 if progress:
@@ -467,6 +469,9 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
                 dist.barrier()  # the timeout covers rank 0's validation
         if is_main:
             atomic_write_json(run_dir / "best.json", run.best, indent=2)
+            # what a cost comparison reads; a resumed run lists the epochs it trained
+            timing = {"train_pairs": len(run.loader.dataset), "epoch_seconds": epoch_seconds}
+            atomic_write_json(run_dir / "timing.json", timing, indent=2)
     finally:
         lock.release()
     if dist.is_initialized():

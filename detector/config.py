@@ -30,6 +30,7 @@ DEFAULT_DETECTOR = "scenes_effl0_fpn"
 TRAINED_DEFAULT = Path("weights") / DEFAULT_DETECTOR / "config.yaml"
 
 FEATURE_SOURCES = ("box_head", "pooler")
+MAX_SLOTS = 1000  # regions a store record may hold (its header counts them in a u16)
 BOX_SOURCES = ("proposal", "regressed")
 
 
@@ -40,10 +41,13 @@ def add_region_config(cfg: CN) -> None:
     a YAML file that sets any of these keys.
     """
     cfg.REGIONS = CN()
-    # Slots per image in the region store; at most this many regions are kept.
-    cfg.REGIONS.NUM_REGIONS = 36
+    # Slots per image in the region store; at most this many regions are kept. BUTD's two
+    # published settings: MIN_REGIONS = MAX_REGIONS = 36 (fixed), or 10-100 (adaptive).
+    cfg.REGIONS.MAX_REGIONS = 36
     # At least this many regions are kept (best first) even when fewer pass SCORE_THRESH.
     cfg.REGIONS.MIN_REGIONS = 10
+    # The former name of MAX_REGIONS, read so that configs written before still load (0: unset).
+    cfg.REGIONS.NUM_REGIONS = 0
     # A proposal is kept when its best per-class score surviving NMS is >= this.
     cfg.REGIONS.SCORE_THRESH = 0.2
     # IoU threshold of the per-class NMS over proposals (bottom-up attention uses 0.3).
@@ -171,14 +175,32 @@ def _resolve_relative(value: str, base: Path) -> str:
     return str(candidate) if candidate.exists() else value
 
 
+def _read_old_region_count(cfg: CN, given: Sequence[str] | None = None) -> None:
+    """Move a REGIONS.NUM_REGIONS (the former name) into MAX_REGIONS. Run after each merge, so
+    that an override of either name wins over the file; both names set to different values
+    in one place (``given``: the overrides' keys; None: the file) is an error, since which one
+    the user meant cannot be told."""
+    r = cfg.REGIONS
+    if not r.NUM_REGIONS:
+        return
+    both = r.MAX_REGIONS != 36 if given is None else "REGIONS.MAX_REGIONS" in given
+    if both and r.MAX_REGIONS != r.NUM_REGIONS:
+        raise ValueError(
+            f"REGIONS.NUM_REGIONS (the former name of MAX_REGIONS) is {r.NUM_REGIONS} but "
+            f"MAX_REGIONS is {r.MAX_REGIONS}: set MAX_REGIONS only"
+        )
+    r.MAX_REGIONS, r.NUM_REGIONS = r.NUM_REGIONS, 0
+
+
 def validate_region_cfg(cfg: CN) -> None:
     """Fail loudly on inconsistent `REGIONS` values."""
     r = cfg.REGIONS
     if r.IMAGES_PER_BATCH < 1:
         raise ValueError(f"REGIONS.IMAGES_PER_BATCH must be >= 1, got {r.IMAGES_PER_BATCH}")
-    if not 0 < r.MIN_REGIONS <= r.NUM_REGIONS:
+    if not 0 < r.MIN_REGIONS <= r.MAX_REGIONS <= MAX_SLOTS:
         raise ValueError(
-            f"need 0 < REGIONS.MIN_REGIONS <= NUM_REGIONS, got {r.MIN_REGIONS}, {r.NUM_REGIONS}"
+            f"need 0 < REGIONS.MIN_REGIONS <= MAX_REGIONS <= {MAX_SLOTS}, got "
+            f"{r.MIN_REGIONS}, {r.MAX_REGIONS}"
         )
     if not 0.0 <= r.SCORE_THRESH <= 1.0 or not 0.0 < r.NMS_THRESH <= 1.0:
         raise ValueError("REGIONS.SCORE_THRESH must be in [0,1] and NMS_THRESH in (0,1]")
@@ -207,7 +229,10 @@ def get_region_cfg(config_file: str | Path, opts: Sequence[str] = (), freeze: bo
     cfg = get_cfg()
     add_region_config(cfg)
     merge_config_file(cfg, path)
-    cfg.merge_from_list(split_opts(opts))
+    _read_old_region_count(cfg)
+    flat = split_opts(opts)
+    cfg.merge_from_list(flat)
+    _read_old_region_count(cfg, flat[::2])
     cfg.MODEL.DEVICE = detectron2_device(cfg.MODEL.DEVICE)
     cfg.MODEL.WEIGHTS = _resolve_relative(cfg.MODEL.WEIGHTS, path.parent)
     cfg.REGIONS.LABEL_NAMES_FILE = _resolve_relative(cfg.REGIONS.LABEL_NAMES_FILE, path.parent)

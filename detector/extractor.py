@@ -7,8 +7,8 @@ per-class NMS that keeps proposal indices -> the box-head features of the kept p
 gathered, never recomputed. Region selection follows bottom-up attention (Anderson et al. 2018,
 `generate_tsv.py`): for every class, NMS over the proposals with that class's score; a proposal's
 confidence is its best class score among the classes where it survived; proposals with
-confidence >= SCORE_THRESH are kept, at least MIN_REGIONS and at most NUM_REGIONS, best first;
-label = argmax over the foreground classes.
+confidence >= SCORE_THRESH are kept, at least MIN_REGIONS and at most MAX_REGIONS, best
+first; label = argmax over the foreground classes.
 """
 
 from __future__ import annotations
@@ -187,8 +187,8 @@ class RegionExtractor:
     """Batched one-pass region extraction with a Detectron2 Faster R-CNN.
 
     `extractor(images) -> list[RegionRecord]`, one record per image, each with exactly
-    `REGIONS.NUM_REGIONS` slots: features [36, D], boxes [36, 4] xyxy in original-image pixels,
-    labels [36] (-1 = padding), scores [36], image_hw, num_valid.
+    `REGIONS.MAX_REGIONS` (R) slots: features [R, D], boxes [R, 4] xyxy in original-image pixels,
+    labels [R] (-1 = padding), scores [R], image_hw, num_valid.
 
     Outputs depend slightly on batch composition (images in a batch are zero-padded to a common
     size), as in any batched Detectron2 inference.
@@ -233,7 +233,7 @@ class RegionExtractor:
         self.input_format = self.cfg.INPUT.FORMAT
         assert self.input_format in ("RGB", "BGR"), self.input_format
         self.label_names = get_label_names(self.cfg)
-        self.num_regions: int = self.cfg.REGIONS.NUM_REGIONS
+        self.num_regions: int = self.cfg.REGIONS.MAX_REGIONS
         roi = self.model.roi_heads
         if not isinstance(roi, (StandardROIHeads, Res5ROIHeads)):
             raise TypeError(f"unsupported ROI heads {type(roi).__name__}")
@@ -288,6 +288,7 @@ class RegionExtractor:
         """Region-store meta describing this extractor (for `RegionWriter`)."""
         r = self.cfg.REGIONS
         return {
+            "num_regions": self.num_regions,
             "feature_dim": self.feature_dim,
             "label_names": list(self.label_names),
             "detector": {
@@ -302,7 +303,7 @@ class RegionExtractor:
                 "score": r.SCORE_THRESH,
                 "nms": r.NMS_THRESH,
                 "min_regions": r.MIN_REGIONS,
-                "max_regions": r.NUM_REGIONS,
+                "max_regions": r.MAX_REGIONS,
             },
         }
 
@@ -357,7 +358,7 @@ class RegionExtractor:
             images: HxWx3 uint8 arrays, channel order `image_format` ("BGR" or "RGB").
         Returns:
             Per image a dict: boxes [n, 4] xyxy original pixels, labels [n], scores [n],
-            features [n, D], proposal_index [n] (kept proposals), image_hw (h, w); n <= 36.
+            features [n, D], proposal_index [n] (kept proposals), image_hw (h, w); n <= R.
         """
         if not len(images):
             return []
@@ -390,7 +391,7 @@ class RegionExtractor:
                 score_thresh=r.SCORE_THRESH,
                 nms_thresh=r.NMS_THRESH,
                 min_regions=r.MIN_REGIONS,
-                max_regions=r.NUM_REGIONS,
+                max_regions=r.MAX_REGIONS,
             )
             labels = scores[keep].argmax(dim=1) if len(keep) else keep.new_zeros(0)
             if r.BOX_SOURCE == "proposal":

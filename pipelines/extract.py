@@ -1,6 +1,7 @@
 """``python -m pipelines.extract IMAGES_DIR [--out STORE] [options] [KEY VALUE ...]``
 
-Images folder -> region store (36 regions per image), resumable and shardable.
+Images folder -> region store (up to REGIONS.MAX_REGIONS, 36 by default, regions per image),
+resumable and shardable.
 
 - Walks IMAGES_DIR recursively (jpg/jpeg/png/webp/bmp, any case); image id = path relative to
   IMAGES_DIR with / separators. Ids already in the store are skipped, so a re-run after a crash

@@ -1,15 +1,19 @@
-"""The data-scaling study's table and plot, from the rows `scripts/scaling_study.sh` trained.
+"""The table and plot of a study over one variable, from the rows its script trained: the
+data-scaling study (`scripts/scaling_study.sh`, ``--by scenes``) or regions per image
+(`scripts/regions_study.sh`, ``--by regions``).
 
-    python -m pipelines.scaling_report [--study runs/scaling] [--png docs/images/scaling.png]
-                                       [--json F]
+    python -m pipelines.scaling_report [--study runs/scaling] [--by scenes|regions]
+                                       [--png docs/images/scaling.png] [--json F]
 
 Reads ``STUDY/n{N}/s{SEED}/{row}/heldout_metrics.json`` and ``heldout_sims.npy`` (written by
-``pipelines.ablate --heldout-...``): N training scenes, one matcher seed, one row each. Prints
-a markdown table of held-out rSum by training size, each row's mean over its seeds and its
-difference to the SCAN-style baseline of the same seed with a 95% paired-bootstrap interval
-(the images resampled, `cpfean.metrics.paired_bootstrap`), and draws held-out rSum against
-training size, one line per row (mean over seeds, each seed a dot). Rows not trained yet are
-left out; the study resumes where it stopped.
+``pipelines.ablate --heldout-...``; the folder is ``r{N}`` by regions): N training scenes (or
+regions), one matcher seed, one row each. Prints a markdown table of held-out rSum by N, each
+row's mean over its seeds and its difference to the SCAN-style baseline of the same seed with
+a 95% paired-bootstrap interval (the images resampled, `cpfean.metrics.paired_bootstrap`), and
+draws held-out rSum against N, one line per row (mean over seeds, each seed a dot). Where the
+run left them, the cost columns: training seconds per epoch (the row's ``timing.json``) and
+the peak memory of its process (``{row}.time.json`` beside it, from /usr/bin/time). Rows not
+trained yet are left out; the study resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -32,16 +36,23 @@ ROWS = {  # ablate row -> the name in the table and plot
     "scan": "SCAN-style baseline",
 }
 BASELINE = "scan"
-RUN = re.compile(r"^n(\d+)$"), re.compile(r"^s(\d+)$")
+# --by: (folder prefix, the table's column, the plot's axis)
+VARIABLES = {
+    "scenes": ("n", "training scenes", "training scenes"),
+    "regions": ("r", "regions", "regions per image (R)"),
+}
+SEED = re.compile(r"^s(\d+)$")
 
 
-def collect(study: Path) -> dict[tuple[int, str], dict[int, Path]]:
-    """{(training scenes, row): {seed: row folder}} for every row with held-out scores."""
+def collect(study: Path, by: str = "scenes") -> dict[tuple[int, str], dict[int, Path]]:
+    """{(N, row): {seed: row folder}} for every row with held-out scores."""
+    prefix = VARIABLES[by][0]
+    run = re.compile(rf"^{prefix}(\d+)$")
     found: dict[tuple[int, str], dict[int, Path]] = defaultdict(dict)
-    for size_dir in sorted(study.glob("n*")):
-        size = RUN[0].match(size_dir.name)
+    for size_dir in sorted(study.glob(f"{prefix}*")):
+        size = run.match(size_dir.name)
         for seed_dir in sorted(size_dir.glob("s*")) if size else []:
-            seed = RUN[1].match(seed_dir.name)
+            seed = SEED.match(seed_dir.name)
             for row in ROWS if seed else []:
                 folder = seed_dir / row
                 if (folder / "heldout_metrics.json").is_file() and (
@@ -51,9 +62,24 @@ def collect(study: Path) -> dict[tuple[int, str], dict[int, Path]]:
     return dict(found)
 
 
-def summarise(found: dict[tuple[int, str], dict[int, Path]], resamples: int) -> list[dict]:
-    """One entry per (size, row): rSum per seed, their mean, and the difference to the
-    baseline of each seed trained for both, with its bootstrap interval."""
+def _cost(folder: Path) -> dict[str, float]:
+    """Training seconds per epoch and peak memory of a row, where its run recorded them."""
+    out: dict[str, float] = {}
+    timing, process = folder / "timing.json", folder.with_name(f"{folder.name}.time.json")
+    if timing.is_file():
+        seconds = list(json.loads(timing.read_text())["epoch_seconds"].values())
+        if seconds:
+            out["epoch_s"] = float(np.mean(seconds))
+    if process.is_file():
+        out["peak_rss_gb"] = json.loads(process.read_text())["peak_rss_kb"] / 2**20
+    return out
+
+
+def summarise(
+    found: dict[tuple[int, str], dict[int, Path]], resamples: int, by: str = "scenes"
+) -> list[dict]:
+    """One entry per (N, row): rSum per seed, their mean, the difference to the baseline of
+    each seed trained for both, with its bootstrap interval, and the cost of seed 0's run."""
     out = []
     order = list(ROWS)
     for (size, row), seeds in sorted(
@@ -64,11 +90,12 @@ def summarise(found: dict[tuple[int, str], dict[int, Path]], resamples: int) -> 
             for s, f in seeds.items()
         }
         entry = {
-            "scenes": size,
+            by: size,
             "row": row,
             "name": ROWS[row],
             "rsum": rsums,
             "mean": float(np.mean(list(rsums.values()))),
+            "cost": _cost(seeds[min(seeds)]),
         }
         base = found.get((size, BASELINE), {})
         if row != BASELINE:
@@ -86,10 +113,12 @@ def summarise(found: dict[tuple[int, str], dict[int, Path]], resamples: int) -> 
     return out
 
 
-def table(entries: list[dict]) -> str:
+def table(entries: list[dict], by: str = "scenes") -> str:
+    costs = any(e["cost"] for e in entries)
     lines = [
-        "| training scenes | row | held-out rSum (per seed) | mean | vs baseline (95% interval) |",
-        "|---:|---|---|---:|---|",
+        f"| {VARIABLES[by][1]} | row | held-out rSum (per seed) | mean "
+        "| vs baseline (95% interval) |" + (" train s/epoch | peak memory GB |" if costs else ""),
+        "|---:|---|---|---:|---|" + ("---:|---:|" if costs else ""),
     ]
     for e in entries:
         per_seed = ", ".join(f"{v:.1f} (seed {s})" for s, v in sorted(e["rsum"].items()))
@@ -97,13 +126,15 @@ def table(entries: list[dict]) -> str:
             f"{c['diff']:+.1f} ({c['ci_low']:+.1f} .. {c['ci_high']:+.1f})"
             for _, c in sorted(e.get("vs_baseline", {}).items())
         )
-        lines.append(
-            f"| {e['scenes']:,} | {e['name']} | {per_seed} | {e['mean']:.1f} | {versus or '-'} |"
-        )
+        cells = [f"{e[by]:,}", e["name"], per_seed, f"{e['mean']:.1f}", versus or "-"]
+        if costs:
+            cells += [f"{e['cost'][k]:.1f}" if k in e["cost"] else "-" for k in ("epoch_s",)]
+            cells += [f"{e['cost'][k]:.2f}" if k in e["cost"] else "-" for k in ("peak_rss_gb",)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(entries: list[dict], path: Path) -> None:
+def plot(entries: list[dict], path: Path, by: str = "scenes") -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # no display: a file only
@@ -111,23 +142,23 @@ def plot(entries: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for row, name in ROWS.items():
-        mine = sorted((e for e in entries if e["row"] == row), key=lambda e: e["scenes"])
+        mine = sorted((e for e in entries if e["row"] == row), key=lambda e: e[by])
         if not mine:
             continue
-        (line,) = ax.plot([e["scenes"] for e in mine], [e["mean"] for e in mine], "-o", label=name)
+        (line,) = ax.plot([e[by] for e in mine], [e["mean"] for e in mine], "-o", label=name)
         for e in mine:
             ax.scatter(
-                [e["scenes"]] * len(e["rsum"]),
+                [e[by]] * len(e["rsum"]),
                 list(e["rsum"].values()),
                 s=10,
                 color=line.get_color(),
                 alpha=0.5,
             )
     ax.set_xscale("log", base=2)
-    sizes = sorted({e["scenes"] for e in entries})
+    sizes = sorted({e[by] for e in entries})
     ax.set_xticks(sizes, [f"{n:,}" for n in sizes])
     ax.minorticks_off()
-    ax.set_xlabel("training scenes")
+    ax.set_xlabel(VARIABLES[by][2])
     ax.set_ylabel("held-out rSum (1,000 new scenes)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -140,6 +171,7 @@ def plot(entries: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser("python -m pipelines.scaling_report", __doc__)
     p.add_argument("--study", type=Path, default=Path("runs/scaling"))
+    p.add_argument("--by", choices=sorted(VARIABLES), default="scenes", help="the variable")
     p.add_argument("--png", type=Path, help="draw the plot here")
     p.add_argument("--json", type=Path, help="also write the entries here")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap draws")
@@ -148,18 +180,18 @@ def main(argv: list[str] | None = None) -> int:
         return cli.fail(f"--study {args.study}: no such folder (scripts/scaling_study.sh makes it)")
     if args.resamples < 1:
         return cli.fail(f"--resamples must be >= 1, got {args.resamples}")
-    found = collect(args.study)
+    found = collect(args.study, args.by)
     if not found:
         return cli.fail(f"{args.study} holds no row with held-out scores yet")
     try:
-        entries = summarise(found, args.resamples)
-    except KeyError as exc:  # a metrics file without its rSum
-        return cli.fail(f"{args.study}: a heldout_metrics.json lacks {exc}")
+        entries = summarise(found, args.resamples, args.by)
+    except KeyError as exc:  # a metrics file without its rSum (or a timing file its figures)
+        return cli.fail(f"{args.study}: a heldout_metrics.json or timing file lacks {exc}")
     except (OSError, ValueError) as exc:  # unreadable JSON or .npy, or matrices of two shapes
         return cli.fail(exc)
-    print(table(entries))
+    print(table(entries, args.by))
     if args.png:
-        plot(entries, args.png)
+        plot(entries, args.png, args.by)
         print(f"plot: {args.png}")
     if args.json:
         atomic_write_json(args.json, entries, indent=2)

@@ -1,6 +1,7 @@
 """Training loop: learns, checkpoints atomically, resumes exactly, stops on a non-finite loss."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -71,6 +72,11 @@ def test_training_learns_and_writes_run_folder(tmp_path, data):
     for name in ("config.yaml", "last.pt", "best.pt", "metrics.csv", "best.json"):
         assert (run / name).is_file(), name
     assert not list(run.glob(".*.tmp*")), "temporary checkpoint files left behind"
+    timing = json.loads((run / "timing.json").read_text())
+    train_caps = load_captions(cfg.data.captions, split="train")
+    assert timing["train_pairs"] == sum(len(c) for c in train_caps.captions)  # 5 per image
+    assert list(timing["epoch_seconds"]) == ["1", "2", "3", "4"]
+    assert all(v > 0 for v in timing["epoch_seconds"].values())
     rows = _rows(run / "metrics.csv")
     steps = [r for r in rows if r["rsum"] == ""]
     losses = [float(r["loss"]) for r in steps]

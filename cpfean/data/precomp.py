@@ -1,7 +1,8 @@
 """The published precomputed features (SCAN / VSE-infinity ``f30k_precomp``, ``coco_precomp``)
 as one region store and one caption file: the reader behind ``pipelines.import_precomp``.
 
-Per split, ``DIR/{split}_ims.npy`` ([rows, 36, D], memory-mapped), ``DIR/{split}_caps.txt``
+Per split, ``DIR/{split}_ims.npy`` ([rows, R, D], memory-mapped; R is 36 in the published
+files), ``DIR/{split}_caps.txt``
 (one caption per line) and, when present, ``DIR/{split}_ids.txt`` (one image id per line).
 SCAN's rule for rows: 5 captions per row -> one row per image; as many rows as captions -> five
 consecutive rows per image (image k is row 5k). The features carry no boxes, labels or image
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cpfean.data.region_store import NUM_REGIONS, RegionRecord, RegionStoreError, RegionWriter
+from cpfean.data.region_store import RegionRecord, RegionStoreError, RegionWriter
 from cpfean.fileio import atomic_output
 from cpfean.progress import progress as progress_of
 
@@ -28,7 +29,7 @@ CAPTIONS_PER_IMAGE = 5
 
 @dataclass
 class PrecompSplit:
-    """One published split: features [rows, 36, D] (memory map), captions (5 per image),
+    """One published split: features [rows, R, D] (memory map), captions (5 per image),
     image ids [n_images], and the feature row of each image."""
 
     name: str
@@ -75,8 +76,8 @@ def read_split(src: Path, split: str, id_map: dict[str, str] | None = None) -> P
         ims = np.load(ims_path, mmap_mode="r", allow_pickle=False)
     except ValueError as e:
         raise ValueError(f"{ims_path}: not a numeric .npy array ({e})") from None
-    if ims.ndim != 3 or ims.shape[1] != NUM_REGIONS or ims.shape[2] < 1:
-        raise ValueError(f"{ims_path}: expected shape [N, {NUM_REGIONS}, D], got {ims.shape}")
+    if ims.ndim != 3 or not 0 < ims.shape[1] <= 1000 or ims.shape[2] < 1:
+        raise ValueError(f"{ims_path}: expected shape [N, R, D] with R <= 1000, got {ims.shape}")
     if not np.issubdtype(ims.dtype, np.floating):
         raise ValueError(f"{ims_path}: expected float features, got {ims.dtype}")
     captions = _lines(caps_path)
@@ -157,24 +158,26 @@ def import_precomp(
     """
     id_map = karpathy_id_map(karpathy) if karpathy is not None else None
     parts = [read_split(src, s, id_map) for s in splits]
-    dims = {p.ims.shape[2] for p in parts}
-    if len(dims) > 1:
-        raise ValueError(f"{src}: the splits have different feature sizes {sorted(dims)}")
+    shapes = {p.ims.shape[1:] for p in parts}
+    if len(shapes) > 1:
+        raise ValueError(f"{src}: the splits have different [regions, dim] {sorted(shapes)}")
+    (slots, dim), *_ = shapes
     source = {
         "source": str(src.resolve()),
         "karpathy": str(karpathy.resolve()) if karpathy is not None else None,
     }
     meta = {
-        "feature_dim": int(dims.pop()),
+        "num_regions": int(slots),
+        "feature_dim": int(dim),
         "label_names": [],
         "has_boxes": False,
         "has_labels": False,
         "detector": {"config": "precomputed", "weights_sha256": None},
         **source,
     }
-    boxes = np.zeros((NUM_REGIONS, 4), np.float32)
-    labels = np.full(NUM_REGIONS, -1, np.int64)
-    scores = np.ones(NUM_REGIONS, np.float32)
+    boxes = np.zeros((slots, 4), np.float32)
+    labels = np.full(slots, -1, np.int64)
+    scores = np.ones(slots, np.float32)
     counts: dict[str, dict[str, int]] = {}
     written_from: dict[str, tuple[PrecompSplit, int]] = {}  # id -> (split, row) this run
     with RegionWriter(out, meta, commit_every=commit_every) as writer:
@@ -202,9 +205,7 @@ def import_precomp(
                 if image_id in writer:
                     continue
                 features = np.asarray(part.ims[row], dtype=np.float32)  # copied off the mmap
-                writer.put(
-                    image_id, RegionRecord(features, boxes, labels, scores, (0, 0), NUM_REGIONS)
-                )
+                writer.put(image_id, RegionRecord(features, boxes, labels, scores, (0, 0), slots))
                 written_from[image_id] = (part, row)
                 written += 1
             counts[part.name] = {

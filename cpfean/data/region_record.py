@@ -22,7 +22,7 @@ import torch
 from cpfean.arrays import as_numpy
 
 SCHEMA_VERSION = 1
-NUM_REGIONS = 36
+NUM_REGIONS = 36  # slots per record unless a store's meta says otherwise
 META_KEY = "__meta__"
 MAGIC = b"CPRS"
 # each record's companion key: this byte then the id (no file name holds a NUL, and the prefix
@@ -54,7 +54,7 @@ class RegionRecord:
     features [R, D] float32 (float16 on disk); boxes [R, 4] float32 xyxy in original-image
     pixels; labels [R] int64 (-1 = padding or unknown); scores [R] float32; image_hw (h, w),
     (0, 0) when unknown; num_valid: slots >= num_valid are padding (zero features, boxes and
-    scores, label -1). R is `NUM_REGIONS` (36) in every store.
+    scores, label -1). R is the store's ``num_regions`` (`NUM_REGIONS`, 36, by default).
     """
 
     features: np.ndarray

@@ -98,9 +98,10 @@ class RegionWriter:
     """Writes `RegionRecord`s into a region store (a directory), batched, resumably.
 
     Reopening an existing store resumes it: `meta` must agree with the stored one on
-    `_IDENTITY_KEYS`, else RegionStoreError names the differing key. `meta` holds feature_dim and
-    label_names; the writer fills schema_version, num_regions, feature_dtype, created and
-    defaults detector, thresholds ({}), has_boxes (True), has_labels (bool(label_names)).
+    `_IDENTITY_KEYS`, else RegionStoreError names the differing key. `meta` holds feature_dim,
+    label_names and num_regions (slots per record, 1..1000; default 36); the writer fills
+    schema_version, feature_dtype, created and defaults detector, thresholds ({}), has_boxes
+    (True), has_labels (bool(label_names)).
     Commits every `commit_every` puts, on `flush` and `close` (also on leaving a ``with`` block
     by an error): a killed run keeps only whole records. One writer per store at a time."""
 

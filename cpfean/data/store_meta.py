@@ -69,11 +69,10 @@ def _normalise_meta(meta: dict) -> dict:
         raise RegionStoreError(f"meta 'feature_dim' must be a positive int, got {dim!r}")
     if not isinstance(names, (list, tuple)) or not all(isinstance(x, str) for x in names):
         raise RegionStoreError(f"meta 'label_names' must be a list of str, got {names!r:.80}")
-    fixed = {
-        "schema_version": SCHEMA_VERSION,
-        "num_regions": NUM_REGIONS,
-        "feature_dtype": "float16",
-    }
+    slots = meta.get("num_regions", NUM_REGIONS)
+    if isinstance(slots, bool) or not isinstance(slots, (int, np.integer)) or not 0 < slots <= 1000:
+        raise RegionStoreError(f"meta 'num_regions' must be an int in 1..1000, got {slots!r}")
+    fixed = {"schema_version": SCHEMA_VERSION, "feature_dtype": "float16"}
     for key, want in fixed.items():
         if key in meta and meta[key] != want:
             raise RegionStoreError(f"meta {key!r} is {meta[key]!r}, this writer writes {want!r}")
@@ -81,6 +80,7 @@ def _normalise_meta(meta: dict) -> dict:
     out.update(meta)
     out.update(
         fixed,
+        num_regions=int(slots),
         feature_dim=int(dim),
         label_names=list(names),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.detector
 def test_bundled_configs_build_frozen_with_region_keys():
     cfg = get_region_cfg("scenes_r18_fpn")
     assert cfg.is_frozen()
-    assert cfg.REGIONS.NUM_REGIONS == 36 and cfg.REGIONS.MIN_REGIONS == 10
+    assert cfg.REGIONS.MAX_REGIONS == 36 and cfg.REGIONS.MIN_REGIONS == 10
     assert cfg.REGIONS.SCORE_THRESH == 0.2 and cfg.REGIONS.NMS_THRESH == 0.3
     assert cfg.MODEL.RESNETS.DEPTH == 18 and cfg.MODEL.RESNETS.NORM == "BN"
     assert cfg.MODEL.BACKBONE.FREEZE_AT == 0 and cfg.MODEL.WEIGHTS == ""
@@ -29,7 +29,7 @@ def test_bundled_configs_build_frozen_with_region_keys():
     butd = get_region_cfg("butd_r101_c4_vg")
     assert butd.MODEL.ROI_HEADS.NAME == "Res5ROIHeadsDilated" and butd.MODEL.RESNETS.DEPTH == 101
     # the published 36-box features: exactly 36 regions, one image per forward pass
-    assert butd.REGIONS.MIN_REGIONS == butd.REGIONS.NUM_REGIONS == 36
+    assert butd.REGIONS.MIN_REGIONS == butd.REGIONS.MAX_REGIONS == 36
     assert butd.REGIONS.IMAGES_PER_BATCH == 1 and cfg.REGIONS.IMAGES_PER_BATCH == 4
     assert butd.MODEL.ROI_HEADS.NUM_CLASSES == 1600
     assert list(butd.MODEL.PIXEL_MEAN) == [102.9801, 115.9465, 122.7717]
@@ -41,10 +41,36 @@ def test_overrides_both_forms_and_loud_failures():
     assert cfg.REGIONS.NMS_THRESH == 0.5 and cfg.MODEL.DEVICE == "cpu"
     with pytest.raises(Exception, match="REGIONS.NOT_A_KEY"):
         get_region_cfg("scenes_r18_fpn", ["REGIONS.NOT_A_KEY", "1"])
-    with pytest.raises(ValueError, match="REGIONS.NUM_REGIONS"):
-        get_region_cfg("scenes_r18_fpn", ["REGIONS.NUM_REGIONS", "many"])
+    with pytest.raises(ValueError, match="REGIONS.MAX_REGIONS"):
+        get_region_cfg("scenes_r18_fpn", ["REGIONS.MAX_REGIONS", "many"])
     with pytest.raises(ValueError, match="MIN_REGIONS"):
         get_region_cfg("scenes_r18_fpn", ["REGIONS.MIN_REGIONS", "40"])
+    with pytest.raises(ValueError, match="MAX_REGIONS <= 1000"):
+        get_region_cfg("scenes_r18_fpn", ["REGIONS.MAX_REGIONS", "1001"])
+
+
+def test_max_regions_and_its_former_name():
+    fixed = get_region_cfg("scenes_r18_fpn", ["REGIONS.MAX_REGIONS=100", "REGIONS.MIN_REGIONS=100"])
+    assert fixed.REGIONS.MAX_REGIONS == fixed.REGIONS.MIN_REGIONS == 100
+    old = get_region_cfg("scenes_r18_fpn", ["REGIONS.NUM_REGIONS=20"])
+    assert old.REGIONS.MAX_REGIONS == 20 and old.REGIONS.NUM_REGIONS == 0
+    same = get_region_cfg("scenes_r18_fpn", ["REGIONS.NUM_REGIONS=50", "REGIONS.MAX_REGIONS=50"])
+    assert same.REGIONS.MAX_REGIONS == 50
+    with pytest.raises(ValueError, match="former name of MAX_REGIONS.*is 20 but MAX_REGIONS is 50"):
+        get_region_cfg("scenes_r18_fpn", ["REGIONS.NUM_REGIONS=20", "REGIONS.MAX_REGIONS=50"])
+
+
+def test_an_override_of_max_regions_wins_over_a_file_of_the_former_name(tmp_path):
+    old = tmp_path / "old.yaml"  # what train_detector dumped before the rename
+    old.write_text("_BASE_: scenes_r18_fpn.yaml\nREGIONS:\n  NUM_REGIONS: 36\n  MIN_REGIONS: 10\n")
+    assert get_region_cfg(old).REGIONS.MAX_REGIONS == 36
+    got = get_region_cfg(old, ["REGIONS.MAX_REGIONS=10"])
+    assert got.REGIONS.MAX_REGIONS == 10 and got.REGIONS.NUM_REGIONS == 0
+    assert get_region_cfg(old, ["REGIONS.NUM_REGIONS=20"]).REGIONS.MAX_REGIONS == 20
+    both = tmp_path / "both.yaml"
+    both.write_text("_BASE_: scenes_r18_fpn.yaml\nREGIONS:\n  NUM_REGIONS: 20\n  MAX_REGIONS: 50\n")
+    with pytest.raises(ValueError, match="set MAX_REGIONS only"):
+        get_region_cfg(both)
     with pytest.raises(ValueError, match="FEATURE_SOURCE"):
         get_region_cfg("scenes_r18_fpn", ["REGIONS.FEATURE_SOURCE", "fc6"])
     with pytest.raises(ValueError, match="pairs"):

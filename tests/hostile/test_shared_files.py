@@ -67,7 +67,8 @@ def test_detector_config_base_names_a_bundled_config(tmp_path):
     cfg = tmp_path / "child.yaml"
     cfg.write_text("_BASE_: scenes_r18_fpn.yaml\nREGIONS:\n  NUM_REGIONS: 20\n")
     got = get_region_cfg(cfg, ["MODEL.DEVICE", "cpu"])
-    assert got.REGIONS.NUM_REGIONS == 20 and got.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
+    # NUM_REGIONS, the former name of MAX_REGIONS, still sets it
+    assert got.REGIONS.MAX_REGIONS == 20 and got.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
 
 
 def test_downloaded_index_with_an_evil_detector_config_runs_nothing(demo, capsys):

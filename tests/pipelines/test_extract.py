@@ -274,3 +274,27 @@ def test_torchrun_two_ranks_equals_one_process(tmp_path, weights, capsys):
     assert not list(tmp_path.glob("dist.lmdb.rank*"))  # per-rank stores merged and removed
     report = (tmp_path / "dist.lmdb.skipped.jsonl").read_text().splitlines()
     assert [json.loads(r)["image_id"] for r in report] == ["bad.png"]
+
+
+def test_the_region_count_is_a_setting_the_store_records(tmp_path, weights, capsys):
+    """REGIONS.MIN_REGIONS = MAX_REGIONS = R keeps exactly R regions (the small detector makes
+    60 proposals); the store's records and meta hold R slots, and another R is refused."""
+    from pipelines.extract import main
+
+    _write_scenes(tmp_path / "imgs", 2)
+    for r in (12, 50):
+        store = tmp_path / f"r{r}"
+        fixed = ("REGIONS.MAX_REGIONS", str(r), "REGIONS.MIN_REGIONS", str(r))
+        assert main(_args(tmp_path / "imgs", store, weights, *fixed)) == 0
+        rs = RegionStore(store)
+        assert rs.meta["num_regions"] == rs.meta["thresholds"]["max_regions"] == r
+        for image_id in rs.ids():
+            rec = rs[image_id]
+            assert rec.features.shape == (r, 1024) and rec.num_valid == r
+    capsys.readouterr()
+    twelve, fifty = RegionStore(tmp_path / "r12"), RegionStore(tmp_path / "r50")
+    for image_id in twelve.ids():  # the same ranking: 12 slots are the first 12 of 50
+        np.testing.assert_array_equal(twelve[image_id].boxes, fifty[image_id].boxes[:12])
+    assert main(_args(tmp_path / "imgs", tmp_path / "r12", weights)) == 2  # 36 into a 12 store
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "num_regions" in err[0]
