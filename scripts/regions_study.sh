@@ -16,6 +16,8 @@ ROWS=${ROWS:-"full scan"}
 read -r -a EXTRA <<< "${EXTRA:-}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 TIME=(/usr/bin/time -f '{"wall_s": %e, "peak_rss_kb": %M}')
+# Every step waits while STUDY/HOLD exists, so a timing elsewhere can have the machine quiet.
+hold() { while [ -f "$STUDY/HOLD" ]; do sleep 5; done; }
 
 for need in "$DET/model_final.pth" "$SCALING/n800/data/captions.json" "$SCALING/heldout/data/captions.json"; do
   if [ ! -f "$need" ]; then
@@ -27,6 +29,7 @@ done
 extract() {  # SCENES OUT R: extract once, timed (resumes)
   local scenes=$1 out=$2 r=$3 status=0
   if [ ! -f "$out/COMPLETE" ]; then
+    hold
     mkdir -p "$(dirname "$out")"
     "${TIME[@]}" -o "$out.time.json" "$PY" -m pipelines.extract "$scenes/data/images" \
       --out "$out" --config "$DET/config.yaml" --weights "$DET/model_final.pth" --no-progress \
@@ -42,6 +45,7 @@ for r in $COUNTS; do
   mkdir -p "$STUDY/r$r/s0"
   for row in $ROWS; do
     [ -f "$STUDY/r$r/s0/$row/heldout_metrics.json" ] && continue
+    hold
     echo "[regions] R=$r: $row"
     "${TIME[@]}" -o "$STUDY/r$r/s0/$row.time.json" \
       "$PY" -m pipelines.ablate --config configs/demo.yaml --rows "$row" --out "$STUDY/r$r/s0" \

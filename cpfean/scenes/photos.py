@@ -260,7 +260,13 @@ def _instances(split: str, scenes: list[tuple[str, list[PhotoObject]]], size) ->
     }
 
 
-_SET_ENTRIES = {"images", "instances_train.json", "instances_val.json", "SOURCES.json"}
+_SET_ENTRIES = {
+    "images",
+    "instances_train.json",
+    "instances_val.json",
+    "SOURCES.json",
+    "captions.json",
+}
 
 
 def check_replaceable(out: Path) -> None:

@@ -39,6 +39,11 @@ CATEGORY_WORDS: dict[str, tuple[str, ...]] = {
     "truck": ("truck", "lorry"),
     "airplane": ("airplane", "plane", "aeroplane"),
     "boat": ("boat", "ship"),
+    # only in the photo set (`cpfean.scenes.photos`)
+    "bear": ("bear",),
+    "fruit": ("fruit",),
+    "book": ("book",),
+    "clock": ("clock",),
 }
 
 #: Phrases that place a scene in its setting (`cpfean.scenes.settings`).
@@ -49,6 +54,8 @@ SETTING_WORDS: dict[str, tuple[str, ...]] = {
     "snow": ("in the snow", "on snow", "on a snowy field"),
     "road": ("on the road", "on a street", "on the road"),
     "indoors": ("indoors", "in a room", "inside a room"),
+    # the photo set: a crop of one of many photographs, which no annotation describes
+    "photo": ("in a photo", "in the picture", "in this photograph"),
 }
 
 #: Words for each named colour; the first is the plain name and is used most often.

@@ -64,6 +64,47 @@ def test_command_writes_coco_and_sources(tmp_path, capsys):
     assert sources["drawings"]["package"] == "openclipart-png" and sources["drawings"]["files"]
 
 
+def test_captions_are_grounded_in_the_annotations(tmp_path, capsys):
+    from cpfean.data.captions import load_captions
+    from cpfean.scenes.templates import CATEGORY_WORDS, tokenize
+
+    out = tmp_path / "set"
+    assert make_photo_set.main([str(out), "--train", "20", "--val", "4", "--size", "160x120"]) == 0
+    assert "18 train, 2 val, 4 test" in capsys.readouterr().out.splitlines()[-1]
+    data = json.loads((out / "captions.json").read_text())
+    coco = {
+        split: json.loads((out / f"instances_{split}.json").read_text())
+        for split in ("train", "val")
+    }
+    names = {c["id"]: c["name"] for c in coco["train"]["categories"]}
+    annotated = {
+        im["file_name"]: sorted(
+            names[a["category_id"]] for a in split["annotations"] if a["image_id"] == im["id"]
+        )
+        for split in coco.values()
+        for im in split["images"]
+    }
+    nouns = {w: c for c, words in CATEGORY_WORDS.items() for w in words}
+    for im in data["images"]:
+        assert sorted(o["category"] for o in im["objects"]) == annotated[im["filename"]]
+        assert any(o["role"] == "salient" for o in im["objects"])
+        assert im["split"] == ("test" if im["filename"].startswith("val_") else im["split"])
+        for sent in im["sentences"]:
+            said = {nouns[t] for t in tokenize(sent["raw"]) if t in nouns}
+            # every category a caption names is one of the objects it mentions, and back
+            assert said == {im["objects"][k]["category"] for k in sent["mentions"]}, sent["raw"]
+    caps = load_captions(out / "captions.json", split="test")
+    assert len(caps.image_ids) == 4 and all(len(c) == 5 for c in caps.captions)
+    again = tmp_path / "again.json"
+    (out / "captions.json").rename(again)
+    assert make_photo_set.main([str(out), "--captions-only"]) == 0  # seeded: the same file
+    assert (out / "captions.json").read_text() == again.read_text()
+    (out / "instances_val.json").unlink()
+    assert make_photo_set.main([str(out), "--captions-only"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "instances_val.json not found" in err[0]
+
+
 def test_a_missing_package_is_one_error_line_before_any_image(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(photos, "CLIPART_ROOT", tmp_path / "no-openclipart")
     photos.catalogue.cache_clear()
