@@ -11,9 +11,9 @@ regions), one matcher seed, one row each. Prints a markdown table of held-out rS
 row's mean over its seeds and its difference to the SCAN-style baseline of the same seed with
 a 95% paired-bootstrap interval (the images resampled, `cpfean.metrics.paired_bootstrap`), and
 draws held-out rSum against N, one line per row (mean over seeds, each seed a dot). Where the
-run left them, the cost columns: training seconds per epoch (the row's ``timing.json``) and
-the peak memory of its process (``{row}.time.json`` beside it, from /usr/bin/time). Rows not
-trained yet are left out; the study resumes where it stopped.
+run left them, the cost columns: training seconds per epoch (the median over the epochs in
+the row's ``timing.json``) and the peak memory of its process (``{row}.time.json`` beside it,
+from /usr/bin/time). Rows not trained yet are left out; the study resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _cost(folder: Path) -> dict[str, float]:
     if timing.is_file():
         seconds = list(json.loads(timing.read_text())["epoch_seconds"].values())
         if seconds:
-            out["epoch_s"] = float(np.mean(seconds))
+            out["epoch_s"] = float(np.median(seconds))  # robust to one epoch paused
     if process.is_file():
         out["peak_rss_gb"] = json.loads(process.read_text())["peak_rss_kb"] / 2**20
     return out
