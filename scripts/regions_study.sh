@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 STUDY=${STUDY:-runs/regions}
 SCALING=${SCALING:-runs/scaling}  # where scripts/scaling_study.sh generated the scenes
+TRAINSET=${TRAINSET:-n800}  # which of its training sets
 DET=${DET:-runs/demo/detector}
 COUNTS=${COUNTS:-"10 20 36 50 100"}
 ROWS=${ROWS:-"full scan"}
@@ -19,7 +20,7 @@ TIME=(/usr/bin/time -f '{"wall_s": %e, "peak_rss_kb": %M}')
 # Every step waits while STUDY/HOLD exists, so a timing elsewhere can have the machine quiet.
 hold() { while [ -f "$STUDY/HOLD" ]; do sleep 5; done; }
 
-for need in "$DET/model_final.pth" "$SCALING/n800/data/captions.json" "$SCALING/heldout/data/captions.json"; do
+for need in "$DET/model_final.pth" "$SCALING/$TRAINSET/data/captions.json" "$SCALING/heldout/data/captions.json"; do
   if [ ! -f "$need" ]; then
     echo "error: $need not found (make demo, then scripts/scaling_study.sh, make them)" >&2
     exit 2
@@ -40,7 +41,7 @@ extract() {  # SCENES OUT R: extract once, timed (resumes)
 }
 
 for r in $COUNTS; do
-  extract "$SCALING/n800" "$STUDY/r$r/regions" "$r"
+  extract "$SCALING/$TRAINSET" "$STUDY/r$r/regions" "$r"
   extract "$SCALING/heldout" "$STUDY/r$r/heldout" "$r"
   mkdir -p "$STUDY/r$r/s0"
   for row in $ROWS; do
@@ -51,7 +52,7 @@ for r in $COUNTS; do
       "$PY" -m pipelines.ablate --config configs/demo.yaml --rows "$row" --out "$STUDY/r$r/s0" \
       --quiet --heldout-regions "$STUDY/r$r/heldout" \
       --heldout-captions "$SCALING/heldout/data/captions.json" \
-      "data.regions=$STUDY/r$r/regions" "data.captions=$SCALING/n800/data/captions.json" \
+      "data.regions=$STUDY/r$r/regions" "data.captions=$SCALING/$TRAINSET/data/captions.json" \
       "data.val_limit=100" "train.seed=0" "${EXTRA[@]}"
   done
 done

@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/photos}
 SCALING=${SCALING:-runs/scaling}  # scripts/scaling_study.sh's scenes and 800-scene models
+TRAINSET=${TRAINSET:-n800}  # which of its training sets' models
 DET=${DET:-runs/demo/detector}
 TRAIN=${TRAIN:-1000}  # photo-set train images (a tenth become val); its val split is the test
 TEST=${TEST:-250}
@@ -32,7 +33,7 @@ if [ ! -f "$OUT/regions/COMPLETE" ]; then
 fi
 # scenes -> photos: the 800-scene models on the photo test images
 for row in ${ROWS//,/ }; do
-  ckpt="$SCALING/n800/s0/$row/best.pt"
+  ckpt="$SCALING/$TRAINSET/s0/$row/best.pt"
   [ -f "$OUT/scenes_to_photos_$row.json" ] || [ ! -f "$ckpt" ] || "$PY" -m pipelines.evaluate \
     --checkpoint "$ckpt" --regions "$OUT/regions" --captions "$OUT/data/captions.json" \
     --split test --json "$OUT/scenes_to_photos_$row.json"

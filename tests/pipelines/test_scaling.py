@@ -101,6 +101,40 @@ def test_study_script_trains_each_row_once_and_reports(quick_demo, tmp_path):
     )
     assert missing.returncode == 2 and missing.stderr.startswith("error: no trained detector")
 
+    # on the same scenes and models: regions as a variable, then the photo set both ways
+    regions = {
+        **env,
+        "STUDY": str(tmp_path / "regions"),
+        "SCALING": env["STUDY"],
+        "TRAINSET": "n8",
+        "COUNTS": "4 12",
+        "ROWS": "full",
+    }
+    script = [str(REPO / "scripts" / "regions_study.sh")]
+    run = subprocess.run(
+        ["bash", *script], env=regions, capture_output=True, text=True, timeout=900
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| 4 | CPFEAN (demo recipe) |" in run.stdout and "| 12 | CPFEAN" in run.stdout
+    assert "train s/epoch | peak memory GB |" in run.stdout
+    from cpfean.data.region_store import RegionStore
+
+    for r in (4, 12):
+        for part in ("regions", "heldout"):
+            store = RegionStore(tmp_path / "regions" / f"r{r}" / part)
+            assert store.meta["num_regions"] == r
+            assert all(store[i].num_valid == r for i in store.ids()[:3])
+    photos = {**env, "OUT": str(tmp_path / "photos"), "SCALING": env["STUDY"], "TRAINSET": "n8"}
+    photos |= {"TRAIN": "10", "TEST": "5"}
+    script = [str(REPO / "scripts" / "transfer_study.sh")]
+    run = subprocess.run(["bash", *script], env=photos, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for row in ("full", "scan"):
+        scored = json.loads((tmp_path / "photos" / f"scenes_to_photos_{row}.json").read_text())
+        assert scored["n_images"] == 5
+        held = json.loads((tmp_path / "photos" / "s0" / row / "heldout_metrics.json").read_text())
+        assert held["n_images"] == 10  # the photo-trained rows scored on the held-out scenes
+
 
 def test_report_names_a_broken_row_file(tmp_path, capsys):
     study = tmp_path / "study"
@@ -113,3 +147,28 @@ def test_report_names_a_broken_row_file(tmp_path, capsys):
     (study / "n800" / "s0" / "full" / "heldout_metrics.json").write_text("{}")
     assert scaling_report.main(["--study", str(study), "--resamples", "10"]) == 2
     assert "lacks 'rsum'" in capsys.readouterr().err
+
+
+def test_report_by_regions_with_the_cost_of_each_row(tmp_path, capsys):
+    study = tmp_path / "regions"
+    for r, noise in ((10, 0.8), (100, 0.5)):
+        for row in ("full", "scan"):
+            folder = study / f"r{r}" / "s0" / row
+            _row(folder, _sims(30, noise + 0.2 * (row == "scan"), seed=r))
+            # one epoch paused (e.g. by SIGSTOP) must not move the figure: the median is read
+            seconds = {"1": r / 10, "2": r / 10 + 1, "3": 999.0}
+            timing = {"train_pairs": 150, "epoch_seconds": seconds}
+            (folder / "timing.json").write_text(json.dumps(timing))
+            rss = {"wall_s": 12.0, "peak_rss_kb": 2**20 * (1 + r / 100)}
+            folder.with_name(f"{row}.time.json").write_text(json.dumps(rss))
+    out = tmp_path / "r.json"
+    argv = ["--study", str(study), "--by", "regions", "--json", str(out), "--resamples", "50"]
+    assert scaling_report.main(argv) == 0
+    entries = {(e["regions"], e["row"]): e for e in json.loads(out.read_text())}
+    assert entries[(100, "full")]["cost"] == {"epoch_s": 11.0, "peak_rss_gb": 2.0}
+    assert entries[(10, "scan")]["cost"] == {"epoch_s": 2.0, "peak_rss_gb": 1.1}
+    text = capsys.readouterr().out
+    assert text.startswith("| regions | row |") and "| 100 | CPFEAN (demo recipe) |" in text
+    assert "| 11.0 | 2.00 |" in text
+    # a scenes study in the same folder finds nothing: the variable picks the folders
+    assert scaling_report.main(["--study", str(study)]) == 2
