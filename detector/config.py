@@ -21,6 +21,7 @@ from detectron2.config import get_cfg
 
 import detector.butd  # noqa: F401  (registers the Caffe-BUTD backbone and ROI heads)
 from cpfean.config import merge_trees
+from cpfean.data.region_record import MAX_NUM_REGIONS
 from detector.efficientnet import add_efficientnet_config
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -30,7 +31,6 @@ DEFAULT_DETECTOR = "scenes_effl0_fpn"
 TRAINED_DEFAULT = Path("weights") / DEFAULT_DETECTOR / "config.yaml"
 
 FEATURE_SOURCES = ("box_head", "pooler")
-MAX_SLOTS = 1000  # regions a store record may hold (its header counts them in a u16)
 BOX_SOURCES = ("proposal", "regressed")
 
 
@@ -197,9 +197,9 @@ def validate_region_cfg(cfg: CN) -> None:
     r = cfg.REGIONS
     if r.IMAGES_PER_BATCH < 1:
         raise ValueError(f"REGIONS.IMAGES_PER_BATCH must be >= 1, got {r.IMAGES_PER_BATCH}")
-    if not 0 < r.MIN_REGIONS <= r.MAX_REGIONS <= MAX_SLOTS:
+    if not 0 < r.MIN_REGIONS <= r.MAX_REGIONS <= MAX_NUM_REGIONS:
         raise ValueError(
-            f"need 0 < REGIONS.MIN_REGIONS <= MAX_REGIONS <= {MAX_SLOTS}, got "
+            f"need 0 < REGIONS.MIN_REGIONS <= MAX_REGIONS <= {MAX_NUM_REGIONS}, got "
             f"{r.MIN_REGIONS}, {r.MAX_REGIONS}"
         )
     if not 0.0 <= r.SCORE_THRESH <= 1.0 or not 0.0 < r.NMS_THRESH <= 1.0:

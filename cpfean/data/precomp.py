@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cpfean.data.region_record import MAX_NUM_REGIONS
 from cpfean.data.region_store import RegionRecord, RegionStoreError, RegionWriter
 from cpfean.fileio import atomic_output
 from cpfean.progress import progress as progress_of
@@ -76,8 +77,10 @@ def read_split(src: Path, split: str, id_map: dict[str, str] | None = None) -> P
         ims = np.load(ims_path, mmap_mode="r", allow_pickle=False)
     except ValueError as e:
         raise ValueError(f"{ims_path}: not a numeric .npy array ({e})") from None
-    if ims.ndim != 3 or not 0 < ims.shape[1] <= 1000 or ims.shape[2] < 1:
-        raise ValueError(f"{ims_path}: expected shape [N, R, D] with R <= 1000, got {ims.shape}")
+    if ims.ndim != 3 or not 0 < ims.shape[1] <= MAX_NUM_REGIONS or ims.shape[2] < 1:
+        raise ValueError(
+            f"{ims_path}: expected shape [N, R, D] with R <= {MAX_NUM_REGIONS}, got {ims.shape}"
+        )
     if not np.issubdtype(ims.dtype, np.floating):
         raise ValueError(f"{ims_path}: expected float features, got {ims.dtype}")
     captions = _lines(caps_path)

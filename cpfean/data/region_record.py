@@ -23,6 +23,7 @@ from cpfean.arrays import as_numpy
 
 SCHEMA_VERSION = 1
 NUM_REGIONS = 36  # slots per record unless a store's meta says otherwise
+MAX_NUM_REGIONS = 1000  # the most a store allows (the header would count up to 65,535)
 META_KEY = "__meta__"
 MAGIC = b"CPRS"
 # each record's companion key: this byte then the id (no file name holds a NUL, and the prefix

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from cpfean.data.region_record import (
+    MAX_NUM_REGIONS,
     META_KEY,
     NUM_REGIONS,
     SCHEMA_VERSION,
@@ -70,8 +71,14 @@ def _normalise_meta(meta: dict) -> dict:
     if not isinstance(names, (list, tuple)) or not all(isinstance(x, str) for x in names):
         raise RegionStoreError(f"meta 'label_names' must be a list of str, got {names!r:.80}")
     slots = meta.get("num_regions", NUM_REGIONS)
-    if isinstance(slots, bool) or not isinstance(slots, (int, np.integer)) or not 0 < slots <= 1000:
-        raise RegionStoreError(f"meta 'num_regions' must be an int in 1..1000, got {slots!r}")
+    if (
+        isinstance(slots, bool)
+        or not isinstance(slots, (int, np.integer))
+        or not 0 < slots <= MAX_NUM_REGIONS
+    ):
+        raise RegionStoreError(
+            f"meta 'num_regions' must be an int in 1..{MAX_NUM_REGIONS}, got {slots!r}"
+        )
     fixed = {"schema_version": SCHEMA_VERSION, "feature_dtype": "float16"}
     for key, want in fixed.items():
         if key in meta and meta[key] != want:
