@@ -24,7 +24,7 @@ from pathlib import Path
 
 from cpfean.fileio import atomic_write_json
 from cpfean.scenes.photo_captions import caption_photo_set
-from cpfean.scenes.photos import MissingPackageError, generate_photo_set
+from cpfean.scenes.photos import MissingPackageError, check_replaceable, generate_photo_set
 from pipelines import cli
 
 
@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _captions(out: Path, seed: int) -> int:
     try:
+        check_replaceable(out)  # a captions.json of the user's own is never overwritten
+        if out.is_dir() and not (out / "SOURCES.json").is_file():
+            raise ValueError(f"{out} is not a photo set made by this command (no SOURCES.json)")
         captions = caption_photo_set(out, seed)
     except (FileNotFoundError, ValueError) as e:
         return cli.fail(e)

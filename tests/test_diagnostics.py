@@ -14,9 +14,8 @@ from cpfean.config import Config, DataConfig
 from cpfean.data.captions import load_captions
 from cpfean.data.region_store import RegionStore
 from cpfean.diagnostics import recurrence_report, region_report, within_image_cosine
-from cpfean.model import ModelConfig, build_model
 from pipelines import diagnose
-from tests.tiny_data import CATEGORIES, make_tiny_dataset
+from tests.tiny_data import CATEGORIES, make_tiny_dataset, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -25,19 +24,7 @@ def data(tmp_path_factory):
 
 
 def _model(**overrides):
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        feature_dim=32,
-        embed_dim=32,
-        text_encoder="tiny-random",
-        region_heads=4,
-        region_ff_dim=64,
-        dropout=0.0,
-        use_spatial=False,
-        use_label_prior=False,
-        **overrides,
-    )
-    return build_model(cfg, CATEGORIES).eval(), cfg
+    return tiny_model(use_spatial=False, use_label_prior=False, **overrides)
 
 
 def test_within_image_cosine_by_hand():

@@ -10,23 +10,13 @@ import torch
 from cpfean.data.region_store import RegionRecord, RegionStore, RegionStoreError, RegionWriter
 from cpfean.encode import encode_records
 from cpfean.index import RetrievalIndex, build_index, search_index
-from cpfean.model import ModelConfig, build_model
 from tests.test_index import CKPT, query
-from tests.tiny_data import CATEGORIES
+from tests.tiny_data import CATEGORIES, tiny_model
 
 
 def _model():
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        feature_dim=32,
-        embed_dim=32,
-        text_encoder="tiny-random",
-        region_heads=4,
-        region_ff_dim=64,
-        dropout=0.0,
-        use_region_transformer=True,  # the one layer that mixes regions: padding must not leak
-    )
-    return build_model(cfg, CATEGORIES).eval()
+    # the region Transformer is the one layer that mixes regions: padding must not leak
+    return tiny_model(use_region_transformer=True)[0]
 
 
 def _detections(n_images: int, seed: int = 0) -> list[tuple]:

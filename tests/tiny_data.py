@@ -83,3 +83,23 @@ def make_tiny_dataset(
             )
     captions_path.write_text(json.dumps({"images": entries, "dataset": "tiny"}))
     return store_path, captions_path
+
+
+def tiny_model(**overrides):
+    """A seeded CPFEAN model sized for ``make_tiny_dataset`` (d = 32, a random tiny text
+    encoder, no dropout), eval mode; returns the model and its config."""
+    import torch
+
+    from cpfean.model import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    fields = dict(
+        feature_dim=32,
+        embed_dim=32,
+        text_encoder="tiny-random",
+        region_heads=4,
+        region_ff_dim=64,
+        dropout=0.0,
+    )
+    cfg = ModelConfig(**(fields | overrides))
+    return build_model(cfg, CATEGORIES).eval(), cfg

@@ -196,23 +196,30 @@ def render_scene(task: tuple[int, int, int, int, str, str]) -> Scene:
     return scene
 
 
+def karpathy_sentences(captions: Sequence[Caption], imgid: int) -> list[dict]:
+    """One image's captions as Karpathy sentences plus their grounding (mentions, relations);
+    sentence ids count ``len(captions)`` per image."""
+    n = len(captions)
+    return [
+        {
+            "raw": c.raw,
+            "tokens": tokenize(c.raw),
+            "imgid": imgid,
+            "sentid": imgid * n + k,
+            "mentions": list(c.mentions),
+            "relations": [list(r) for r in c.relations],
+        }
+        for k, c in enumerate(captions)
+    ]
+
+
 def build_karpathy(scenes: Sequence[Scene], meta: dict[str, Any] | None = None) -> dict:
     """The captions file (Karpathy split format plus grounding keys) for `scenes` in order."""
     splits = _split_names(len(scenes))
     images = []
     for scene, split in zip(scenes, splits, strict=True):
-        i, n = scene.index, len(scene.captions)
-        sentences = [
-            {
-                "raw": c.raw,
-                "tokens": tokenize(c.raw),
-                "imgid": i,
-                "sentid": i * n + k,
-                "mentions": list(c.mentions),
-                "relations": [list(r) for r in c.relations],
-            }
-            for k, c in enumerate(scene.captions)
-        ]
+        i = scene.index
+        sentences = karpathy_sentences(scene.captions, i)
         images.append(
             {
                 "filepath": "",

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from cpfean.scenes.templates import SceneObject, tokenize, write_captions
+from cpfean.scenes.generate import karpathy_sentences
+from cpfean.scenes.templates import SceneObject, write_captions
 
 LARGE_SIDE = 0.3
 CAPTIONS_PER_IMAGE = 5
@@ -58,10 +59,13 @@ def caption_photo_set(root: str | Path, seed: int = 0) -> dict[str, Any]:
             per_image: dict[int, list[dict]] = {im["id"]: [] for im in coco["images"]}
             for ann in coco["annotations"]:
                 per_image[ann["image_id"]].append(ann)
+            scenes = [
+                (im, photo_objects(per_image[im["id"]], names, im["width"], im["height"]))
+                for im in coco["images"]
+            ]
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a COCO detection file ({e!r:.80})") from None
-        for i, im in enumerate(coco["images"]):
-            objects = photo_objects(per_image[im["id"]], names, im["width"], im["height"])
+        for i, (im, objects) in enumerate(scenes):
             if not objects:
                 raise ValueError(f"{path}: image {im['file_name']!r} has no annotated object")
             rng = np.random.default_rng([seed, k, i])
@@ -69,17 +73,7 @@ def caption_photo_set(root: str | Path, seed: int = 0) -> dict[str, Any]:
                 rng, objects, im["width"], im["height"], "photo", CAPTIONS_PER_IMAGE
             )
             imgid = len(images)
-            sentences = [
-                {
-                    "raw": c.raw,
-                    "tokens": tokenize(c.raw),
-                    "imgid": imgid,
-                    "sentid": imgid * CAPTIONS_PER_IMAGE + j,
-                    "mentions": list(c.mentions),
-                    "relations": [list(r) for r in c.relations],
-                }
-                for j, c in enumerate(captions)
-            ]
+            sentences = karpathy_sentences(captions, imgid)
             images.append(
                 {
                     "filepath": "",

@@ -99,6 +99,22 @@ def test_captions_are_grounded_in_the_annotations(tmp_path, capsys):
     (out / "captions.json").rename(again)
     assert make_photo_set.main([str(out), "--captions-only"]) == 0  # seeded: the same file
     assert (out / "captions.json").read_text() == again.read_text()
+    # a folder of the user's own with a captions.json: refused, the file left as it was
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    for name in ("instances_train.json", "instances_val.json"):
+        (theirs / name).write_bytes((out / name).read_bytes())
+    (theirs / "captions.json").write_text("mine")
+    assert make_photo_set.main([str(theirs), "--captions-only"]) == 2
+    assert (theirs / "captions.json").read_text() == "mine"
+    capsys.readouterr()
+    # an annotation naming a category the file does not list: one error line, no traceback
+    val = json.loads((out / "instances_val.json").read_text())
+    val["annotations"][0]["category_id"] = 99
+    (out / "instances_val.json").write_text(json.dumps(val))
+    assert make_photo_set.main([str(out), "--captions-only"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a COCO detection file" in err[0]
     (out / "instances_val.json").unlink()
     assert make_photo_set.main([str(out), "--captions-only"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
