@@ -27,15 +27,18 @@ import numpy as np
 
 from cpfean.fileio import atomic_path, atomic_write_json
 from cpfean.metrics import paired_bootstrap
-from pipelines import cli
+from pipelines import ablate, cli
 
-ROWS = {  # ablate row -> the name in the table and plot
+LINES = {  # the study's rows at every size: ablate row -> the name in the table and plot
     "full": "CPFEAN (demo recipe)",
     "transformer": "CPFEAN + region Transformer",
     "prominence_loss": "CPFEAN + recurrence supervision",
     "scan": "SCAN-style baseline",
 }
-BASELINE = "scan"
+# any other row of pipelines.ablate (one component off, a variant of the region Transformer),
+# trained at some size only: in the table, against CPFEAN too, not drawn
+ROWS = {**LINES, **{row: name for row, (name, _) in ablate.ROWS.items() if row not in LINES}}
+BASELINE, FULL = "scan", "full"
 # --by: (folder prefix, the table's column, the plot's axis)
 VARIABLES = {
     "scenes": ("n", "training scenes", "training scenes"),
@@ -79,7 +82,8 @@ def summarise(
     found: dict[tuple[int, str], dict[int, Path]], resamples: int, by: str = "scenes"
 ) -> list[dict]:
     """One entry per (N, row): rSum per seed, their mean, the difference to the baseline of
-    each seed trained for both, with its bootstrap interval, and the cost of seed 0's run."""
+    each seed trained for both, with its bootstrap interval (and to CPFEAN for a row that
+    is neither), and the cost of seed 0's run."""
     out = []
     order = list(ROWS)
     for (size, row), seeds in sorted(
@@ -97,17 +101,19 @@ def summarise(
             "mean": float(np.mean(list(rsums.values()))),
             "cost": _cost(seeds[min(seeds)]),
         }
-        base = found.get((size, BASELINE), {})
-        if row != BASELINE:
-            entry["vs_baseline"] = {
+        for key, other in (("vs_baseline", BASELINE), ("vs_full", FULL)):
+            if row in (BASELINE, other):
+                continue
+            against = found.get((size, other), {})
+            entry[key] = {
                 s: paired_bootstrap(
                     np.load(f / "heldout_sims.npy"),
-                    np.load(base[s] / "heldout_sims.npy"),
+                    np.load(against[s] / "heldout_sims.npy"),
                     resamples=resamples,
                     seed=s,
                 )
                 for s, f in seeds.items()
-                if s in base
+                if s in against
             }
         out.append(entry)
     return out
@@ -115,18 +121,29 @@ def summarise(
 
 def table(entries: list[dict], by: str = "scenes") -> str:
     costs = any(e["cost"] for e in entries)
+    others = any(e.get("vs_full") for e in entries)
     lines = [
         f"| {VARIABLES[by][1]} | row | held-out rSum (per seed) | mean "
-        "| vs baseline (95% interval) |" + (" train s/epoch | peak memory GB |" if costs else ""),
-        "|---:|---|---|---:|---|" + ("---:|---:|" if costs else ""),
+        "| vs baseline (95% interval) |"
+        + (" vs CPFEAN (95% interval) |" if others else "")
+        + (" train s/epoch | peak memory GB |" if costs else ""),
+        "|---:|---|---|---:|---|" + ("---|" if others else "") + ("---:|---:|" if costs else ""),
     ]
+
+    def versus(e: dict, key: str) -> str:
+        return (
+            "; ".join(
+                f"{c['diff']:+.1f} ({c['ci_low']:+.1f} .. {c['ci_high']:+.1f})"
+                for _, c in sorted(e.get(key, {}).items())
+            )
+            or "-"
+        )
+
     for e in entries:
         per_seed = ", ".join(f"{v:.1f} (seed {s})" for s, v in sorted(e["rsum"].items()))
-        versus = "; ".join(
-            f"{c['diff']:+.1f} ({c['ci_low']:+.1f} .. {c['ci_high']:+.1f})"
-            for _, c in sorted(e.get("vs_baseline", {}).items())
-        )
-        cells = [f"{e[by]:,}", e["name"], per_seed, f"{e['mean']:.1f}", versus or "-"]
+        cells = [f"{e[by]:,}", e["name"], per_seed, f"{e['mean']:.1f}", versus(e, "vs_baseline")]
+        if others:
+            cells.append(versus(e, "vs_full"))
         if costs:
             cells += [f"{e['cost'][k]:.1f}" if k in e["cost"] else "-" for k in ("epoch_s",)]
             cells += [f"{e['cost'][k]:.2f}" if k in e["cost"] else "-" for k in ("peak_rss_gb",)]
@@ -141,7 +158,7 @@ def plot(entries: list[dict], path: Path, by: str = "scenes") -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for row, name in ROWS.items():
+    for row, name in LINES.items():
         mine = sorted((e for e in entries if e["row"] == row), key=lambda e: e[by])
         if not mine:
             continue

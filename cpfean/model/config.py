@@ -39,6 +39,10 @@ class ModelConfig:
     # subtract the image's mean Transformer update: otherwise it can add one image-wide vector
     # to every region, and an image's regions grow alike (docs/lab-notes.md)
     center_region_context: bool = False
+    # pre-norm, and residual branches that start at zero: the layer starts as the identity and
+    # cannot wash out the projected features before training asks it to (docs/scaling.md)
+    region_norm_first: bool = True
+    region_zero_init: bool = True
     # --- pairwise scoring ----------------------------------------------------------------
     use_fusion: bool = True  # gated cross-modal semantic fusion; off = plain cross attention
     use_prominence: bool = True  # learned word prominence pooling; off = uniform (x word gates)

@@ -206,6 +206,8 @@ def build_model(cfg: ModelConfig, label_names: list[str]) -> CPFEAN:
         ff_dim=cfg.region_ff_dim,
         dropout=cfg.dropout,
         center_context=cfg.center_region_context,
+        norm_first=cfg.region_norm_first,
+        zero_init=cfg.region_zero_init,
     )
     special = [tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id]
     word_encoder = WordEncoder(

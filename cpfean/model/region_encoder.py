@@ -50,6 +50,10 @@ class RegionEncoder(nn.Module):
     use_transformer: run a Transformer encoder over the regions.
     layers, heads, ff_dim, dropout: the Transformer's shape.
     center_context: remove the image-wide mean of the Transformer's update.
+    norm_first: pre-norm layers (LayerNorm inside each residual branch); False is the
+        original post-norm layer.
+    zero_init: start each layer's residual branches at zero, so that the layer is the
+        identity at initialisation; False keeps PyTorch's default initialisation.
     """
 
     def __init__(
@@ -65,6 +69,8 @@ class RegionEncoder(nn.Module):
         ff_dim: int,
         dropout: float,
         center_context: bool = False,
+        norm_first: bool = True,
+        zero_init: bool = True,
     ) -> None:
         super().__init__()
         self.proj = nn.Linear(feature_dim, embed_dim)
@@ -87,12 +93,12 @@ class RegionEncoder(nn.Module):
                 dim_feedforward=ff_dim,
                 dropout=dropout,
                 batch_first=True,
-                norm_first=True,
+                norm_first=norm_first,
             )
             self.transformer = nn.TransformerEncoder(
                 layer, num_layers=layers, enable_nested_tensor=False
             )
-            for block in self.transformer.layers:  # residual branches start at zero
+            for block in self.transformer.layers if zero_init else []:
                 zero_(block.self_attn.out_proj)
                 zero_(block.linear2)
 

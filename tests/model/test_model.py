@@ -28,6 +28,7 @@ SWITCHES = {
     "no_intra": {"use_gcn": False, "use_region_transformer": False},
     "frozen_text": {"freeze_text_encoder": True, "region_layers": 2},
     "centered_context": {"center_region_context": True},
+    "post_norm_default_init": {"region_norm_first": False, "region_zero_init": False},
     "scan_baseline": "scan",
 }
 
@@ -126,7 +127,34 @@ def test_centered_context_removes_an_image_wide_update():
     assert (out[False] - plain)[mask].norm(dim=-1).min() > 0.1
 
 
-@pytest.mark.parametrize("name", ["full", "region_alignment", "scan_baseline", "centered_context"])
+def test_the_region_layer_starts_as_the_identity_only_when_zero_initialised():
+    """Pre-norm with zero-started branches passes the projected regions through untouched;
+    either the plain post-norm layer or PyTorch's initialisation moves them from the start."""
+    feats, boxes, labels, scores, mask = random_regions(2, n_valid=[36, 7])
+    out = {}
+    for norm_first, zero_init in ((True, True), (True, False), (False, True)):
+        torch.manual_seed(0)
+        cfg = tiny_config(
+            use_spatial=False,
+            use_label_prior=False,
+            region_norm_first=norm_first,
+            region_zero_init=zero_init,
+        )
+        enc = build_model(cfg, LABELS).eval().region_encoder
+        assert enc.transformer.layers[0].norm_first is norm_first
+        with torch.no_grad():
+            out[norm_first, zero_init] = enc(RegionBatch(feats, boxes, labels, scores, mask))
+            plain = torch.nn.functional.normalize(enc.proj(feats), dim=-1) * mask[..., None]
+    torch.testing.assert_close(out[True, True], plain)
+    # post-norm renormalises x + 0 = x through a LayerNorm: the direction moves
+    for key in ((True, False), (False, True)):
+        assert (out[key] - plain)[mask].norm(dim=-1).min() > 1e-3, key
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["full", "region_alignment", "scan_baseline", "centered_context", "post_norm_default_init"],
+)
 def test_padding_does_not_change_scores(name):
     torch.manual_seed(0)
     model = build_model(_config(SWITCHES[name]), LABELS).eval()

@@ -63,6 +63,37 @@ def test_report_tables_each_row_against_the_baseline_of_its_seed(tmp_path, capsy
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_row_trained_at_one_size_is_tabled_against_cpfean_too(tmp_path, capsys):
+    """A one-component-off row or a Transformer variant (at the largest size only) gets its
+    difference to CPFEAN of the same seed beside the one to the baseline."""
+    study = tmp_path / "study"
+    made = {}
+    for row, noise in (("full", 0.6), ("scan", 0.9), ("no_fusion", 0.75)):
+        for s in (0, 1):
+            sims = _sims(40, noise, seed=10 * s + len(row))
+            made[row, s] = sims
+            _row(study / "n6400" / f"s{s}" / row, sims)
+    _row(study / "n800" / "s0" / "full", _sims(40, 0.7, seed=3))
+    out = tmp_path / "entries.json"
+    argv = ["--study", str(study), "--json", str(out), "--resamples", "100"]
+    assert scaling_report.main([*argv, "--png", str(tmp_path / "p.png")]) == 0
+    entries = {(e["scenes"], e["row"]): e for e in json.loads(out.read_text())}
+    off = entries[(6400, "no_fusion")]
+    assert off["name"] == "w/o cross-modal fusion"
+    for s in (0, 1):
+        want = paired_bootstrap(made["no_fusion", s], made["full", s], resamples=100, seed=s)
+        assert off["vs_full"][str(s)] == pytest.approx(want)
+        assert off["vs_baseline"][str(s)]["diff"] == pytest.approx(
+            paired_bootstrap(made["no_fusion", s], made["scan", s], resamples=100, seed=s)["diff"]
+        )
+    assert "vs_full" not in entries[(6400, "full")] and "vs_full" not in entries[(6400, "scan")]
+    assert entries[(800, "full")]["vs_baseline"] == {}  # no baseline trained at 800
+    text = capsys.readouterr().out
+    assert "vs CPFEAN (95% interval)" in text.splitlines()[0]
+    line = next(x for x in text.splitlines() if "w/o cross-modal fusion" in x)
+    assert f"{off['vs_full']['0']['diff']:+.1f}" in line
+
+
 def test_report_names_a_missing_or_empty_study(tmp_path, capsys):
     assert scaling_report.main(["--study", str(tmp_path / "nope")]) == 2
     assert "no such folder" in capsys.readouterr().err
@@ -81,6 +112,7 @@ def test_study_script_trains_each_row_once_and_reports(quick_demo, tmp_path):
         "DET": str(out / "detector"),
         "SIZES": "8",
         "ROWS": "full,scan",
+        "OFF_ROWS": "no_gcn",  # the largest size's one-component-off stage
         "HELDOUT": "10",
         "EXTRA": "train.epochs=1 train.batch_size=16",
         "PYTHONPATH": str(REPO),
@@ -88,9 +120,11 @@ def test_study_script_trains_each_row_once_and_reports(quick_demo, tmp_path):
     script = [str(REPO / "scripts" / "scaling_study.sh")]
     first = subprocess.run(["bash", *script], env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert first.stdout.count("[ablate] training") == 2
+    assert first.stdout.count("[ablate] training") == 3
     assert "| 8 | CPFEAN (demo recipe) |" in first.stdout
     assert "| 8 | SCAN-style baseline |" in first.stdout
+    assert "| 8 | w/o word GCN |" in first.stdout
+    assert "its variants are not run" in first.stdout  # no Transformer row trained
     again = subprocess.run(["bash", *script], env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "[ablate] training" not in again.stdout
     missing = subprocess.run(
