@@ -277,6 +277,15 @@ def check_values(cfg: Config) -> None:
             f"model.region_heads: {cfg.model.region_heads} does not divide "
             f"model.embed_dim {cfg.model.embed_dim}"
         )
+    if cfg.model.text_frozen_layers:
+        from cpfean.model.text_encoder import text_layer_count
+
+        layers = text_layer_count(cfg.model.text_encoder)
+        if layers is not None and cfg.model.text_frozen_layers > layers:
+            raise ConfigError(
+                f"model.text_frozen_layers: {cfg.model.text_frozen_layers} is more than "
+                f"the {layers} layers of text encoder {cfg.model.text_encoder!r}"
+            )
     if any(e < 1 for e in cfg.train.lr_decay_epochs):
         raise ConfigError(
             f"train.lr_decay_epochs: epochs are >= 1, got {list(cfg.train.lr_decay_epochs)}"

@@ -111,6 +111,15 @@ def test_every_bounded_field_refuses_the_value_just_outside_its_range():
     assert checked >= 20
 
 
+def test_frozen_text_layers_are_checked_against_the_encoder_before_any_work():
+    """MiniLM has 6 layers: 6 may be frozen, 7 is one error naming the key and the count."""
+    assert load_config(None, ["model.text_frozen_layers=6"]).model.text_frozen_layers == 6
+    with pytest.raises(ConfigError, match=r"model\.text_frozen_layers: 7 is more than the 6"):
+        load_config(None, ["model.text_frozen_layers=7"])
+    with pytest.raises(ConfigError, match="the 2 layers of text encoder 'tiny-random'"):
+        load_config(None, ["model.text_encoder=tiny-random", "model.text_frozen_layers=3"])
+
+
 def test_full_config_round_trips_through_yaml(tmp_path):
     cfg = load_config(None, ["train.lr=0.001", "model.topk=2", "model.max_words=20"])
     assert isinstance(cfg, Config)

@@ -24,6 +24,9 @@ class ModelConfig:
     # --- text side -----------------------------------------------------------------------
     text_encoder: str = "minilm"  # "minilm" (packaged offline), "tiny-random" (tests), or a path
     freeze_text_encoder: bool = False  # keep the BERT weights fixed (and in eval mode)
+    # fix the embeddings and this many bottom layers of the text encoder: their backward pass,
+    # most of a CPU training step, is skipped, and the top layers still adapt to the captions
+    text_frozen_layers: int = bounded(0, low=0)
     max_words: int = bounded(32, low=1)  # max word tokens per caption, [CLS]/[SEP] not counted
     use_gcn: bool = True  # one residual GCN layer over the fully connected word graph
     # --- image side ----------------------------------------------------------------------

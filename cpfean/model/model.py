@@ -216,6 +216,7 @@ def build_model(cfg: ModelConfig, label_names: list[str]) -> CPFEAN:
         embed_dim=cfg.embed_dim,
         use_gcn=cfg.use_gcn,
         freeze=cfg.freeze_text_encoder,
+        frozen_layers=cfg.text_frozen_layers,
     )
     gates = (
         FragmentGates(embed_dim=cfg.embed_dim, cos_init=cfg.gate_cos_init)

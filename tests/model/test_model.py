@@ -349,3 +349,39 @@ def test_grouping_captions_by_length_changes_no_word_embedding_nor_gradient():
     # the spread of lengths is real: the longest caption is over twice the shortest
     lengths = tok["attention_mask"].sum(-1)
     assert lengths.max() > 2 * lengths.min()
+
+
+def test_frozen_text_layers_get_no_gradient_and_the_layers_above_do():
+    """text_frozen_layers=1 of the tiny encoder's 2: the embeddings and layer 0 stay fixed and
+    out of the optimizer; layer 1 and the projection train; the words are those of the same
+    weights unfrozen."""
+    from cpfean.engine import TEXT_BACKBONE_PREFIX
+
+    torch.manual_seed(0)
+    frozen = build_model(tiny_config(text_frozen_layers=1), LABELS)
+    torch.manual_seed(0)
+    free = build_model(tiny_config(), LABELS)
+    tok = frozen.tokenize(CAPTIONS[:4])
+    feats, boxes, labels, scores, mask = random_regions(4, n_valid=[36, 12, 5, 30])
+    batch = RegionBatch(feats, boxes, labels, scores, mask)
+    with torch.no_grad():  # eval: no dropout, so the two are comparable
+        same = frozen.eval()(batch, tok["input_ids"], tok["attention_mask"])
+        torch.testing.assert_close(
+            same, free.eval()(batch, tok["input_ids"], tok["attention_mask"])
+        )
+    sims = frozen.train()(batch, tok["input_ids"], tok["attention_mask"])
+    ContrastiveLoss(margin=0.2, max_violation=False)(sims).backward()
+    backbone = frozen.word_encoder.backbone
+    fixed = [*backbone.embeddings.parameters(), *backbone.encoder.layer[0].parameters()]
+    assert fixed and all(p.grad is None and not p.requires_grad for p in fixed)
+    top = list(backbone.encoder.layer[1].parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in top)
+    trained = {n for n, p in frozen.named_parameters() if p.requires_grad}
+    prefix = TEXT_BACKBONE_PREFIX.removeprefix("word_encoder.")
+    assert not any(n.startswith(f"word_encoder.{prefix}embeddings.") for n in trained)
+    assert any(n.startswith(f"word_encoder.{prefix}encoder.layer.1.") for n in trained)
+
+
+def test_more_frozen_text_layers_than_the_encoder_has_is_refused():
+    with pytest.raises(ValueError, match="text_frozen_layers: 3 is more than .* 2 layers"):
+        build_model(tiny_config(text_frozen_layers=3), LABELS)
