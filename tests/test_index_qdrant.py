@@ -81,3 +81,14 @@ def test_an_update_of_the_index_updates_the_collection(tmp_path):
     assert found == set(index.image_ids)
     with pytest.raises(EngineError, match="no collection 'other'"):
         Searcher(model, index, "cpu", engine=QdrantStage(str(tmp_path / "qdrant2"), "other"))
+
+
+def test_a_server_that_is_not_there_is_named_as_unreachable(tmp_path):
+    """Port 9 on this machine has no listener: the check says the server cannot be reached,
+    not that the collection is missing."""
+    store = make_store(tmp_path / "regions", random_scenes(6, seed=4))
+    build_index(StandInModel().eval(), store, tmp_path / "index", checkpoint=CKPT, config={})
+    stage = QdrantStage("http://127.0.0.1:9", "gallery")
+    with pytest.raises(EngineError, match=r"cannot reach qdrant at http://127\.0\.0\.1:9: "):
+        stage.check(RetrievalIndex(tmp_path / "index"))
+    stage.close()

@@ -17,6 +17,7 @@ client's local mode (no server; what CI tests).
 from __future__ import annotations
 
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -49,10 +50,29 @@ def _client(url: str) -> Any:
     except ImportError as e:  # pragma: no cover - qdrant-client is in requirements.txt
         raise EngineError(f"the qdrant engine needs qdrant-client: {e}") from None
     if url.startswith(("http://", "https://")):
+        # the client's version probe runs in a thread and warns when the server does not
+        # answer; check() then names the unreachable server in one line, so the warning goes
+        warnings.filterwarnings("ignore", message="Failed to obtain server version")
         return QdrantClient(url=url, timeout=60)
     if url == ":memory:":
         return QdrantClient(":memory:")
     return QdrantClient(path=url)
+
+
+def _unreachable(error: Exception) -> bool:
+    """Whether a client call failed in transport (no server, refused, timed out) rather than
+    with an answer of the server."""
+    import httpx
+    from qdrant_client.http.exceptions import ResponseHandlingException
+
+    return isinstance(error, (ResponseHandlingException, httpx.TransportError, ConnectionError))
+
+
+def _cause(error: BaseException) -> str:
+    """The innermost error's text: the client wraps the transport's."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 class QdrantStage:
@@ -182,6 +202,10 @@ class QdrantStage:
         try:
             count = self.client.count(self.collection, exact=True).count
         except Exception as e:  # the client raises several kinds for a missing collection
+            if _unreachable(e):
+                raise EngineError(
+                    f"cannot reach qdrant at {self.url}: {_cause(e)}; is the server running?"
+                ) from None
             raise EngineError(
                 f"no collection {self.collection!r} at {self.url} ({type(e).__name__}); write "
                 "it with pipelines.index --engine qdrant"
