@@ -301,6 +301,13 @@ def _hits(ranks: np.ndarray) -> np.ndarray:
     return (ranks[:, None] <= np.asarray(RECALL_KS)[None]).astype(np.float64)
 
 
+def query_ranks(sims: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """The 1-based rank of every query of a matrix: ``([n] image -> text, [5n] text -> image)``,
+    what recalls and :func:`paired_bootstrap_ranks` are computed from."""
+    arr = _check_sims(sims)
+    return _i2t_ranks(arr), _t2i_ranks(arr)
+
+
 def paired_bootstrap(
     sims_a: npt.ArrayLike, sims_b: npt.ArrayLike, *, resamples: int = 1000, seed: int = 0
 ) -> PairedComparison:
@@ -321,14 +328,38 @@ def paired_bootstrap(
     a, b = _check_sims(sims_a), _check_sims(sims_b)
     if a.shape != b.shape:
         raise ValueError(f"the two similarity matrices differ in shape: {a.shape} vs {b.shape}")
+    return paired_bootstrap_ranks(query_ranks(a), query_ranks(b), resamples=resamples, seed=seed)
+
+
+def paired_bootstrap_ranks(
+    ranks_a: tuple[npt.ArrayLike, npt.ArrayLike],
+    ranks_b: tuple[npt.ArrayLike, npt.ArrayLike],
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> PairedComparison:
+    """:func:`paired_bootstrap` from each model's :func:`query_ranks`. Only whether a rank is
+    within 1, 5 and 10 counts, so ranks past 10 may be stored as any larger number."""
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, got {resamples}")
-    n = a.shape[0]
-    # per image: its i2t hits (3) and the mean of its five captions' t2i hits (3), for A - B;
-    # the ranks are computed once and also give each model's rSum
+    pairs = []
+    for i2t, t2i in (ranks_a, ranks_b):
+        i2t, t2i = np.asarray(i2t), np.asarray(t2i)
+        if i2t.ndim != 1 or t2i.shape != (CAPTIONS_PER_IMAGE * i2t.size,) or i2t.size == 0:
+            raise ValueError(
+                f"ranks of {i2t.shape} images and {t2i.shape} captions: not 5 captions an image"
+            )
+        if min(i2t.min(), t2i.min()) < 1:
+            raise ValueError("ranks are 1-based: a rank below 1 is not a rank")
+        pairs.append((i2t, t2i))
+    if pairs[0][0].shape != pairs[1][0].shape:
+        raise ValueError(
+            f"the two models rank different sets: {pairs[0][0].size} vs {pairs[1][0].size} images"
+        )
+    n = pairs[0][0].size
+    # per image: its i2t hits (3) and the mean of its five captions' t2i hits (3), for A - B
     per_image, rsums = [], []
-    for arr in (a, b):
-        i2t_ranks, t2i_ranks = _i2t_ranks(arr), _t2i_ranks(arr)
+    for i2t_ranks, t2i_ranks in pairs:
         rsums.append(_rsum(_direction_metrics(i2t_ranks), _direction_metrics(t2i_ranks)))
         t2i = _hits(t2i_ranks).reshape(n, CAPTIONS_PER_IMAGE, -1).mean(axis=1)
         per_image.append(np.concatenate([_hits(i2t_ranks), t2i], axis=1).sum(axis=1))

@@ -35,64 +35,8 @@ from cpfean.engine import train
 from cpfean.evaluation import evaluate_split
 from cpfean.fileio import atomic_path, atomic_write, atomic_write_json
 from cpfean.metrics import format_table
-from cpfean.model.config import ModelConfig
+from cpfean.studies import DEFAULT_ROWS, ROWS
 from pipelines import cli
-
-ROWS: dict[str, tuple[str, list[str]]] = {
-    "full": ("CPFEAN", []),
-    "scan": (
-        "SCAN-style baseline",
-        [f"model.{k}={str(v).lower()}" for k, v in ModelConfig.SCAN_BASELINE.items()]
-        + ["train.recurrence_weight=0"],
-    ),
-    "no_fusion": ("w/o cross-modal fusion", ["model.use_fusion=false"]),
-    "no_prominence": (
-        "w/o word prominence",
-        ["model.use_prominence=false", "train.recurrence_weight=0"],
-    ),
-    "no_prominence_loss": ("w/o recurrence supervision", ["train.recurrence_weight=0"]),
-    "prominence_loss": ("with recurrence supervision", ["train.recurrence_weight=1"]),
-    "no_label_prior": ("w/o label prior", ["model.use_label_prior=false"]),
-    "no_spatial": ("w/o spatial embedding", ["model.use_spatial=false"]),
-    "no_gcn": ("w/o word GCN", ["model.use_gcn=false"]),
-    "region_alignment": ("with region-to-word alignment", ["model.use_region_alignment=true"]),
-    "no_transformer": ("w/o region Transformer", ["model.use_region_transformer=false"]),
-    "transformer": ("with region Transformer", ["model.use_region_transformer=true"]),
-    "all_regions": ("all regions per word (topk=0)", ["model.topk=0"]),
-}
-# The region Transformer as the field builds a relation layer that must not blur the regions,
-# one change each from the shipped layer (pre-norm, residual branches from zero, dropout 0.1,
-# one layer, the box embedding added before it as its position signal). Not in the default
-# --rows: they are the scaling study's question about our layer (docs/scaling.md).
-_TRANSFORMER = ["model.use_region_transformer=true"]
-TRANSFORMER_VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "transformer_post_norm": (
-        "region Transformer, post-norm, default init",
-        [*_TRANSFORMER, "model.region_norm_first=false", "model.region_zero_init=false"],
-    ),
-    "transformer_default_init": (
-        "region Transformer, branches not from zero",
-        [*_TRANSFORMER, "model.region_zero_init=false"],
-    ),
-    "transformer_no_dropout": (
-        "region Transformer, no dropout",
-        [*_TRANSFORMER, "model.dropout=0"],
-    ),
-    "transformer_two_layers": (
-        "region Transformer, two layers",
-        [*_TRANSFORMER, "model.region_layers=2"],
-    ),
-    "transformer_no_box": (
-        "region Transformer, no box embedding",
-        [*_TRANSFORMER, "model.use_spatial=false"],
-    ),
-    "transformer_centered": (
-        "region Transformer, image-wide update removed",
-        [*_TRANSFORMER, "model.center_region_context=true"],
-    ),
-}
-DEFAULT_ROWS = list(ROWS)
-ROWS.update(TRANSFORMER_VARIANTS)
 
 
 def _changed_keys(saved: Path, cfg) -> list[str]:

@@ -3,6 +3,7 @@ data-scaling study (`scripts/scaling_study.sh`, ``--by scenes``) or regions per 
 (`scripts/regions_study.sh`, ``--by regions``).
 
     python -m pipelines.scaling_report [--study runs/scaling] [--by scenes|regions]
+                                       [--record DIR [--detector DIGEST]]
                                        [--png docs/images/scaling.png] [--json F]
 
 Reads ``STUDY/n{N}/s{SEED}/{row}/heldout_metrics.json`` and ``heldout_sims.npy`` (written by
@@ -25,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cpfean import studies
 from cpfean.fileio import atomic_path, atomic_write_json
-from cpfean.metrics import paired_bootstrap
-from pipelines import ablate, cli
+from cpfean.metrics import paired_bootstrap_ranks, query_ranks
+from pipelines import cli
 
 LINES = {  # the study's rows at every size: ablate row -> the name in the table and plot
     "full": "CPFEAN (demo recipe)",
@@ -37,7 +39,7 @@ LINES = {  # the study's rows at every size: ablate row -> the name in the table
 }
 # any other row of pipelines.ablate (one component off, a variant of the region Transformer),
 # trained at some size only: in the table, against CPFEAN too, not drawn
-ROWS = {**LINES, **{row: name for row, (name, _) in ablate.ROWS.items() if row not in LINES}}
+ROWS = {**LINES, **{row: name for row, (name, _) in studies.ROWS.items() if row not in LINES}}
 BASELINE, FULL = "scan", "full"
 # --by: (folder prefix, the table's column, the plot's axis)
 VARIABLES = {
@@ -47,8 +49,11 @@ VARIABLES = {
 SEED = re.compile(r"^s(\d+)$")
 
 
-def collect(study: Path, by: str = "scenes") -> dict[tuple[int, str], dict[int, Path]]:
-    """{(N, row): {seed: row folder}} for every row with held-out scores."""
+def collect(
+    study: Path, by: str = "scenes", record: Path | None = None
+) -> dict[tuple[int, str], dict[int, Path]]:
+    """{(N, row): {seed: run folder, or the row's record in ``record`` where the study has no
+    run folder with held-out scores for it}}."""
     prefix = VARIABLES[by][0]
     run = re.compile(rf"^{prefix}(\d+)$")
     found: dict[tuple[int, str], dict[int, Path]] = defaultdict(dict)
@@ -62,11 +67,22 @@ def collect(study: Path, by: str = "scenes") -> dict[tuple[int, str], dict[int, 
                     folder / "heldout_sims.npy"
                 ).is_file():
                     found[(int(size.group(1)), row)][int(seed.group(1))] = folder
+    named = re.compile(rf"^{prefix}(\d+)_s(\d+)_(\w+)\.json$")
+    for path in sorted(record.glob("*.json")) if record is not None else []:
+        match = named.match(path.name)
+        if match and match.group(3) in ROWS:
+            found[(int(match.group(1)), match.group(3))].setdefault(int(match.group(2)), path)
     return dict(found)
+
+
+def _is_record(source: Path) -> bool:
+    return source.suffix == ".json"
 
 
 def _cost(folder: Path) -> dict[str, float]:
     """Training seconds per epoch and peak memory of a row, where its run recorded them."""
+    if _is_record(folder):
+        return studies.read_record(folder)["cost"]
     out: dict[str, float] = {}
     timing, process = folder / "timing.json", folder.with_name(f"{folder.name}.time.json")
     if timing.is_file():
@@ -76,6 +92,49 @@ def _cost(folder: Path) -> dict[str, float]:
     if process.is_file():
         out["peak_rss_gb"] = json.loads(process.read_text())["peak_rss_kb"] / 2**20
     return out
+
+
+def _heldout(source: Path) -> dict:
+    if _is_record(source):
+        return studies.read_record(source)["heldout"]
+    return json.loads((source / "heldout_metrics.json").read_text())
+
+
+def _ranks(source: Path) -> tuple[np.ndarray, np.ndarray]:
+    if _is_record(source):
+        return studies.record_ranks(studies.read_record(source))
+    return query_ranks(np.load(source / "heldout_sims.npy"))
+
+
+def keep_records(
+    found: dict[tuple[int, str], dict[int, Path]], record: Path, by: str, detector: str | None
+) -> int:
+    """Write the record of every row read from a run folder (the folder's scores may be newer
+    than the record); returns how many."""
+    written = 0
+    for (size, row), seeds in found.items():
+        for seed, source in seeds.items():
+            if _is_record(source):
+                continue
+            sims = np.load(source / "heldout_sims.npy")
+            entry = studies.make_record(
+                by, size, seed, row, _heldout(source), sims, _cost(source), detector
+            )
+            path = record / studies.record_name(VARIABLES[by][0], size, seed, row)
+            studies.write_record(path, entry)
+            written += 1
+    return written
+
+
+def check_detector(record: Path, detector: str) -> None:
+    """ValueError when a record in ``record`` was extracted with another detector."""
+    for path in sorted(record.glob("*.json")):
+        theirs = studies.read_record(path)["detector"]
+        if theirs is not None and theirs != detector:
+            raise ValueError(
+                f"{path} holds a row of sets extracted with detector {theirs}, not {detector}: "
+                "rows over two detectors are not one study (another --record starts another)"
+            )
 
 
 def summarise(
@@ -89,10 +148,7 @@ def summarise(
     for (size, row), seeds in sorted(
         found.items(), key=lambda kv: (kv[0][0], order.index(kv[0][1]))
     ):
-        rsums = {
-            s: json.loads((f / "heldout_metrics.json").read_text())["rsum"]
-            for s, f in seeds.items()
-        }
+        rsums = {s: _heldout(f)["rsum"] for s, f in seeds.items()}
         entry = {
             by: size,
             "row": row,
@@ -106,11 +162,8 @@ def summarise(
                 continue
             against = found.get((size, other), {})
             entry[key] = {
-                s: paired_bootstrap(
-                    np.load(f / "heldout_sims.npy"),
-                    np.load(against[s] / "heldout_sims.npy"),
-                    resamples=resamples,
-                    seed=s,
+                s: paired_bootstrap_ranks(
+                    _ranks(f), _ranks(against[s]), resamples=resamples, seed=s
                 )
                 for s, f in seeds.items()
                 if s in against
@@ -189,22 +242,37 @@ def main(argv: list[str] | None = None) -> int:
     p = cli.parser("python -m pipelines.scaling_report", __doc__)
     p.add_argument("--study", type=Path, default=Path("runs/scaling"))
     p.add_argument("--by", choices=sorted(VARIABLES), default="scenes", help="the variable")
+    p.add_argument("--record", type=Path, help="keep and read the rows' records here")
+    p.add_argument("--detector", help="the study's detector (a digest), checked and recorded")
     p.add_argument("--png", type=Path, help="draw the plot here")
     p.add_argument("--json", type=Path, help="also write the entries here")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap draws")
     args = p.parse_args(argv)
-    if not args.study.is_dir():
+    if not args.study.is_dir() and args.record is None:
         return cli.fail(f"--study {args.study}: no such folder (scripts/scaling_study.sh makes it)")
+    if args.record is not None and args.record.exists() and not args.record.is_dir():
+        return cli.fail(f"--record {args.record} is a file, not a folder")
+    if args.detector is not None and args.record is None:
+        return cli.fail("--detector goes with --record (it is checked against the records)")
     if args.resamples < 1:
         return cli.fail(f"--resamples must be >= 1, got {args.resamples}")
-    found = collect(args.study, args.by)
-    if not found:
-        return cli.fail(f"{args.study} holds no row with held-out scores yet")
     try:
+        if args.record is not None:
+            args.record.mkdir(parents=True, exist_ok=True)
+            if args.detector is not None:
+                check_detector(args.record, args.detector)
+        found = collect(args.study, args.by, args.record)
+        if args.record is not None:
+            kept = keep_records(found, args.record, args.by, args.detector)
+            print(f"records: {kept} kept in {args.record}")
+            if not found:
+                return 0  # a study that has trained nothing yet: its records are checked
+        if not found:
+            return cli.fail(f"{args.study} holds no row with held-out scores yet")
         entries = summarise(found, args.resamples, args.by)
     except KeyError as exc:  # a metrics file without its rSum (or a timing file its figures)
         return cli.fail(f"{args.study}: a heldout_metrics.json or timing file lacks {exc}")
-    except (OSError, ValueError) as exc:  # unreadable JSON or .npy, or matrices of two shapes
+    except (OSError, ValueError) as exc:  # unreadable JSON, .npy or record, or two shapes
         return cli.fail(exc)
     print(table(entries, args.by))
     if args.png:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 from detector.config import DEFAULT_DETECTOR, TRAINED_DEFAULT, get_region_cfg
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg.freeze()
     Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
     setup_logger(cfg.OUTPUT_DIR, name="detectron2")
+    # SEED -1 is detectron2's "draw one"; from a fixed seed the same data trains the same
+    # detector, so a study can extract a set later with the detector its first sets had
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)
 
     start = time.time()
     trainer = RegionTrainer(cfg)

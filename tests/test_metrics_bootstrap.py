@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cpfean.metrics import paired_bootstrap, recall_metrics
+from cpfean.metrics import paired_bootstrap, paired_bootstrap_ranks, query_ranks, recall_metrics
 
 
 def _perfect(n):
@@ -61,3 +61,24 @@ def test_mismatched_sets_and_bad_counts_are_errors():
         paired_bootstrap(_perfect(4), _perfect(5))
     with pytest.raises(ValueError, match="resamples"):
         paired_bootstrap(_perfect(4), _perfect(4), resamples=0)
+
+
+def test_ranks_clipped_past_ten_give_the_bootstrap_of_the_matrices():
+    rng = np.random.default_rng(4)
+    a, b = rng.standard_normal((30, 150)), rng.standard_normal((30, 150))
+    a[np.arange(30), 5 * np.arange(30)] += 2.5  # A finds most images' first caption
+    whole = paired_bootstrap(a, b, resamples=300, seed=7)
+    clipped = [tuple(np.minimum(r, 11) for r in query_ranks(m)) for m in (a, b)]
+    assert max(r.max() for pair in map(query_ranks, (a, b)) for r in pair) > 11  # clipping bites
+    assert paired_bootstrap_ranks(*clipped, resamples=300, seed=7) == whole
+    assert whole["rsum_a"] == recall_metrics(a)["rsum"] and whole["diff"] > 0
+
+
+def test_ranks_of_other_sets_or_not_ranks_are_errors():
+    ok = query_ranks(_perfect(4))
+    with pytest.raises(ValueError, match="different sets"):
+        paired_bootstrap_ranks(ok, query_ranks(_perfect(5)))
+    with pytest.raises(ValueError, match="5 captions an image"):
+        paired_bootstrap_ranks(ok, (ok[0], ok[1][:-1]))
+    with pytest.raises(ValueError, match="1-based"):
+        paired_bootstrap_ranks(ok, (ok[0] - 1, ok[1]))

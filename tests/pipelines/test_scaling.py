@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +95,31 @@ def test_a_row_trained_at_one_size_is_tabled_against_cpfean_too(tmp_path, capsys
     assert f"{off['vs_full']['0']['diff']:+.1f}" in line
 
 
+def test_records_keep_the_figures_when_the_run_folders_are_gone(tmp_path, capsys):
+    study, record = tmp_path / "study", tmp_path / "record"
+    for row, noise in (("full", 0.6), ("scan", 0.9), ("transformer", 0.8)):
+        for s in (0, 1):
+            _row(study / "n3200" / f"s{s}" / row, _sims(60, noise, seed=10 * s + len(row)))
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    argv = ["--record", str(record), "--detector", "abc123", "--resamples", "300"]
+    assert scaling_report.main(["--study", str(study), *argv, "--json", str(first)]) == 0
+    assert "records: 6 kept" in capsys.readouterr().out
+    one = json.loads((record / "n3200_s1_transformer.json").read_text())
+    assert one["detector"] == "abc123" and one["size"] == 3200 and one["seed"] == 1
+    assert max(one["ranks"]["i2t"] + one["ranks"]["t2i"]) == 11  # clipped past R@10
+    assert len(one["ranks"]["t2i"]) == 5 * len(one["ranks"]["i2t"]) == 300
+    shutil.rmtree(study)
+    assert scaling_report.main(["--study", str(study), *argv, "--json", str(second)]) == 0
+    assert json.loads(second.read_text()) == json.loads(first.read_text())
+    # a record of sets another detector extracted is not this study's
+    assert scaling_report.main(["--study", str(study), *argv[:2], "--detector", "fff"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "detector abc123, not fff" in err[0]
+    (record / "n3200_s0_scan.json").write_text('{"size": 3200}')
+    assert scaling_report.main(["--study", str(study), "--record", str(record)]) == 2
+    assert "n3200_s0_scan.json: not a study record" in capsys.readouterr().err
+
+
 def test_report_names_a_missing_or_empty_study(tmp_path, capsys):
     assert scaling_report.main(["--study", str(tmp_path / "nope")]) == 2
     assert "no such folder" in capsys.readouterr().err
@@ -109,6 +135,7 @@ def test_study_script_trains_each_row_once_and_reports(quick_demo, tmp_path):
         **os.environ,
         "PY": sys.executable,
         "STUDY": str(tmp_path / "study"),
+        "RECORD": str(tmp_path / "record"),
         "DET": str(out / "detector"),
         "SIZES": "8",
         "ROWS": "full,scan",
@@ -127,6 +154,21 @@ def test_study_script_trains_each_row_once_and_reports(quick_demo, tmp_path):
     assert "its variants are not run" in first.stdout  # no Transformer row trained
     again = subprocess.run(["bash", *script], env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "[ablate] training" not in again.stdout
+    recorded = sorted(p.name for p in (tmp_path / "record").iterdir())
+    assert recorded == ["n8_s0_full.json", "n8_s0_no_gcn.json", "n8_s0_scan.json"]
+    # the run folders gone (a new checkout): the records alone say the rows are done
+    shutil.rmtree(tmp_path / "study" / "n8")
+    again = subprocess.run(["bash", *script], env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[ablate] training" not in again.stdout and "| 8 | w/o word GCN |" in again.stdout
+    assert not (tmp_path / "study" / "n8").exists()  # nor are its scenes made again
+    unnamed = subprocess.run(
+        ["bash", *script],
+        env={k: v for k, v in env.items() if k != "RECORD"},
+        capture_output=True,
+        text=True,
+    )
+    assert unnamed.returncode == 2 and "name a RECORD folder" in unnamed.stderr
     missing = subprocess.run(
         ["bash", *script],
         env={**env, "DET": str(tmp_path / "no-detector")},

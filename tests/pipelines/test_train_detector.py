@@ -151,6 +151,32 @@ def test_end_to_end_scenes_train_then_extract(tmp_path, capsys):
     assert rec.num_valid >= 10
 
 
+@pytest.mark.slow
+def test_the_same_seed_trains_the_same_detector(tmp_path, capsys):
+    """SEED fixes initial weights, sampling and augmentation (the data loader's worker too):
+    a study extends its sets later with the detector its first sets were extracted with."""
+    from cpfean.scenes.generate import generate_dataset
+    from pipelines.train_detector import main as train_main
+
+    data = tmp_path / "scenes"
+    generate_dataset(data, 12, seed=3, width=128, height=96)
+
+    def weights(name: str, seed: int) -> dict[str, torch.Tensor]:
+        out = tmp_path / name
+        argv = ["--data", str(data), "--iters", "3", "--out", str(out), "--threads", "1"]
+        opts = [*SMALL_TRAIN, "DATALOADER.NUM_WORKERS", "1", "SEED", str(seed)]
+        assert train_main([*argv, *opts]) == 0
+        return torch.load(out / "model_final.pth", weights_only=True)["model"]
+
+    first, again, other = weights("a", 0), weights("b", 0), weights("c", 1)
+    capsys.readouterr()
+    assert first.keys() == again.keys() == other.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    # a trained tensor that a new seed changes (the box predictor starts from random weights)
+    changed = [k for k in first if not torch.equal(first[k], other[k])]
+    assert any("box_predictor" in k for k in changed)
+
+
 @pytest.mark.parametrize(
     "amp, fast_bf16, expected",
     [
