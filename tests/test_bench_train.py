@@ -33,6 +33,7 @@ def _argv(data, tmp_path, *extra):
         str(tmp_path / "train.json"),
         *extra,
         *TINY_MODEL,
+        "model.text_frozen_layers=1",  # the demo's frozen bottom, scaled to the tiny encoder
         "train.batch_size=16",
         "train.eval_batch_size=16",
     ]

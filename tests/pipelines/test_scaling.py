@@ -156,12 +156,6 @@ def test_study_script_trains_each_row_once_and_reports(quick_demo, tmp_path):
     assert again.returncode == 0 and "[ablate] training" not in again.stdout
     recorded = sorted(p.name for p in (tmp_path / "record").iterdir())
     assert recorded == ["n8_s0_full.json", "n8_s0_no_gcn.json", "n8_s0_scan.json"]
-    # the run folders gone (a new checkout): the records alone say the rows are done
-    shutil.rmtree(tmp_path / "study" / "n8")
-    again = subprocess.run(["bash", *script], env=env, capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "[ablate] training" not in again.stdout and "| 8 | w/o word GCN |" in again.stdout
-    assert not (tmp_path / "study" / "n8").exists()  # nor are its scenes made again
     unnamed = subprocess.run(
         ["bash", *script],
         env={k: v for k, v in env.items() if k != "RECORD"},
@@ -210,6 +204,14 @@ def test_study_script_trains_each_row_once_and_reports(quick_demo, tmp_path):
         assert scored["n_images"] == 5
         held = json.loads((tmp_path / "photos" / "s0" / row / "heldout_metrics.json").read_text())
         assert held["n_images"] == 10  # the photo-trained rows scored on the held-out scenes
+
+    # last, the run folders gone (a new checkout): the records alone say the rows are done
+    shutil.rmtree(tmp_path / "study" / "n8")
+    script = [str(REPO / "scripts" / "scaling_study.sh")]
+    again = subprocess.run(["bash", *script], env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[ablate] training" not in again.stdout and "| 8 | w/o word GCN |" in again.stdout
+    assert not (tmp_path / "study" / "n8").exists()  # nor are its scenes made again
 
 
 def test_report_names_a_broken_row_file(tmp_path, capsys):
