@@ -217,6 +217,7 @@ def build_model(cfg: ModelConfig, label_names: list[str]) -> CPFEAN:
         use_gcn=cfg.use_gcn,
         freeze=cfg.freeze_text_encoder,
         frozen_layers=cfg.text_frozen_layers,
+        frozen_cache=cfg.text_frozen_cache,
     )
     gates = (
         FragmentGates(embed_dim=cfg.embed_dim, cos_init=cfg.gate_cos_init)

@@ -131,8 +131,11 @@ class WordEncoder(nn.Module):
     embed_dim: d.
     use_gcn: apply the residual GCN layer.
     freeze: keep the backbone fixed and in eval mode.
-    frozen_layers: keep the backbone's embeddings and its first this many layers fixed
-        (0: none); their backward pass is then not run at all.
+    frozen_layers: keep the backbone's embeddings and its first this many layers fixed and in
+        eval mode (0: none); their backward pass is then not run at all.
+    frozen_cache: in training, keep what those fixed layers make of each distinct caption
+        and run only the layers above them; the same states as running them all, since fixed
+        layers without dropout give a caption the same output every step.
     length_group: run the backbone on groups of this many captions of similar length, each
         cut to its own longest (0 = the whole batch at once, padded to its longest).
     """
@@ -146,16 +149,23 @@ class WordEncoder(nn.Module):
         use_gcn: bool,
         freeze: bool,
         frozen_layers: int = 0,
+        frozen_cache: bool = True,
         length_group: int = 16,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.freeze = freeze
+        self.frozen_layers = frozen_layers
+        self.frozen_cache = frozen_cache
         self.length_group = length_group
+        # caption token ids -> the fixed layers' states (T_c, H); weights loaded later (a
+        # resumed run, a checkpoint) make them stale, so a load empties it
+        self._frozen_states: dict[tuple[int, ...], torch.Tensor] = {}
         if freeze:
             self.backbone.requires_grad_(False)
         if frozen_layers:
             _freeze_bottom(backbone, frozen_layers)
+            self.register_load_state_dict_pre_hook(lambda *_: self._frozen_states.clear())
         self.register_buffer("special_ids", torch.tensor(special_ids), persistent=False)
         self.proj = nn.Linear(backbone.config.hidden_size, embed_dim)
         self.gcn = WordGCN(embed_dim) if use_gcn else None
@@ -165,6 +175,9 @@ class WordEncoder(nn.Module):
         super().train(mode)
         if self.freeze:
             self.backbone.eval()
+        elif self.frozen_layers:
+            self.backbone.embeddings.eval()
+            self.backbone.encoder.layer[: self.frozen_layers].eval()
         return self
 
     def forward(
@@ -201,6 +214,8 @@ class WordEncoder(nn.Module):
         C, T = input_ids.shape
         positions = torch.arange(1, T + 1, device=input_ids.device)
         lengths = (attention_mask.bool() * positions).amax(-1)  # (C,) past the last real token
+        if self.training and self.frozen_layers and self.frozen_cache and not self.freeze:
+            return self._hidden_above_frozen(input_ids, attention_mask, lengths)
         group = self.length_group
         if group <= 0 or C <= group:
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
@@ -218,6 +233,59 @@ class WordEncoder(nn.Module):
             ).last_hidden_state  # (g, span, H)
             parts.append(F.pad(h, (0, 0, 0, T - span)))
         return torch.cat(parts)[torch.argsort(order)]
+
+    def _hidden_above_frozen(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """``_hidden`` in training with fixed bottom layers: their states come from the cache
+        (made, without gradient, for the captions it lacks), and only the layers above run."""
+        C, T = input_ids.shape
+        rows = torch.cat([lengths[:, None], input_ids], 1).tolist()  # the step's one host read
+        spans = [row[0] for row in rows]
+        keys = [tuple(row[1 : 1 + row[0]]) for row in rows]
+        blocks = self.backbone.encoder.layer
+        new = {key: i for i, key in enumerate(keys) if key not in self._frozen_states}
+        with torch.no_grad():
+            for rows, span in self._length_groups(list(new.values()), spans):
+                embeds = self.backbone.embeddings(input_ids=input_ids[rows, :span])
+                h = self._run_layers(
+                    blocks[: self.frozen_layers], embeds, attention_mask[rows, :span]
+                )
+                for j, i in enumerate(rows):
+                    self._frozen_states[keys[i]] = h[j, : spans[i]].clone()
+        order = self._length_groups(list(range(C)), spans)
+        parts = []
+        for rows, span in order:
+            states = torch.stack(
+                [F.pad(self._frozen_states[keys[i]], (0, 0, 0, span - spans[i])) for i in rows]
+            ).to(input_ids.device)
+            h = self._run_layers(
+                blocks[self.frozen_layers :], states, attention_mask[rows, :span]
+            )  # (g, span, H)
+            parts.append(F.pad(h, (0, 0, 0, T - span)))
+        placed = torch.tensor([i for rows, _ in order for i in rows], device=input_ids.device)
+        return torch.cat(parts)[torch.argsort(placed)]
+
+    def _length_groups(self, rows: list[int], spans: list[int]) -> list[tuple[list[int], int]]:
+        """``rows`` longest first (ties in their order), cut into groups of ``length_group``
+        (all at once where it is 0), each with the longest span it holds (at least 1)."""
+        rows = sorted(rows, key=lambda i: -spans[i])
+        size = self.length_group if self.length_group > 0 else max(len(rows), 1)
+        return [(rows[i : i + size], max(spans[rows[i]], 1)) for i in range(0, len(rows), size)]
+
+    def _run_layers(
+        self, blocks: nn.ModuleList, hidden: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Hidden states (g, span, H) through ``blocks`` of the backbone's encoder, with the
+        attention mask the backbone itself would build for them."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        mask = create_bidirectional_mask(
+            config=self.backbone.config, inputs_embeds=hidden, attention_mask=attention_mask
+        )
+        for block in blocks:
+            hidden = block(hidden, mask)
+        return hidden
 
     def _attention_for(self, device: torch.device) -> None:
         """Plain matmul attention on the CPU, fused SDPA elsewhere (the same function).

@@ -385,3 +385,38 @@ def test_frozen_text_layers_get_no_gradient_and_the_layers_above_do():
 def test_more_frozen_text_layers_than_the_encoder_has_is_refused():
     with pytest.raises(ValueError, match="text_frozen_layers: 3 is more than .* 2 layers"):
         build_model(tiny_config(text_frozen_layers=3), LABELS)
+
+
+def test_cached_frozen_states_train_as_running_every_layer():
+    """With the frozen bottom cached, two training steps (the second served from the cache)
+    give the same similarities and gradients as running every layer, dropout above included;
+    each distinct caption is kept once, and loading weights empties the cache."""
+    model = build_model(tiny_config(text_frozen_layers=1), LABELS)
+    encoder = model.word_encoder
+    encoder.length_group = 3  # several groups of similar length, as in a real batch
+    captions = [*CAPTIONS[:6], CAPTIONS[0]]  # one caption twice
+    tok = model.tokenize(captions)
+    batch = RegionBatch(*random_regions(len(captions), n_valid=[36, 12, 5, 30, 8, 20, 3]))
+
+    def step(cached: bool, seed: int):
+        encoder.frozen_cache = cached
+        model.zero_grad()
+        torch.manual_seed(seed)
+        sims = model.train()(batch, tok["input_ids"], tok["attention_mask"])
+        ContrastiveLoss(margin=0.2, max_violation=False)(sims).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return sims.detach(), grads
+
+    for seed in (0, 1):
+        want, want_grads = step(False, seed)
+        got, got_grads = step(True, seed)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        assert set(got_grads) == set(want_grads)
+        for name, grad in want_grads.items():
+            torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+        assert len(encoder._frozen_states) == len(set(captions))
+    with torch.no_grad():  # evaluation runs every layer and leaves the cache as it is
+        model.eval()(batch, tok["input_ids"], tok["attention_mask"])
+    assert len(encoder._frozen_states) == len(set(captions))
+    model.load_state_dict(model.state_dict())
+    assert encoder._frozen_states == {}
