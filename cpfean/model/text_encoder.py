@@ -240,9 +240,9 @@ class WordEncoder(nn.Module):
         """``_hidden`` in training with fixed bottom layers: their states come from the cache
         (made, without gradient, for the captions it lacks), and only the layers above run."""
         C, T = input_ids.shape
-        rows = torch.cat([lengths[:, None], input_ids], 1).tolist()  # the step's one host read
-        spans = [row[0] for row in rows]
-        keys = [tuple(row[1 : 1 + row[0]]) for row in rows]
+        host = torch.cat([lengths[:, None], input_ids], 1).tolist()  # the step's one host read
+        spans = [row[0] for row in host]
+        keys = [tuple(row[1 : 1 + row[0]]) for row in host]
         blocks = self.backbone.encoder.layer
         new = {key: i for i, key in enumerate(keys) if key not in self._frozen_states}
         with torch.no_grad():
