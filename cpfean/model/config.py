@@ -28,7 +28,7 @@ class ModelConfig:
     # most of a CPU training step, is skipped, and the top layers still adapt to the captions
     text_frozen_layers: int = bounded(0, low=0)
     # keep, per distinct training caption, what the frozen layers make of it, so that they run
-    # once per caption rather than every step (float32 states, ~0.6 KB a token on the device)
+    # once per caption rather than every step (float32 states, ~1.5 KB a token on the device)
     text_frozen_cache: bool = True
     max_words: int = bounded(32, low=1)  # max word tokens per caption, [CLS]/[SEP] not counted
     use_gcn: bool = True  # one residual GCN layer over the fully connected word graph
