@@ -16,6 +16,8 @@ Backbones (a small registry, the ablation axis on the text side):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -220,26 +222,26 @@ class WordEncoder(nn.Module):
         if group <= 0 or C <= group:
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
             return out.last_hidden_state
-        order = torch.argsort(lengths, descending=True, stable=True)
-        spans = lengths[order].tolist()  # one host read per batch, not per group
+        spans = lengths.tolist()  # one host read per batch, not per group
         # the word-embedding lookup once for the batch: each backward of it writes a dense
         # gradient of the whole vocabulary, which per group would cost more than the group
         embeds = self.backbone.get_input_embeddings()(input_ids)
-        parts = []
-        for i in range(0, C, group):
-            rows, span = order[i : i + group], max(int(spans[i]), 1)
-            h = self.backbone(
-                inputs_embeds=embeds[rows, :span], attention_mask=attention_mask[rows, :span]
-            ).last_hidden_state  # (g, span, H)
-            parts.append(F.pad(h, (0, 0, 0, T - span)))
-        return torch.cat(parts)[torch.argsort(order)]
+        return self._in_length_groups(
+            spans,
+            T,
+            lambda rows, span: (
+                self.backbone(
+                    inputs_embeds=embeds[rows, :span], attention_mask=attention_mask[rows, :span]
+                ).last_hidden_state
+            ),
+        )
 
     def _hidden_above_frozen(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lengths: torch.Tensor
     ) -> torch.Tensor:
         """``_hidden`` in training with fixed bottom layers: their states come from the cache
         (made, without gradient, for the captions it lacks), and only the layers above run."""
-        C, T = input_ids.shape
+        T = input_ids.shape[1]
         host = torch.cat([lengths[:, None], input_ids], 1).tolist()  # the step's one host read
         spans = [row[0] for row in host]
         keys = [tuple(row[1 : 1 + row[0]]) for row in host]
@@ -253,17 +255,25 @@ class WordEncoder(nn.Module):
                 )
                 for j, i in enumerate(rows):
                     self._frozen_states[keys[i]] = h[j, : spans[i]].clone()
-        order = self._length_groups(list(range(C)), spans)
-        parts = []
-        for rows, span in order:
+
+        def above(rows: list[int], span: int) -> torch.Tensor:
             states = torch.stack(
                 [F.pad(self._frozen_states[keys[i]], (0, 0, 0, span - spans[i])) for i in rows]
             ).to(input_ids.device)
-            h = self._run_layers(
+            return self._run_layers(
                 blocks[self.frozen_layers :], states, attention_mask[rows, :span]
-            )  # (g, span, H)
-            parts.append(F.pad(h, (0, 0, 0, T - span)))
-        placed = torch.tensor([i for rows, _ in order for i in rows], device=input_ids.device)
+            )
+
+        return self._in_length_groups(spans, T, above)
+
+    def _in_length_groups(
+        self, spans: list[int], T: int, run: Callable[[list[int], int], torch.Tensor]
+    ) -> torch.Tensor:
+        """``run(rows, span)`` -> (g, span, H) over the batch's length groups, padded back to T
+        and put back in the batch's order: (C, T, H)."""
+        order = self._length_groups(list(range(len(spans))), spans)
+        parts = [F.pad(run(rows, span), (0, 0, 0, T - span)) for rows, span in order]
+        placed = torch.tensor([i for rows, _ in order for i in rows], device=parts[0].device)
         return torch.cat(parts)[torch.argsort(placed)]
 
     def _length_groups(self, rows: list[int], spans: list[int]) -> list[tuple[list[int], int]]:
